@@ -1,0 +1,236 @@
+"""Loaders for the Caltech-101 split written by download.py: DALI by default, torchvision/PIL as fallback.
+
+Both yield `(images, labels)` ready for the model: ImageNet-normalized, NCHW shape in channels_last memory
+layout, on the training device, in the AMP dtype; labels are int64 on the same device.
+
+    import data_utils
+    train_loader, val_loader, classes = data_utils.build_loaders(data_root="data/Caltech101", img_size=224,
+                                                                 batch_size=128, device=torch.device("cuda"))
+
+DALI pipeline (one definition for both devices): on a GPU the JPEG decoder runs with device='mixed' (nvJPEG)
+and every operator after it on the GPU; without a GPU the same graph runs on CPU operators (device_id=None).
+Train: decode with random-resized-crop (scale 0.08-1, ratio 3/4-4/3, as torchvision), resize to img_size,
+random horizontal flip, normalize. Val/test: decode, resize the shorter side to img_size*256/224, centre crop.
+"""
+import os
+
+import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RRC_SCALE = (0.08, 1.0)  # torchvision RandomResizedCrop defaults: fraction of the image area
+RRC_RATIO = (3 / 4, 4 / 3)  # and aspect-ratio range
+IMAGES_DIR = "101_ObjectCategories"
+
+try:
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+    HAVE_DALI = True
+except ImportError:  # macOS / Windows / no DALI wheel: the torch loader still works
+    HAVE_DALI = False
+
+
+class DataError(Exception):
+    """A user-facing data problem: the scripts print it as one line and exit non-zero."""
+
+
+def resize_size(img_size):
+    """Shorter side before the val centre crop: the 256/224 ratio of the ImageNet recipe."""
+    return int(img_size * 256 / 224)
+
+
+def read_classes(data_root):
+    path = os.path.join(data_root, "classes.txt")
+    if not os.path.isfile(path):
+        raise DataError(f"no prepared dataset at {data_root} (missing classes.txt): "
+                        f"run `python download.py --data_root {data_root}` first")
+    with open(path) as f:
+        classes = [line.strip() for line in f if line.strip()]
+    if not classes:
+        raise DataError(f"{path} is empty: run `python download.py --data_root {data_root}` again")
+    return classes
+
+
+def read_split(data_root, split):
+    """(files, labels) of one split list; paths are relative to data_root/101_ObjectCategories."""
+    path = os.path.join(data_root, f"{split}.txt")
+    if not os.path.isfile(path):
+        hint = " (prepare one with --test_per_class N)" if split == "test" else ""
+        raise DataError(f"no {split} split at {path}{hint}: run `python download.py --data_root {data_root}`")
+    files, labels = [], []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                name, label = line.rstrip("\n").rsplit(" ", 1)
+                labels.append(int(label))
+            except ValueError:
+                raise DataError(f"{path}:{lineno}: expected '<relative path> <label>', got {line.strip()!r}") from None
+            files.append(name)
+    if not files:
+        raise DataError(f"{path} lists no images: run `python download.py --data_root {data_root}` again")
+    image_root = os.path.join(data_root, IMAGES_DIR)
+    missing = [p for p in files if not os.path.isfile(os.path.join(image_root, p))]
+    if missing:
+        raise DataError(f"{path} names {len(missing)} missing files (first: {os.path.join(image_root, missing[0])}): "
+                        f"re-run `python download.py --data_root {data_root}`")
+    return files, labels
+
+
+def to_model_input(images, labels, device, dtype):
+    """NHWC batch (host or device) -> NCHW-shaped, channels_last, on device, in dtype; int64 labels."""
+    if images.shape[-1] == 3:  # NHWC from DALI: the permute is free and is exactly channels_last memory
+        images = images.permute(0, 3, 1, 2)
+    images = images.to(device, non_blocking=True).to(dtype=dtype, memory_format=torch.channels_last)
+    labels = labels.reshape(-1).to(device, non_blocking=True).long()
+    return images, labels
+
+
+# ---------------------------------------------------------------------------------------------
+# DALI
+
+if HAVE_DALI:
+    @pipeline_def
+    def caltech_pipeline(image_root, files, labels, train, img_size, crop_scale_min, dali_device, shard_id, num_shards,
+                         reader_seed):
+        jpegs, label = fn.readers.file(file_root=image_root, files=files, labels=labels, name="Reader",
+                                       shuffle_after_epoch=train, seed=reader_seed, pad_last_batch=True,
+                                       shard_id=shard_id, num_shards=num_shards, stick_to_shard=True)
+        decoder_device = "mixed" if dali_device == "gpu" else "cpu"  # the only GPU-specific line
+        if train:
+            images = fn.decoders.image_random_crop(jpegs, device=decoder_device, output_type=types.RGB,
+                                                   random_area=[crop_scale_min, 1.0], random_aspect_ratio=list(RRC_RATIO),
+                                                   num_attempts=10)
+            images = fn.resize(images, resize_x=img_size, resize_y=img_size, antialias=True)
+            mirror = fn.random.coin_flip(probability=0.5)
+        else:
+            images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB)
+            images = fn.resize(images, resize_shorter=resize_size(img_size), antialias=True)
+            mirror = 0
+        images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="HWC", crop=(img_size, img_size),
+                                          mean=[m * 255 for m in IMAGENET_MEAN], std=[s * 255 for s in IMAGENET_STD],
+                                          mirror=mirror)
+        return images, label
+
+
+class DaliLoader:
+    """Iterates a DALI pipeline as (images, labels) model inputs. len() is batches per epoch."""
+
+    def __init__(self, image_root, files, labels, train, img_size, batch_size, device, dtype, workers, seed,
+                 shard_id=0, num_shards=1, drop_last=False, crop_scale_min=RRC_SCALE[0]):
+        if not HAVE_DALI:
+            raise DataError("DALI is not installed (pip install nvidia-dali-cuda120, Linux only): use --loader torch")
+        self.device, self.dtype = device, dtype
+        on_gpu = device.type == "cuda"
+        self.pipe = caltech_pipeline(image_root, files, labels, train, img_size, crop_scale_min,
+                                     "gpu" if on_gpu else "cpu",
+                                     shard_id, num_shards, seed, batch_size=batch_size, num_threads=workers,
+                                     device_id=(device.index or 0) if on_gpu else None, seed=seed + 1)
+        self.pipe.build()
+        # Train: every image once per epoch, a short last batch unless drop_last; val keeps the short batch.
+        policy = LastBatchPolicy.DROP if drop_last else LastBatchPolicy.PARTIAL
+        self.iterator = DALIGenericIterator([self.pipe], ["images", "labels"], reader_name="Reader",
+                                            last_batch_policy=policy, auto_reset=True)
+        self.num_images = self.iterator.size
+
+    def __len__(self):
+        return len(self.iterator)
+
+    def __iter__(self):
+        for batch in self.iterator:
+            yield to_model_input(batch[0]["images"], batch[0]["labels"], self.device, self.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# torchvision / PIL fallback
+
+class ListDataset(torch.utils.data.Dataset):
+    def __init__(self, image_root, files, labels, transform):
+        self.image_root, self.files, self.labels, self.transform = image_root, files, labels, transform
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        path = os.path.join(self.image_root, self.files[i])
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB")  # grayscale, palette and CMYK all become RGB
+        except OSError as e:
+            raise DataError(f"cannot decode {path}: {e}") from None
+        return self.transform(img), self.labels[i]
+
+
+class ResizeShorter:
+    """Bilinear (antialiased) resize of the shorter side to `size`, rounding the longer side as DALI does
+    (torchvision truncates it), so that both loaders produce the same val tensors."""
+
+    def __init__(self, size):
+        self.size = size
+
+    def __call__(self, img):
+        from PIL import Image
+
+        w, h = img.size
+        scale = self.size / min(w, h)
+        return img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
+
+
+def torch_transform(train, img_size, crop_scale_min=RRC_SCALE[0]):
+    from torchvision import transforms as T
+
+    if train:
+        spatial = [T.RandomResizedCrop(img_size, scale=(crop_scale_min, 1.0), ratio=RRC_RATIO, antialias=True),
+                   T.RandomHorizontalFlip()]
+    else:
+        spatial = [ResizeShorter(resize_size(img_size)), T.CenterCrop(img_size)]
+    return T.Compose(spatial + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+class TorchLoader:
+    """torch DataLoader over the split list, with the DALI loader's interface and output."""
+
+    def __init__(self, image_root, files, labels, train, img_size, batch_size, device, dtype, workers, seed,
+                 shard_id=0, num_shards=1, drop_last=False, crop_scale_min=RRC_SCALE[0]):
+        self.device, self.dtype = device, dtype
+        files, labels = files[shard_id::num_shards], labels[shard_id::num_shards]
+        self.num_images = len(files)
+        generator = torch.Generator().manual_seed(seed)
+        self.loader = torch.utils.data.DataLoader(
+            ListDataset(image_root, files, labels, torch_transform(train, img_size, crop_scale_min)),
+            batch_size=batch_size,
+            shuffle=train, drop_last=drop_last, num_workers=workers, pin_memory=device.type == "cuda",
+            persistent_workers=workers > 0, generator=generator)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for images, labels in self.loader:
+            yield to_model_input(images, labels, self.device, self.dtype)
+
+
+def build_loader(data_root, split, img_size, batch_size, device, dtype=torch.float32, loader="dali", workers=4,
+                 seed=0, shard_id=0, num_shards=1, drop_last=False, crop_scale_min=RRC_SCALE[0]):
+    """One loader over one split; train augments and reshuffles every epoch, val/test are deterministic."""
+    files, labels = read_split(data_root, split)
+    cls = {"dali": DaliLoader, "torch": TorchLoader}.get(loader)
+    if cls is None:
+        raise DataError(f"unknown loader '{loader}': choose dali or torch")
+    return cls(os.path.join(data_root, IMAGES_DIR), files, labels, split == "train", img_size, batch_size,
+               device, dtype, workers, seed, shard_id, num_shards, drop_last and split == "train", crop_scale_min)
+
+
+def build_loaders(data_root, img_size, batch_size, device, dtype=torch.float32, loader="dali", workers=4, seed=0,
+                  eval_batch_size=None, shard_id=0, num_shards=1, drop_last=False, crop_scale_min=RRC_SCALE[0]):
+    """(train_loader, val_loader, classes) for a prepared data root."""
+    classes = read_classes(data_root)
+    common = dict(img_size=img_size, device=device, dtype=dtype, loader=loader, workers=workers, seed=seed,
+                  shard_id=shard_id, num_shards=num_shards)
+    train = build_loader(data_root, "train", batch_size=batch_size, drop_last=drop_last, crop_scale_min=crop_scale_min,
+                         **common)
+    val = build_loader(data_root, "val", batch_size=eval_batch_size or batch_size, **common)
+    return train, val, classes

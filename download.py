@@ -1,0 +1,342 @@
+"""Get Caltech-101 onto disk and write the train/val(/test) split every loader reads.
+
+    python download.py                                   # fetch the official zip into data/Caltech101/
+    python download.py --archive ../shared/data/101_ObjectCategories.tar.gz   # offline: a local copy
+    python download.py --train_per_class 30 --test_per_class 10 --seed 0
+
+Accepted local copies: the official `caltech-101.zip`, the inner `101_ObjectCategories.tar.gz`,
+or an already extracted `101_ObjectCategories/` folder. Re-packed archives have other md5s, so local
+copies are checked by content (class folders, image counts) rather than by hash.
+
+What ends up under --data_root:
+    101_ObjectCategories/<class>/<image>.jpg   the images (extracted atomically, marker `.complete`)
+    classes.txt                                one class name per line; line number = label index
+    train.txt, val.txt[, test.txt]             "<path relative to 101_ObjectCategories> <label>" per line
+    bad_files.txt                              files excluded because they do not decode
+    split.json                                 the split's parameters and counts
+"""
+import argparse
+import hashlib
+import io
+import json
+import os
+import random
+import shutil
+import sys
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from concurrent.futures import ProcessPoolExecutor
+
+from PIL import Image
+
+OFFICIAL_URL = "https://data.caltech.edu/records/mzrjq-6wc02/files/caltech-101.zip"
+OFFICIAL_ZIP_MD5 = "3138e1922a9193bfa496528edbbc45d0"
+OFFICIAL_TGZ_MD5 = "b224c7392d521a49829488ab0f1120d9"
+OFFICIAL_NUM_FOLDERS = 102  # 101 classes + BACKGROUND_Google
+OFFICIAL_NUM_IMAGES = 9144
+IMAGES_DIR = "101_ObjectCategories"
+COMPLETE_MARKER = ".complete"
+EXCLUDED_CLASSES = ("BACKGROUND_Google",)  # clutter, not a class (torchvision drops it too)
+# Formats that both DALI's decoder and PIL read; anything else is excluded at preparation time.
+DECODABLE_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "PPM")
+
+
+class PrepareError(Exception):
+    """A user-facing failure: main() prints it as one line and exits non-zero."""
+
+
+# ---------------------------------------------------------------------------------------------
+# download
+
+def md5_of(path, chunk=1 << 20):
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def download(url, dest, expected_md5, quiet=False):
+    """Download url to dest through dest+'.part', resuming a partial file where the server allows."""
+    from tqdm import tqdm
+
+    part = dest + ".part"
+    have = os.path.getsize(part) if os.path.exists(part) else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=60)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # the .part file already holds the whole archive
+            response = None
+        else:
+            raise PrepareError(f"download of {url} failed: HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise PrepareError(f"cannot reach {url} ({e}); without internet, pass --archive PATH to a local copy") from None
+
+    if response is not None:
+        with response:
+            ctype = response.headers.get("Content-Type", "")
+            if "text/html" in ctype:
+                raise PrepareError(f"{url} returned an HTML page, not the archive (login or error page?)")
+            resumed = have and response.status == 206
+            mode = "ab" if resumed else "wb"
+            start = have if resumed else 0
+            total = response.headers.get("Content-Length")
+            total = int(total) + start if total is not None else None
+            with open(part, mode) as f, tqdm(total=total, initial=start, unit="B", unit_scale=True,
+                                             desc="download", disable=quiet) as bar:
+                for block in iter(lambda: response.read(1 << 20), b""):
+                    f.write(block)
+                    bar.update(len(block))
+    check_archive_bytes(part, expected_md5, url)
+    os.replace(part, dest)
+
+
+def check_archive_bytes(path, expected_md5, source):
+    with open(path, "rb") as f:
+        head = f.read(512).lstrip().lower()
+    if head.startswith(b"<!doctype html") or head.startswith(b"<html"):
+        os.remove(path)
+        raise PrepareError(f"{source} gave an HTML page, not the archive; removed it")
+    got = md5_of(path)
+    if got != expected_md5:
+        # Keep the partial file only while it is shorter than it should be: a resume can finish it.
+        raise PrepareError(f"md5 of {path} is {got}, expected {expected_md5}: truncated or corrupted download "
+                           f"(delete it and run again)")
+
+
+# ---------------------------------------------------------------------------------------------
+# extraction
+
+def _check_member_name(name, archive):
+    norm = os.path.normpath(name)
+    if os.path.isabs(name) or norm == ".." or norm.startswith(".." + os.sep) or "/../" in f"/{name}/":
+        raise PrepareError(f"refusing {archive}: member '{name}' would be written outside the target folder")
+
+
+def _safe_extract_tar(fileobj, archive, dest):
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r:*") as tar:
+            members = tar.getmembers()
+            for m in members:
+                _check_member_name(m.name, archive)
+                if not (m.isfile() or m.isdir()):
+                    raise PrepareError(f"refusing {archive}: member '{m.name}' is a link or special file")
+            tar.extractall(dest, members=members, filter="data")
+    except (tarfile.TarError, EOFError, OSError, zipfile.BadZipFile) as e:
+        raise PrepareError(f"{archive} is not a readable tar archive: {e}") from None
+
+
+def _extract_zip(path, dest):
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+            for name in names:
+                _check_member_name(name, path)
+            inner = [n for n in names if n.endswith(IMAGES_DIR + ".tar.gz")]
+            if inner:  # the official zip wraps the tar.gz (and an annotations tar we do not need)
+                with zf.open(inner[0]) as raw:
+                    _safe_extract_tar(io.BufferedReader(raw, 1 << 20), f"{path}:{inner[0]}", dest)
+            else:
+                zf.extractall(dest)
+    except zipfile.BadZipFile as e:
+        raise PrepareError(f"{path} is not a readable zip archive: {e}") from None
+
+
+def _find_images_dir(root):
+    for dirpath, dirnames, _ in os.walk(root):
+        if os.path.basename(dirpath) == IMAGES_DIR:
+            return dirpath
+    raise PrepareError(f"no '{IMAGES_DIR}/' folder inside the archive")
+
+
+def summarize_tree(images_dir):
+    """(folder count, file count) of a 101_ObjectCategories tree, for the content check."""
+    folders = [d for d in os.listdir(images_dir) if os.path.isdir(os.path.join(images_dir, d))]
+    files = sum(len(os.listdir(os.path.join(images_dir, d))) for d in folders)
+    return len(folders), files
+
+
+def install_images(archive, data_root, quiet=False):
+    """Put the images at data_root/101_ObjectCategories, atomically, from an archive or a folder."""
+    final = os.path.join(data_root, IMAGES_DIR)
+    if os.path.exists(os.path.join(final, COMPLETE_MARKER)):
+        return False
+    if os.path.exists(final):
+        print(f"found an incomplete {final} (interrupted extraction): redoing it")
+        shutil.rmtree(final)
+    os.makedirs(data_root, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".extract-", dir=data_root)
+    try:
+        if os.path.isdir(archive):
+            src = archive if os.path.basename(os.path.normpath(archive)) == IMAGES_DIR else _find_images_dir(archive)
+            if not quiet:
+                print(f"copying {src} -> {final}")
+            shutil.copytree(src, os.path.join(tmp, IMAGES_DIR))
+        elif zipfile.is_zipfile(archive):
+            if not quiet:
+                print(f"extracting {archive} -> {final}")
+            _extract_zip(archive, tmp)
+        else:
+            if not quiet:
+                print(f"extracting {archive} -> {final}")
+            with open(archive, "rb") as f:
+                _safe_extract_tar(f, archive, tmp)
+        images_dir = _find_images_dir(tmp)
+        folders, files = summarize_tree(images_dir)
+        if folders == 0 or files == 0:
+            raise PrepareError(f"{archive} holds no class folders with images")
+        if (folders, files) == (OFFICIAL_NUM_FOLDERS, OFFICIAL_NUM_IMAGES + 1):  # +1: BACKGROUND_Google/tmp
+            print(f"content check: {folders} folders, {files} files, as in the official Caltech-101")
+        else:
+            print(f"warning: content differs from the official Caltech-101 ({folders} folders, {files} files; "
+                  f"expected {OFFICIAL_NUM_FOLDERS}, {OFFICIAL_NUM_IMAGES + 1})")
+        with open(os.path.join(images_dir, COMPLETE_MARKER), "w") as f:
+            f.write(json.dumps({"source": os.path.abspath(archive), "folders": folders, "files": files}) + "\n")
+        os.replace(images_dir, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# split
+
+def check_image(path):
+    """None if the file decodes fully in a format DALI reads, else the reason it does not."""
+    try:
+        with Image.open(path) as img:
+            fmt = img.format
+            img.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        return f"{type(e).__name__}: {e}"
+    if fmt not in DECODABLE_FORMATS:
+        return f"unsupported format {fmt}"
+    return None
+
+
+def make_split(data_root, train_per_class=30, test_per_class=0, seed=0, workers=None, quiet=False):
+    images_dir = os.path.join(data_root, IMAGES_DIR)
+    classes = sorted(d for d in os.listdir(images_dir)
+                     if os.path.isdir(os.path.join(images_dir, d)) and d not in EXCLUDED_CLASSES)
+    if not classes:
+        raise PrepareError(f"no class folders in {images_dir}")
+    candidates = [os.path.join(c, f) for c in classes for f in sorted(os.listdir(os.path.join(images_dir, c)))]
+    from tqdm import tqdm
+
+    with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
+        reasons = list(tqdm(pool.map(check_image, [os.path.join(images_dir, p) for p in candidates], chunksize=32),
+                            total=len(candidates), desc="decode check", unit="img", disable=quiet))
+    bad = [(p, r) for p, r in zip(candidates, reasons) if r is not None]
+    good = set(p for p, r in zip(candidates, reasons) if r is None)
+
+    splits = {"train": [], "val": [], "test": []}
+    for label, cls in enumerate(classes):
+        files = [p for p in candidates if p.startswith(cls + os.sep) and p in good]
+        need = train_per_class + test_per_class + 1
+        if len(files) < need:
+            raise PrepareError(f"class '{cls}' has {len(files)} usable images; --train_per_class {train_per_class} "
+                               f"--test_per_class {test_per_class} need at least {need}")
+        # A per-class RNG keyed by (seed, class) keeps each class's draw independent of the others.
+        picked = random.Random(f"{seed}/{cls}").sample(files, len(files))
+        splits["train"] += [(p, label) for p in sorted(picked[:train_per_class])]
+        splits["test"] += [(p, label) for p in sorted(picked[train_per_class:train_per_class + test_per_class])]
+        splits["val"] += [(p, label) for p in sorted(picked[train_per_class + test_per_class:])]
+
+    write_lines(os.path.join(data_root, "classes.txt"), classes)
+    for name, rows in splits.items():
+        path = os.path.join(data_root, f"{name}.txt")
+        if rows:
+            write_lines(path, [f"{p} {label}" for p, label in rows])
+        elif os.path.exists(path):
+            os.remove(path)
+    write_lines(os.path.join(data_root, "bad_files.txt"), [f"{p}\t{r}" for p, r in bad])
+    for p, r in bad:
+        print(f"warning: excluded {p} ({r})")
+    meta = {"train_per_class": train_per_class, "test_per_class": test_per_class, "seed": seed,
+            "num_classes": len(classes), "counts": {k: len(v) for k, v in splits.items()}, "excluded": len(bad)}
+    write_lines(os.path.join(data_root, "split.json"), [json.dumps(meta, indent=1)])
+    return meta
+
+
+def write_lines(path, lines):
+    """Atomic text write: a reader never sees a half-written list."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write("".join(line + "\n" for line in lines))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def split_is_current(data_root, train_per_class, test_per_class, seed):
+    try:
+        with open(os.path.join(data_root, "split.json")) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return False
+    wanted = {"train_per_class": train_per_class, "test_per_class": test_per_class, "seed": seed}
+    files = ["classes.txt", "train.txt", "val.txt"] + (["test.txt"] if test_per_class else [])
+    return (all(meta.get(k) == v for k, v in wanted.items())
+            and all(os.path.exists(os.path.join(data_root, f)) for f in files))
+
+
+def prepare(data_root, archive=None, url=OFFICIAL_URL, md5=OFFICIAL_ZIP_MD5, train_per_class=30,
+            test_per_class=0, seed=0, workers=None, quiet=False):
+    """Download or unpack, then split. Returns the split's metadata."""
+    if train_per_class < 1 or test_per_class < 0:
+        raise PrepareError("--train_per_class must be >= 1 and --test_per_class >= 0")
+    marker = os.path.join(data_root, IMAGES_DIR, COMPLETE_MARKER)
+    if not os.path.exists(marker):
+        if archive is None:
+            os.makedirs(data_root, exist_ok=True)
+            archive = os.path.join(data_root, os.path.basename(url))
+            if not os.path.exists(archive):
+                download(url, archive, md5, quiet=quiet)
+        elif not os.path.exists(archive):
+            raise PrepareError(f"--archive {archive} does not exist")
+        install_images(archive, data_root, quiet=quiet)
+        fresh_split = True
+    else:
+        fresh_split = not split_is_current(data_root, train_per_class, test_per_class, seed)
+    if not fresh_split:
+        with open(os.path.join(data_root, "split.json")) as f:
+            meta = json.load(f)
+        print(f"{data_root} is already prepared (images extracted, split up to date): nothing to do")
+        return meta
+    return make_split(data_root, train_per_class, test_per_class, seed, workers, quiet)
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data_root", default="data/Caltech101", help="where images and split lists go")
+    p.add_argument("--archive", default=None,
+                   help="local caltech-101.zip, 101_ObjectCategories.tar.gz or extracted folder (no download)")
+    p.add_argument("--url", default=OFFICIAL_URL, help="archive to download when --archive is not given")
+    p.add_argument("--md5", default=OFFICIAL_ZIP_MD5, help="expected md5 of the downloaded archive")
+    p.add_argument("--train_per_class", type=int, default=30, help="training images drawn per class")
+    p.add_argument("--test_per_class", type=int, default=0, help="test images held out per class (0: no test split)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the per-class random draw")
+    p.add_argument("--workers", type=int, default=None, help="processes for the decode check (default: all cores)")
+    return p
+
+
+def main(args):
+    meta = prepare(args.data_root, args.archive, args.url, args.md5, args.train_per_class,
+                   args.test_per_class, args.seed, args.workers)
+    c = meta["counts"]
+    print(f"classes: {meta['num_classes']}  train: {c['train']}  val: {c['val']}  test: {c['test']}  "
+          f"excluded (undecodable): {meta['excluded']}  -> {args.data_root}")
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args_parser().parse_args())
+    except PrepareError as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted: run the same command again to finish (partial work is detected and redone)")

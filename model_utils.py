@@ -1,0 +1,149 @@
+"""ResNet construction, weight loading and parameter groups for the Caltech-101 kit.
+
+    import torch, model_utils
+    model = model_utils.get_model(num_classes=101, pretrained=False)
+    model.load_state_dict(torch.load("checkpoints/r18_pretrain_lowwd_mix02/best.pth", map_location="cpu"))
+
+`pretrained=True` loads torchvision's ImageNet weights through torchvision's own API (downloaded into the torch
+hub cache on first use); `weights=PATH` starts from a local state dict instead (its classifier is dropped when
+the class count differs). Every load is `weights_only=True`.
+"""
+import os
+import pickle
+
+import torch
+import torch.nn as nn
+import torchvision
+
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
+HEAD_PREFIX = "fc."
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP and torch.compile wrappers
+
+
+class ModelError(Exception):
+    """A user-facing model or weights problem: the scripts print it as one line and exit non-zero."""
+
+
+def strip_prefixes(state_dict):
+    out = {}
+    for key, value in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
+        out[key] = value
+    return out
+
+
+def load_state_dict_file(path):
+    """A model state dict from a .pth: a plain state dict, or the 'model' entry of a training checkpoint."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ModelError(f"weights file {path} does not exist") from None
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"refused to load {path}: not a plain weights file ({first})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise ModelError(f"cannot read {path} as a checkpoint (truncated or not a .pth?): "
+                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelError(f"{path} does not hold a state dict of tensors")
+    return strip_prefixes(obj)
+
+
+def imagenet_weights(arch):
+    return torchvision.models.get_model_weights(arch).DEFAULT
+
+
+def hub_checkpoint_path(arch):
+    """Where torchvision caches (and looks for) the ImageNet weights of arch."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(imagenet_weights(arch).url))
+
+
+def get_model(num_classes=101, pretrained=False, arch="resnet18", weights=None):
+    """A torchvision ResNet with a fresh `fc` for num_classes."""
+    if arch not in ARCHS:
+        raise ModelError(f"unknown arch '{arch}'; choose from {', '.join(ARCHS)}")
+    builder = getattr(torchvision.models, arch)
+    if weights is not None:
+        model = builder(weights=None)
+        state = load_state_dict_file(weights)
+        head = {k for k in state if k.startswith(HEAD_PREFIX)}
+        if head and state[HEAD_PREFIX + "weight"].shape[0] != num_classes:
+            print(f"{weights}: dropping its {state[HEAD_PREFIX + 'weight'].shape[0]}-class head "
+                  f"(this run has {num_classes} classes)")
+            state = {k: v for k, v in state.items() if k not in head}
+        model.fc = nn.Linear(model.fc.in_features, num_classes)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or [k for k in missing if not k.startswith(HEAD_PREFIX)]:
+            raise ModelError(f"{weights} does not fit {arch}: {len(missing)} missing keys (e.g. "
+                             f"{missing[:1]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:1]})")
+        return model
+    if pretrained:
+        try:
+            model = builder(weights=imagenet_weights(arch))
+        except OSError as e:  # URLError is an OSError: no network, DNS, HTTP failure
+            raise ModelError(f"cannot get the ImageNet weights of {arch} ({e}); offline, pass --weights PATH or "
+                             f"place the file at {hub_checkpoint_path(arch)}") from None
+    else:
+        model = builder(weights=None)
+    model.fc = nn.Linear(model.fc.in_features, num_classes)
+    return model
+
+
+def unwrap(model):
+    """The plain module under DDP / torch.compile wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+def export_state_dict(model):
+    """The released-weights form: plain keys, CPU tensors, NCHW-contiguous (not channels_last)."""
+    return {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
+
+
+def trainable_prefixes(freeze):
+    """Parameter-name prefixes that train under a freeze policy (None: everything)."""
+    return {"none": None, "layer4": ("layer4.", HEAD_PREFIX), "head": (HEAD_PREFIX,)}[freeze]
+
+
+def apply_freeze(model, freeze):
+    prefixes = trainable_prefixes(freeze)
+    for name, param in model.named_parameters():
+        param.requires_grad_(prefixes is None or name.startswith(prefixes))
+
+
+def set_train_mode(model, freeze):
+    """model.train(), but frozen parts keep BatchNorm in eval mode so their running statistics stay fixed."""
+    model.train()
+    prefixes = trainable_prefixes(freeze)
+    if prefixes is None:
+        return
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not (name + ".").startswith(prefixes):
+            module.eval()
+
+
+def param_groups(model, lr_backbone, lr_fc, weight_decay):
+    """Optimizer groups: backbone vs head LR, and no weight decay on BatchNorm and bias (1-D) parameters.
+
+    Each group carries a 'name' (for logs) and its peak 'lr'; frozen parameters are left out.
+    """
+    groups = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        part = "head" if name.startswith(HEAD_PREFIX) else "backbone"
+        decay = param.ndim > 1
+        key = f"{part}_{'decay' if decay else 'no_decay'}"
+        if key not in groups:
+            groups[key] = {"name": key, "params": [], "lr": lr_fc if part == "head" else lr_backbone,
+                           "weight_decay": weight_decay if decay else 0.0}
+        groups[key]["params"].append(param)
+    return list(groups.values())

@@ -1,0 +1,372 @@
+"""Fine-tune (or train from scratch) a ResNet on Caltech-101 with AMP, channels_last and a DALI data path.
+
+    python download.py                                            # once: data/Caltech101 + split lists
+    python train_caltech101.py --exp r18_pretrain_lowwd_mix02     # the report's best run
+    python train_caltech101.py --exp cpu_smoke                    # no GPU: learns the real data in ~15 min
+    python train_caltech101.py --exp r18_pretrain_main --lr_fc 3e-3 --epochs 100   # flags beat the preset
+    python train_caltech101.py --help                             # every flag, its default, every preset
+
+Writes checkpoints/<exp>/: best.pth (plain state dict of the best-val model), last.pth (everything --resume
+needs), config.json, metrics.csv, tb/ (TensorBoard).
+"""
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import augment
+import data_utils
+import model_utils
+import presets
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not the whole usage block
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _bool(text):
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _optional_str(text):
+    return None if text.lower() in ("", "none", "null") else text
+
+
+def get_args_parser():
+    epilog = "presets (--exp):\n" + "\n".join(
+        f"  {name}: " + ", ".join(f"{k}={v}" for k, v in p.items()) for name, p in presets.PRESETS.items())
+    parser = ArgumentParser(description="Train a ResNet on Caltech-101. Flags override the preset chosen by --exp.",
+                            epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--exp", default=presets.DEFAULT_EXP, choices=list(presets.PRESETS), metavar="NAME",
+                        help=f"preset name (default: {presets.DEFAULT_EXP}); see the list below")
+    for key, default in presets.DEFAULTS.items():
+        kind = {bool: _bool, int: int, float: float}.get(type(default), _optional_str)
+        choices = presets.CHOICES.get(key)
+        # SUPPRESS: only flags given on the command line appear in args, so they (and only they) beat the preset.
+        parser.add_argument(f"--{key}", type=kind, default=argparse.SUPPRESS, choices=choices,
+                            metavar=None if choices else key.upper(), help=f"(default: {default})")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# set-up helpers
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise presets.ConfigError("device=cuda but no CUDA device is visible; use --device cpu")
+    return torch.device(name)
+
+
+def resolve_amp(amp, device):
+    """(autocast dtype or None, use GradScaler)."""
+    if amp == "auto":
+        if device.type == "cuda":
+            amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:  # bf16 pays off only where the CPU has native bf16 instructions
+            amp = "bf16" if torch.cpu._is_avx512_bf16_supported() else "off"
+    if amp == "fp16" and device.type != "cuda":
+        raise presets.ConfigError("amp=fp16 needs CUDA; on CPU use --amp bf16 or --amp off")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp], amp == "fp16"
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_lambda(total_steps, warmup_steps, schedule, min_lr_ratio):
+    """Multiplier of the peak LR at each step: linear warmup, then cosine/linear/constant decay."""
+    def factor(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        if schedule == "cosine":
+            decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+        elif schedule == "linear":
+            decay = 1.0 - progress
+        else:
+            decay = 1.0
+        return min_lr_ratio + (1.0 - min_lr_ratio) * decay
+    return factor
+
+
+def save_atomic(obj, path):
+    """torch.save via a temporary file in the same folder, flushed and fsynced, then renamed into place."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text_atomic(text, path):
+    buf = io.BytesIO(text.encode())
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(buf.getvalue())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_metrics(rows, path):
+    if not rows:
+        return
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[-1].keys()))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(out.getvalue(), path)
+
+
+# ---------------------------------------------------------------------------------------------
+# train / evaluate
+
+def train_one_epoch(model, loader, optimizer, scheduler, scaler, mixer, amp_dtype, cfg, epoch, writer=None):
+    from tqdm import tqdm
+
+    device = next(model.parameters()).device
+    model_utils.set_train_mode(model, cfg["freeze"])
+    # Running sums stay on the device; they are read only at log points (no per-step host sync).
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    start = time.perf_counter()
+    bar = tqdm(total=len(loader), desc=f"epoch {epoch}", unit="step", leave=False, dynamic_ncols=True,
+               disable=not sys.stderr.isatty() and os.environ.get("CI") == "true")
+    for step, (images, labels) in enumerate(loader):
+        images, targets = mixer(images, labels)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = model(images)
+        loss = augment.soft_target_cross_entropy(logits, targets)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg["grad_clip"] > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        n = labels.shape[0]
+        loss_sum += loss.detach() * n
+        correct += (logits.detach().argmax(1) == labels).sum()
+        seen += n
+        if (step + 1) % cfg["log_every"] == 0 or step + 1 == len(loader):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            rate = seen / (time.perf_counter() - start)
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
+                            img_s=f"{rate:.0f}")
+            bar.update(step + 1 - bar.n)
+    bar.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    return {"train_loss": loss_sum.item() / max(seen, 1), "train_acc": correct.item() / max(seen, 1),
+            "train_images_per_s": seen / elapsed, "train_time_s": elapsed}
+
+
+@torch.inference_mode()
+def evaluate(model, loader, num_classes, amp_dtype):
+    """Loss, top-1, top-5 and mean per-class accuracy over a whole split (the short last batch included)."""
+    device = next(model.parameters()).device
+    model.eval()
+    loss_sum = torch.zeros((), device=device)
+    top1 = torch.zeros((), device=device, dtype=torch.long)
+    top5 = torch.zeros((), device=device, dtype=torch.long)
+    per_class_correct = torch.zeros(num_classes, device=device, dtype=torch.long)
+    per_class_total = torch.zeros(num_classes, device=device, dtype=torch.long)
+    start = time.perf_counter()
+    for images, labels in loader:
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = model(images)
+        logits = logits.float()
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum")
+        topk = logits.topk(min(5, num_classes), dim=1).indices
+        hit1 = topk[:, 0] == labels
+        top1 += hit1.sum()
+        top5 += (topk == labels[:, None]).any(1).sum()
+        per_class_correct += torch.bincount(labels[hit1], minlength=num_classes)
+        per_class_total += torch.bincount(labels, minlength=num_classes)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    total = int(per_class_total.sum())
+    present = per_class_total > 0
+    per_class_acc = per_class_correct[present].double() / per_class_total[present].double()
+    return {"val_loss": loss_sum.item() / total, "val_top1": top1.item() / total, "val_top5": top5.item() / total,
+            "val_mean_class_acc": per_class_acc.mean().item(), "val_images": total,
+            "val_images_per_s": total / elapsed}
+
+
+def rng_state():
+    return {"python": random.getstate(), "numpy": np.random.get_state()[1].tolist(),
+            "numpy_pos": int(np.random.get_state()[2]), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------
+
+def main(cfg):
+    out_dir = os.path.join(cfg["out_dir"], cfg["exp"])
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        write_text_atomic(json.dumps(cfg, indent=2) + "\n", os.path.join(out_dir, "config.json"))
+    except OSError as e:
+        raise presets.ConfigError(f"cannot write to the output folder {out_dir}: {e.strerror}") from None
+    print("config: " + json.dumps(cfg))
+    device = resolve_device(cfg["device"])
+    amp_dtype, use_scaler = resolve_amp(cfg["amp"], device)
+    seed_everything(cfg["seed"])
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    input_dtype = amp_dtype or torch.float32
+    train_loader, val_loader, classes = data_utils.build_loaders(
+        cfg["data_root"], cfg["img_size"], cfg["batch_size"], device, dtype=input_dtype, loader=cfg["loader"],
+        workers=cfg["workers"], seed=cfg["seed"], eval_batch_size=cfg["eval_batch_size"], drop_last=cfg["drop_last"],
+        crop_scale_min=cfg["crop_scale_min"])
+    num_classes = len(classes)
+
+    model = model_utils.get_model(num_classes, pretrained=cfg["pretrained"], arch=cfg["arch"], weights=cfg["weights"])
+    model_utils.apply_freeze(model, cfg["freeze"])
+    memory_format = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format)
+    groups = model_utils.param_groups(model, cfg["lr_backbone"], cfg["lr_fc"], cfg["weight_decay"])
+    if cfg["optimizer"] == "adamw":
+        optimizer = torch.optim.AdamW(groups, betas=(cfg["momentum"], 0.999))
+    else:
+        optimizer = torch.optim.SGD(groups, momentum=cfg["momentum"], nesterov=True)
+    steps_per_epoch = len(train_loader)
+    total_steps = steps_per_epoch * cfg["epochs"]
+    warmup_steps = int(round(cfg["warmup_epochs"] * steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(total_steps, warmup_steps, cfg["schedule"], cfg["min_lr_ratio"]))
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    mixer = augment.MixupCutmix(num_classes, cfg["mixup_alpha"], cfg["cutmix_alpha"], cfg["mix_switch_prob"],
+                                cfg["label_smoothing"], seed=cfg["seed"])
+
+    start_epoch, best_top1, best_epoch, rows = 1, -1.0, 0, []
+    last_path, best_path = os.path.join(out_dir, "last.pth"), os.path.join(out_dir, "best.pth")
+    resume = last_path if cfg["resume"] == "auto" else cfg["resume"]
+    if resume:
+        start_epoch, best_top1, best_epoch, rows = load_checkpoint(resume, cfg, model, optimizer, scheduler, scaler,
+                                                                   mixer)
+        print(f"resumed from {resume}: continuing at epoch {start_epoch} (best val top-1 so far {best_top1:.4f})")
+
+    n_params = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"device {device}, amp {amp_dtype}, grad scaler {use_scaler}, channels_last {cfg['channels_last']}, "
+          f"loader {cfg['loader']}")
+    print(f"data: {num_classes} classes, {train_loader.num_images} train / {val_loader.num_images} val images")
+    print(f"model: {cfg['arch']} ({'ImageNet' if cfg['pretrained'] and not cfg['weights'] else cfg['weights'] or 'scratch'}"
+          f" init), {n_params / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trainable (freeze={cfg['freeze']})")
+    print(f"schedule: {steps_per_epoch} steps/epoch, {total_steps} steps total, {warmup_steps} warmup steps, "
+          f"{cfg['schedule']} decay to {cfg['min_lr_ratio']} x peak")
+    for g in optimizer.param_groups:
+        print(f"  group {g['name']}: {len(g['params'])} tensors, peak lr {g['initial_lr']:.3g}, "
+              f"weight decay {g['weight_decay']:.3g}")
+
+    from torch.utils.tensorboard import SummaryWriter
+    writer = SummaryWriter(os.path.join(out_dir, "tb"))
+    run_start = time.perf_counter()
+    for epoch in range(start_epoch, cfg["epochs"] + 1):
+        stats = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, mixer, amp_dtype, cfg, epoch)
+        row = {"epoch": epoch, **stats, "lr_" + optimizer.param_groups[0]["name"]: optimizer.param_groups[0]["lr"]}
+        for g in optimizer.param_groups:
+            writer.add_scalar(f"lr/{g['name']}", g["lr"], epoch)
+        if epoch % cfg["eval_every"] == 0 or epoch == cfg["epochs"]:
+            metrics = evaluate(model, val_loader, num_classes, amp_dtype)
+            row.update(metrics)
+            if math.isfinite(metrics["val_top1"]) and metrics["val_top1"] > best_top1:
+                best_top1, best_epoch = metrics["val_top1"], epoch
+                save_atomic(model_utils.export_state_dict(model), best_path)
+        row["wall_time_s"] = time.perf_counter() - run_start + (rows[-1]["wall_time_s"] if rows else 0.0)
+        rows.append(row)
+        for key, value in row.items():
+            if key != "epoch" and not key.startswith("lr_"):
+                writer.add_scalar(key.replace("_", "/", 1), value, epoch)
+        writer.flush()
+        write_metrics(normalize_rows(rows), os.path.join(out_dir, "metrics.csv"))
+        save_atomic({"model": model_utils.export_state_dict(model), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+                     "best_top1": best_top1, "best_epoch": best_epoch, "rows": rows, "rng": rng_state(),
+                     "mixer_rng": mixer.rng.bit_generator.state, "arch": cfg["arch"], "num_classes": num_classes,
+                     "config": cfg}, last_path)
+        summary = f"epoch {epoch}/{cfg['epochs']}: train loss {stats['train_loss']:.4f} " \
+                  f"acc {stats['train_acc']:.4f} ({stats['train_images_per_s']:.0f} img/s)"
+        if "val_top1" in row:
+            summary += f" | val top1 {row['val_top1']:.4f} top5 {row['val_top5']:.4f} " \
+                       f"mean-class {row['val_mean_class_acc']:.4f} (best {best_top1:.4f} @ {best_epoch})"
+        print(summary + f" | {row['wall_time_s']:.0f}s", flush=True)
+    writer.close()
+    print(f"done: best val top-1 {best_top1:.4f} at epoch {best_epoch}; weights {best_path}")
+    return {"best_top1": best_top1, "best_epoch": best_epoch, "rows": rows, "out_dir": out_dir}
+
+
+def normalize_rows(rows):
+    """Every row with every column (evaluation columns are empty on epochs without an evaluation)."""
+    keys = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    return [{k: row.get(k, "") for k in keys} for row in rows]
+
+
+def load_checkpoint(path, cfg, model, optimizer, scheduler, scaler, mixer):
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise presets.ConfigError(f"--resume {path}: no such checkpoint") from None
+    except Exception as e:  # noqa: BLE001 - any unreadable file: name it, never retry unsafely
+        raise presets.ConfigError(f"--resume {path}: cannot load it as a checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or "optimizer" not in ckpt:
+        raise presets.ConfigError(f"--resume {path}: not a last.pth training checkpoint")
+    if ckpt["arch"] != cfg["arch"] or ckpt["num_classes"] != model.fc.out_features:
+        raise presets.ConfigError(f"--resume {path}: it is a {ckpt['arch']} with {ckpt['num_classes']} classes, "
+                                  f"this run is a {cfg['arch']} with {model.fc.out_features}")
+    model_utils.unwrap(model).load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"])
+    mixer.rng.bit_generator.state = ckpt["mixer_rng"]
+    return ckpt["epoch"] + 1, ckpt["best_top1"], ckpt["best_epoch"], ckpt["rows"]
+
+
+if __name__ == "__main__":
+    args = vars(get_args_parser().parse_args())
+    exp = args.pop("exp")
+    try:
+        main(presets.resolve(exp, args))
+    except (presets.ConfigError, data_utils.DataError, model_utils.ModelError) as e:
+        sys.exit(f"error: {e}")
