@@ -96,7 +96,7 @@ if HAVE_DALI:
                          reader_seed):
         jpegs, label = fn.readers.file(file_root=image_root, files=files, labels=labels, name="Reader",
                                        shuffle_after_epoch=train, seed=reader_seed, pad_last_batch=True,
-                                       shard_id=shard_id, num_shards=num_shards, stick_to_shard=True)
+                                       shard_id=shard_id, num_shards=num_shards)
         decoder_device = "mixed" if dali_device == "gpu" else "cpu"  # the only GPU-specific line
         if train:
             images = fn.decoders.image_random_crop(jpegs, device=decoder_device, output_type=types.RGB,
@@ -132,10 +132,13 @@ class DaliLoader:
         policy = LastBatchPolicy.DROP if drop_last else LastBatchPolicy.PARTIAL
         self.iterator = DALIGenericIterator([self.pipe], ["images", "labels"], reader_name="Reader",
                                             last_batch_policy=policy, auto_reset=True)
-        self.num_images = self.iterator.size
+        # DALI's shard i holds files [N*i//k, N*(i+1)//k); iterator.size would count the padding sample.
+        n = len(files)
+        self.num_images = n * (shard_id + 1) // num_shards - n * shard_id // num_shards
+        self.num_batches = self.num_images // batch_size if drop_last else -(-self.num_images // batch_size)
 
     def __len__(self):
-        return len(self.iterator)
+        return self.num_batches
 
     def __iter__(self):
         for batch in self.iterator:

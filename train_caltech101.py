@@ -300,6 +300,7 @@ def main(cfg):
     from torch.utils.tensorboard import SummaryWriter
     writer = SummaryWriter(os.path.join(out_dir, "tb"))
     run_start = time.perf_counter()
+    resumed_wall_time = rows[-1]["wall_time_s"] if rows else 0.0  # time spent before a resume
     for epoch in range(start_epoch, cfg["epochs"] + 1):
         stats = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, mixer, amp_dtype, cfg, epoch)
         row = {"epoch": epoch, **stats, "lr_" + optimizer.param_groups[0]["name"]: optimizer.param_groups[0]["lr"]}
@@ -311,7 +312,7 @@ def main(cfg):
             if math.isfinite(metrics["val_top1"]) and metrics["val_top1"] > best_top1:
                 best_top1, best_epoch = metrics["val_top1"], epoch
                 save_atomic(model_utils.export_state_dict(model), best_path)
-        row["wall_time_s"] = time.perf_counter() - run_start + (rows[-1]["wall_time_s"] if rows else 0.0)
+        row["wall_time_s"] = resumed_wall_time + time.perf_counter() - run_start
         rows.append(row)
         for key, value in row.items():
             if key != "epoch" and not key.startswith("lr_"):

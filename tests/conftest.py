@@ -1,0 +1,116 @@
+"""Shared fixtures: a small synthetic Caltech-like tree with class-dependent content, and the real archive.
+
+Synthetic classes have a distinct dominant colour (plus noise and a random bright square), so a loader's
+labels can be checked against the pixels and a model can learn them in a couple of epochs. The tree also holds
+the awkward files the real world has: grayscale and CMYK JPEGs, a PNG named .jpg, a truncated JPEG, an empty
+file and a non-image file (like the real BACKGROUND_Google/tmp).
+"""
+import io
+import os
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import download  # noqa: E402
+import model_utils  # noqa: E402
+
+CLASS_COLOURS = {"alpha": (200, 40, 40), "bravo": (40, 200, 40), "charlie": (40, 40, 200)}
+IMAGES_PER_CLASS = 14
+BAD_FILES = {"alpha/truncated.jpg", "bravo/empty.jpg", "charlie/notes.jpg"}
+
+
+def make_image(colour, rng, size=None):
+    w, h = size or (int(rng.integers(60, 100)), int(rng.integers(50, 90)))
+    pixels = np.clip(np.array(colour)[None, None, :] + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+    y, x = int(rng.integers(0, h // 2)), int(rng.integers(0, w // 2))
+    pixels[y:y + h // 4, x:x + w // 4] = 255
+    return Image.fromarray(pixels)
+
+
+def jpeg_bytes(img, **kw):
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90, **kw)
+    return buf.getvalue()
+
+
+def make_tree(root, with_bad_files=True, seed=0):
+    """root/101_ObjectCategories/<class>/... ; returns the images dir."""
+    rng = np.random.default_rng(seed)
+    images_dir = os.path.join(root, download.IMAGES_DIR)
+    for cls, colour in CLASS_COLOURS.items():
+        os.makedirs(os.path.join(images_dir, cls))
+        for i in range(IMAGES_PER_CLASS):
+            with open(os.path.join(images_dir, cls, f"image_{i:04d}.jpg"), "wb") as f:
+                f.write(jpeg_bytes(make_image(colour, rng)))
+    os.makedirs(os.path.join(images_dir, "BACKGROUND_Google"))
+    make_image((128, 128, 128), rng).save(os.path.join(images_dir, "BACKGROUND_Google", "image_0001.jpg"))
+    with open(os.path.join(images_dir, "BACKGROUND_Google", "tmp"), "w") as f:
+        f.write("not an image\n")
+    # Valid but awkward: grayscale, CMYK, and a PNG named .jpg (all decodable, all must become RGB).
+    make_image(CLASS_COLOURS["alpha"], rng).convert("L").save(os.path.join(images_dir, "alpha", "gray.jpg"))
+    with open(os.path.join(images_dir, "bravo", "cmyk.jpg"), "wb") as f:
+        f.write(jpeg_bytes(make_image(CLASS_COLOURS["bravo"], rng).convert("CMYK")))
+    make_image(CLASS_COLOURS["charlie"], rng).save(os.path.join(images_dir, "charlie", "png_named.jpg"), format="PNG")
+    if with_bad_files:
+        good = jpeg_bytes(make_image(CLASS_COLOURS["alpha"], rng))
+        with open(os.path.join(images_dir, "alpha", "truncated.jpg"), "wb") as f:
+            f.write(good[: len(good) // 2])
+        open(os.path.join(images_dir, "bravo", "empty.jpg"), "wb").close()
+        with open(os.path.join(images_dir, "charlie", "notes.jpg"), "w") as f:
+            f.write("this is text, not a JPEG\n")
+    return images_dir
+
+
+def make_targz(src_root, path):
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(os.path.join(src_root, download.IMAGES_DIR), arcname=download.IMAGES_DIR)
+    return path
+
+
+@pytest.fixture(scope="session")
+def synthetic_tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic_src")
+    make_tree(str(root))
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def prepared_root(synthetic_tree, tmp_path_factory):
+    """A prepared data root (4 train images per class) shared by the loader and training tests."""
+    data_root = str(tmp_path_factory.mktemp("prepared"))
+    download.prepare(data_root, archive=os.path.join(synthetic_tree, download.IMAGES_DIR), train_per_class=4,
+                     seed=0, workers=1, quiet=True)
+    return data_root
+
+
+@pytest.fixture(scope="session")
+def real_root(tmp_path_factory):
+    """The real Caltech-101 prepared with defaults, when CALTECH101_ARCHIVE names the archive."""
+    archive = os.environ.get("CALTECH101_ARCHIVE")
+    if not archive:
+        pytest.skip("CALTECH101_ARCHIVE is not set: real-data test not run")
+    if not os.path.exists(archive):
+        pytest.fail(f"CALTECH101_ARCHIVE={archive} does not exist")
+    data_root = str(tmp_path_factory.mktemp("real"))
+    download.prepare(data_root, archive=archive, quiet=True)
+    return data_root
+
+
+@pytest.fixture
+def seeded_torch_home(tmp_path, monkeypatch):
+    """A TORCH_HOME whose hub cache holds a locally generated 'ImageNet' resnet18 under torchvision's file name."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    path = model_utils.hub_checkpoint_path("resnet18")
+    assert path.startswith(str(tmp_path))
+    os.makedirs(os.path.dirname(path))
+    torch.manual_seed(123)
+    reference = model_utils.torchvision.models.resnet18(num_classes=1000).state_dict()
+    torch.save(reference, path)
+    return reference

@@ -1,0 +1,143 @@
+"""download.py: archives of every accepted kind, safe extraction, interruption, split determinism, bad files."""
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+
+import pytest
+
+import download
+from conftest import BAD_FILES, CLASS_COLOURS, IMAGES_PER_CLASS, ROOT, make_targz
+
+GOOD_PER_CLASS = IMAGES_PER_CLASS + 1  # + the grayscale / CMYK / PNG-named-.jpg file of each class
+
+
+def read_list(path):
+    with open(path) as f:
+        return [line.split() for line in f]
+
+
+def test_split_counts_classes_and_bad_files(prepared_root):
+    with open(os.path.join(prepared_root, "classes.txt")) as f:
+        assert f.read().split() == sorted(CLASS_COLOURS)  # BACKGROUND_Google excluded
+    train = read_list(os.path.join(prepared_root, "train.txt"))
+    val = read_list(os.path.join(prepared_root, "val.txt"))
+    assert len(train) == 4 * 3 and len(val) == (GOOD_PER_CLASS - 4) * 3
+    assert not set(p for p, _ in train) & set(p for p, _ in val)
+    for path, label in train + val:  # labels follow the class folder
+        assert sorted(CLASS_COLOURS)[int(label)] == path.split("/")[0]
+    listed = {p for p, _ in train + val}
+    assert not listed & BAD_FILES and {"alpha/gray.jpg", "bravo/cmyk.jpg", "charlie/png_named.jpg"} <= listed
+    with open(os.path.join(prepared_root, "bad_files.txt")) as f:
+        assert {line.split("\t")[0] for line in f} == BAD_FILES
+    meta = json.load(open(os.path.join(prepared_root, "split.json")))
+    assert meta["counts"] == {"train": 12, "val": len(val), "test": 0} and meta["excluded"] == 3
+
+
+def test_split_is_deterministic_and_seed_dependent(synthetic_tree, tmp_path):
+    src = os.path.join(synthetic_tree, download.IMAGES_DIR)
+    lists = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        root = str(tmp_path / name)
+        download.prepare(root, archive=src, train_per_class=5, test_per_class=2, seed=seed, workers=1, quiet=True)
+        lists[name] = [open(os.path.join(root, f"{s}.txt")).read() for s in ("train", "val", "test")]
+    assert lists["a"] == lists["b"]
+    assert lists["a"][0] != lists["c"][0]
+    train, val, test = (read_list(os.path.join(tmp_path / "a", f"{s}.txt")) for s in ("train", "val", "test"))
+    assert (len(train), len(test), len(val)) == (15, 6, (GOOD_PER_CLASS - 7) * 3)
+    assert not ({p for p, _ in test} & ({p for p, _ in train} | {p for p, _ in val}))
+
+
+def test_targz_zip_and_folder_give_the_same_split(synthetic_tree, tmp_path):
+    targz = make_targz(synthetic_tree, str(tmp_path / "101_ObjectCategories.tar.gz"))
+    official_like = str(tmp_path / "caltech-101.zip")  # the official zip wraps the tar.gz
+    with zipfile.ZipFile(official_like, "w") as zf:
+        zf.write(targz, "caltech-101/101_ObjectCategories.tar.gz")
+    results = []
+    for archive in (targz, official_like, os.path.join(synthetic_tree, download.IMAGES_DIR), synthetic_tree):
+        root = str(tmp_path / f"root{len(results)}")
+        download.prepare(root, archive=archive, train_per_class=4, workers=1, quiet=True)
+        assert os.path.exists(os.path.join(root, download.IMAGES_DIR, download.COMPLETE_MARKER))
+        results.append(open(os.path.join(root, "train.txt")).read() + open(os.path.join(root, "val.txt")).read())
+    assert len(set(results)) == 1
+
+
+def test_second_run_does_nothing_and_says_so(synthetic_tree, tmp_path, capsys):
+    root = str(tmp_path / "root")
+    download.prepare(root, archive=os.path.join(synthetic_tree, download.IMAGES_DIR), train_per_class=4, workers=1,
+                     quiet=True)
+    stamp = os.path.getmtime(os.path.join(root, "train.txt"))
+    capsys.readouterr()
+    download.prepare(root, archive="/nonexistent/archive.tar.gz", train_per_class=4, workers=1, quiet=True)
+    assert "nothing to do" in capsys.readouterr().out
+    assert os.path.getmtime(os.path.join(root, "train.txt")) == stamp
+    # A different split request re-splits without re-extracting.
+    download.prepare(root, archive="/nonexistent/archive.tar.gz", train_per_class=3, workers=1, quiet=True)
+    assert len(read_list(os.path.join(root, "train.txt"))) == 9
+
+
+def test_interrupted_extraction_is_detected_and_redone(synthetic_tree, tmp_path, capsys):
+    root = str(tmp_path / "root")
+    archive = os.path.join(synthetic_tree, download.IMAGES_DIR)
+    download.prepare(root, archive=archive, train_per_class=4, workers=1, quiet=True)
+    images = os.path.join(root, download.IMAGES_DIR)
+    os.remove(os.path.join(images, download.COMPLETE_MARKER))  # what a kill mid-extraction leaves
+    shutil.rmtree(os.path.join(images, "bravo"))
+    capsys.readouterr()
+    download.prepare(root, archive=archive, train_per_class=4, workers=1, quiet=True)
+    assert "incomplete" in capsys.readouterr().out
+    assert len(os.listdir(os.path.join(images, "bravo"))) == GOOD_PER_CLASS + 1  # + empty.jpg
+    assert not [d for d in os.listdir(root) if d.startswith(".extract-")]
+
+
+def test_corrupted_archive_is_refused_and_leaves_nothing(synthetic_tree, tmp_path):
+    targz = make_targz(synthetic_tree, str(tmp_path / "a.tar.gz"))
+    data = open(targz, "rb").read()
+    broken = tmp_path / "broken.tar.gz"
+    broken.write_bytes(data[: len(data) // 2])
+    root = str(tmp_path / "root")
+    with pytest.raises(download.PrepareError, match="not a readable tar archive"):
+        download.prepare(root, archive=str(broken), workers=1, quiet=True)
+    assert not os.path.exists(os.path.join(root, download.IMAGES_DIR))
+    assert os.listdir(root) == []
+
+
+def test_member_escaping_the_folder_is_refused(tmp_path):
+    evil = str(tmp_path / "evil.tar.gz")
+    with tarfile.open(evil, "w:gz") as tar:
+        payload = b"owned\n"
+        info = tarfile.TarInfo("101_ObjectCategories/../../escaped.txt")
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+    root = str(tmp_path / "deep" / "root")
+    with pytest.raises(download.PrepareError, match="outside the target folder"):
+        download.prepare(root, archive=evil, workers=1, quiet=True)
+    assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "deep" / "escaped.txt").exists()
+
+
+def test_html_page_saved_as_archive_is_caught(tmp_path):
+    fake = tmp_path / "caltech-101.zip.part"
+    fake.write_text("<!DOCTYPE html><html><body>Sign in</body></html>")
+    with pytest.raises(download.PrepareError, match="HTML page"):
+        download.check_archive_bytes(str(fake), download.OFFICIAL_ZIP_MD5, "test")
+    assert not fake.exists()
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "download.py"), "--data_root", str(tmp_path / "r"),
+                             "--archive", str(tmp_path / "missing.tar.gz")], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert result.stderr.strip().count("\n") == 0 and "does not exist" in result.stderr
+
+
+def test_real_archive_counts(real_root):
+    meta = json.load(open(os.path.join(real_root, "split.json")))
+    assert meta["num_classes"] == 101
+    assert meta["counts"] == {"train": 3030, "val": 5647, "test": 0}
+    assert meta["excluded"] == 0
+    classes = open(os.path.join(real_root, "classes.txt")).read().split()
+    assert "BACKGROUND_Google" not in classes and {"Faces", "Faces_easy"} <= set(classes)
