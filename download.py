@@ -91,6 +91,9 @@ def download(url, dest, expected_md5, quiet=False):
                 for block in iter(lambda: response.read(1 << 20), b""):
                     f.write(block)
                     bar.update(len(block))
+        got = os.path.getsize(part)
+        if total is not None and got < total:  # the connection dropped: keep the part for a resume
+            raise PrepareError(f"download interrupted at {got} of {total} bytes; run again to resume")
     check_archive_bytes(part, expected_md5, url)
     os.replace(part, dest)
 
@@ -102,10 +105,10 @@ def check_archive_bytes(path, expected_md5, source):
         os.remove(path)
         raise PrepareError(f"{source} gave an HTML page, not the archive; removed it")
     got = md5_of(path)
-    if got != expected_md5:
-        # Keep the partial file only while it is shorter than it should be: a resume can finish it.
-        raise PrepareError(f"md5 of {path} is {got}, expected {expected_md5}: truncated or corrupted download "
-                           f"(delete it and run again)")
+    if got != expected_md5:  # complete but wrong: resuming cannot fix it, so start over next time
+        os.remove(path)
+        raise PrepareError(f"md5 of the downloaded archive is {got}, expected {expected_md5}: corrupted download "
+                           f"(removed; run again)")
 
 
 # ---------------------------------------------------------------------------------------------

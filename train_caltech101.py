@@ -303,9 +303,7 @@ def main(cfg):
     resumed_wall_time = rows[-1]["wall_time_s"] if rows else 0.0  # time spent before a resume
     for epoch in range(start_epoch, cfg["epochs"] + 1):
         stats = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, mixer, amp_dtype, cfg, epoch)
-        row = {"epoch": epoch, **stats, "lr_" + optimizer.param_groups[0]["name"]: optimizer.param_groups[0]["lr"]}
-        for g in optimizer.param_groups:
-            writer.add_scalar(f"lr/{g['name']}", g["lr"], epoch)
+        row = {"epoch": epoch, **stats, **{f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}}
         if epoch % cfg["eval_every"] == 0 or epoch == cfg["epochs"]:
             metrics = evaluate(model, val_loader, num_classes, amp_dtype)
             row.update(metrics)
@@ -314,8 +312,8 @@ def main(cfg):
                 save_atomic(model_utils.export_state_dict(model), best_path)
         row["wall_time_s"] = resumed_wall_time + time.perf_counter() - run_start
         rows.append(row)
-        for key, value in row.items():
-            if key != "epoch" and not key.startswith("lr_"):
+        for key, value in row.items():  # train_loss -> train/loss, lr_head_decay -> lr/head_decay, ...
+            if key != "epoch":
                 writer.add_scalar(key.replace("_", "/", 1), value, epoch)
         writer.flush()
         write_metrics(normalize_rows(rows), os.path.join(out_dir, "metrics.csv"))

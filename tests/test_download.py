@@ -141,3 +141,90 @@ def test_real_archive_counts(real_root):
     assert meta["excluded"] == 0
     classes = open(os.path.join(real_root, "classes.txt")).read().split()
     assert "BACKGROUND_Google" not in classes and {"Faces", "Faces_easy"} <= set(classes)
+
+
+class ArchiveServer:
+    """A loopback HTTP server that serves one archive with Range support and records the requests."""
+
+    def __init__(self, payload, content_type="application/zip"):
+        import http.server
+        import threading
+
+        server = self
+        self.payload, self.ranges = payload, []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                rng = self.headers.get("Range")
+                server.ranges.append(rng)
+                start = int(rng.split("=")[1].split("-")[0]) if rng else 0
+                body = server.payload[start:]
+                self.send_response(206 if rng else 200)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/caltech-101.zip"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def official_like_zip(synthetic_tree, tmp_path):
+    targz = make_targz(synthetic_tree, str(tmp_path / "inner.tar.gz"))
+    path = tmp_path / "served.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.write(targz, "caltech-101/101_ObjectCategories.tar.gz")
+    data = path.read_bytes()
+    return data, download.hashlib.md5(data).hexdigest()
+
+
+def test_download_verifies_md5_and_prepares(official_like_zip, tmp_path):
+    data, md5 = official_like_zip
+    server = ArchiveServer(data)
+    try:
+        root = str(tmp_path / "root")
+        meta = download.prepare(root, url=server.url, md5=md5, train_per_class=4, workers=1, quiet=True)
+    finally:
+        server.close()
+    assert meta["counts"]["train"] == 12 and server.ranges == [None]
+    assert open(os.path.join(root, "caltech-101.zip"), "rb").read() == data
+    assert not os.path.exists(os.path.join(root, "caltech-101.zip.part"))
+
+
+def test_download_resumes_a_partial_file(official_like_zip, tmp_path):
+    data, md5 = official_like_zip
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "caltech-101.zip.part").write_bytes(data[:1000])  # what an interrupted download leaves
+    server = ArchiveServer(data)
+    try:
+        download.prepare(str(root), url=server.url, md5=md5, train_per_class=4, workers=1, quiet=True)
+    finally:
+        server.close()
+    assert server.ranges == ["bytes=1000-"]
+    assert (root / "caltech-101.zip").read_bytes() == data
+
+
+@pytest.mark.parametrize("kind", ["html", "corrupt"])
+def test_bad_downloads_leave_nothing_at_the_final_path(official_like_zip, tmp_path, kind):
+    data, md5 = official_like_zip
+    if kind == "html":
+        server = ArchiveServer(b"<!DOCTYPE html><html>Please sign in</html>", content_type="text/html")
+    else:
+        server = ArchiveServer(data[:100] + b"X" + data[101:])
+    root = tmp_path / "root"
+    try:
+        with pytest.raises(download.PrepareError, match="HTML page" if kind == "html" else "md5"):
+            download.prepare(str(root), url=server.url, md5=md5, workers=1, quiet=True)
+    finally:
+        server.close()
+    assert not (root / "caltech-101.zip").exists() and not (root / download.IMAGES_DIR).exists()
