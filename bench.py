@@ -94,7 +94,7 @@ class RepeatBatch:
 
 def bench_step(args, device):
     amp_dtype, use_scaler = train.resolve_amp(args.amp, device)
-    cfg = dict(freeze="none", grad_clip=0.0, log_every=args.steps)
+    cfg = dict(freeze="none", grad_clip=0.0, log_every=args.steps, progress=False)
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=generator)
     labels = torch.randint(0, 101, (args.batch_size,), generator=generator).to(device)

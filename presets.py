@@ -51,6 +51,7 @@ DEFAULTS = dict(
     seed=0,  # python, numpy, torch, DALI and MixUp RNGs
     eval_every=1,  # evaluate on val every N epochs (and always after the last)
     log_every=10,  # steps between progress-bar refreshes (each reads the loss from the device)
+    progress=True,  # show a progress bar (off in CI logs and benchmarks)
     out_dir="checkpoints",  # the run writes to out_dir/<exp>/
     resume=None,  # path to a last.pth, or 'auto' for out_dir/<exp>/last.pth
 )
@@ -86,11 +87,12 @@ PRESETS = {
     "r34_scratch": dict(_scratch, arch="resnet34"),
     "r50_scratch": dict(_scratch, arch="resnet50"),
     "r101_scratch": dict(_scratch, arch="resnet101"),
-    # no GPU needed: ResNet-18 from scratch at 112 px, one-cycle style, learns the real data in ~15 CPU minutes
-    "cpu_smoke": dict(pretrained=False, img_size=112, epochs=16, batch_size=64, eval_batch_size=128,
-                      optimizer="sgd", lr_backbone=0.2, lr_fc=0.2, weight_decay=5e-5, momentum=0.9,
-                      warmup_epochs=3.0, schedule="linear", label_smoothing=0.1, mixup_alpha=0.0,
-                      cutmix_alpha=0.0, crop_scale_min=0.25, workers=2, eval_every=4, device="cpu", amp="bf16"),
+    # no GPU needed: ResNet-18 from scratch at 96 px, short warmup + cosine, label smoothing, bf16 + channels_last;
+    # reaches about 0.66 val top-1 in under 15 minutes on 2 CPU cores (README, "Measured")
+    "cpu_smoke": dict(pretrained=False, img_size=96, crop_scale_min=0.35, epochs=32, batch_size=64,
+                      eval_batch_size=256, optimizer="adamw", lr_backbone=2e-3, lr_fc=2e-3, weight_decay=0.05,
+                      warmup_epochs=2.0, schedule="cosine", label_smoothing=0.1, mixup_alpha=0.0, cutmix_alpha=0.0,
+                      workers=2, eval_every=8, device="cpu", amp="auto"),
 }
 
 

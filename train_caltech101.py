@@ -79,7 +79,8 @@ def resolve_amp(amp, device):
         if device.type == "cuda":
             amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         else:  # bf16 pays off only where the CPU has native bf16 instructions
-            amp = "bf16" if torch.cpu._is_avx512_bf16_supported() else "off"
+            native_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+            amp = "bf16" if native_bf16 else "off"
     if amp == "fp16" and device.type != "cuda":
         raise presets.ConfigError("amp=fp16 needs CUDA; on CPU use --amp bf16 or --amp off")
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp], amp == "fp16"
@@ -155,7 +156,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, mixer, amp_dtyp
     seen = 0
     start = time.perf_counter()
     bar = tqdm(total=len(loader), desc=f"epoch {epoch}", unit="step", leave=False, dynamic_ncols=True,
-               disable=not sys.stderr.isatty() and os.environ.get("CI") == "true")
+               disable=not cfg.get("progress", True) or os.environ.get("CI") == "true")
     for step, (images, labels) in enumerate(loader):
         images, targets = mixer(images, labels)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -289,8 +290,9 @@ def main(cfg):
     print(f"device {device}, amp {amp_dtype}, grad scaler {use_scaler}, channels_last {cfg['channels_last']}, "
           f"loader {cfg['loader']}")
     print(f"data: {num_classes} classes, {train_loader.num_images} train / {val_loader.num_images} val images")
-    print(f"model: {cfg['arch']} ({'ImageNet' if cfg['pretrained'] and not cfg['weights'] else cfg['weights'] or 'scratch'}"
-          f" init), {n_params / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trainable (freeze={cfg['freeze']})")
+    init = cfg["weights"] or ("ImageNet" if cfg["pretrained"] else "scratch")
+    print(f"model: {cfg['arch']} ({init} init), {n_params / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trainable "
+          f"(freeze={cfg['freeze']})")
     print(f"schedule: {steps_per_epoch} steps/epoch, {total_steps} steps total, {warmup_steps} warmup steps, "
           f"{cfg['schedule']} decay to {cfg['min_lr_ratio']} x peak")
     for g in optimizer.param_groups:
