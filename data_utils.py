@@ -114,35 +114,68 @@ if HAVE_DALI:
         return images, label
 
 
+def _decode_error(err, image_root):
+    """A DataError naming the file DALI failed on (its message says 'Failed to decode sample #i : <path>')."""
+    text = str(err)
+    for line in text.splitlines():
+        if "Failed to decode" in line or "Error when reading" in line:
+            name = line.split(" : ", 1)[-1].strip()
+            return DataError(f"cannot decode {os.path.join(image_root, name)}: the file is corrupt; re-run "
+                             f"download.py (it re-checks every image) or remove it from the split lists")
+    return DataError(f"the DALI pipeline failed: {text.strip().splitlines()[-1] if text.strip() else err!r}")
+
+
 class DaliLoader:
-    """Iterates a DALI pipeline as (images, labels) model inputs. len() is batches per epoch."""
+    """Iterates a DALI pipeline as (images, labels) model inputs. len() is batches per epoch.
+
+    state_dict()/load_state_dict() save and restore the reader position and every DALI RNG (DALI pipeline
+    checkpointing), at an epoch boundary or in the middle of an epoch.
+    """
 
     def __init__(self, image_root, files, labels, train, img_size, batch_size, device, dtype, workers, seed,
                  shard_id=0, num_shards=1, drop_last=False, crop_scale_min=RRC_SCALE[0]):
         if not HAVE_DALI:
             raise DataError("DALI is not installed (pip install nvidia-dali-cuda120, Linux only): use --loader torch")
-        self.device, self.dtype = device, dtype
+        self.device, self.dtype, self.image_root = device, dtype, image_root
         on_gpu = device.type == "cuda"
-        self.pipe = caltech_pipeline(image_root, files, labels, train, img_size, crop_scale_min,
-                                     "gpu" if on_gpu else "cpu",
-                                     shard_id, num_shards, seed, batch_size=batch_size, num_threads=workers,
-                                     device_id=(device.index or 0) if on_gpu else None, seed=seed + 1)
-        self.pipe.build()
+        self._make_pipe = lambda checkpoint: caltech_pipeline(
+            image_root, files, labels, train, img_size, crop_scale_min, "gpu" if on_gpu else "cpu", shard_id,
+            num_shards, seed, batch_size=batch_size, num_threads=workers,
+            device_id=(device.index or 0) if on_gpu else None, seed=seed + 1, enable_checkpointing=True,
+            checkpoint=checkpoint)
         # Train: every image once per epoch, a short last batch unless drop_last; val keeps the short batch.
-        policy = LastBatchPolicy.DROP if drop_last else LastBatchPolicy.PARTIAL
-        self.iterator = DALIGenericIterator([self.pipe], ["images", "labels"], reader_name="Reader",
-                                            last_batch_policy=policy, auto_reset=True)
+        self.policy = LastBatchPolicy.DROP if drop_last else LastBatchPolicy.PARTIAL
+        self._build(None)
         # DALI's shard i holds files [N*i//k, N*(i+1)//k); iterator.size would count the padding sample.
         n = len(files)
         self.num_images = n * (shard_id + 1) // num_shards - n * shard_id // num_shards
         self.num_batches = self.num_images // batch_size if drop_last else -(-self.num_images // batch_size)
 
+    def _build(self, checkpoint):
+        self.pipe = self._make_pipe(checkpoint)
+        try:
+            self.pipe.build()
+            # The iterator prefetches its first batch here, so a corrupt first image fails already now.
+            self.iterator = DALIGenericIterator([self.pipe], ["images", "labels"], reader_name="Reader",
+                                                last_batch_policy=self.policy, auto_reset=True)
+        except RuntimeError as e:
+            raise _decode_error(e, self.image_root) from None
+
+    def state_dict(self):
+        return {"dali_checkpoint": self.iterator.checkpoints()[0]}
+
+    def load_state_dict(self, state):
+        self._build(state["dali_checkpoint"])
+
     def __len__(self):
         return self.num_batches
 
     def __iter__(self):
-        for batch in self.iterator:
-            yield to_model_input(batch[0]["images"], batch[0]["labels"], self.device, self.dtype)
+        try:
+            for batch in self.iterator:
+                yield to_model_input(batch[0]["images"], batch[0]["labels"], self.device, self.dtype)
+        except RuntimeError as e:
+            raise _decode_error(e, self.image_root) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,27 +226,61 @@ def torch_transform(train, img_size, crop_scale_min=RRC_SCALE[0]):
     return T.Compose(spatial + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
+class EpochSampler(torch.utils.data.Sampler):
+    """A fresh permutation per epoch from (seed, epoch), optionally starting part-way through (for resume)."""
+
+    def __init__(self, n, shuffle, seed):
+        self.n, self.shuffle, self.seed = n, shuffle, seed
+        self.epoch, self.start = 0, 0
+
+    def __len__(self):
+        return self.n - self.start
+
+    def __iter__(self):
+        if self.shuffle:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch))
+        else:
+            order = torch.arange(self.n)
+        yield from order[self.start:].tolist()
+
+
 class TorchLoader:
-    """torch DataLoader over the split list, with the DALI loader's interface and output."""
+    """torch DataLoader over the split list, with the DALI loader's interface and output.
+
+    Resume restores the epoch's sample order and position; the random crops of a resumed partial epoch are
+    drawn afresh (worker RNGs are seeded per epoch, not per sample).
+    """
 
     def __init__(self, image_root, files, labels, train, img_size, batch_size, device, dtype, workers, seed,
                  shard_id=0, num_shards=1, drop_last=False, crop_scale_min=RRC_SCALE[0]):
-        self.device, self.dtype = device, dtype
+        self.device, self.dtype, self.seed, self.batch_size = device, dtype, seed, batch_size
         files, labels = files[shard_id::num_shards], labels[shard_id::num_shards]
         self.num_images = len(files)
-        generator = torch.Generator().manual_seed(seed)
+        self.sampler = EpochSampler(len(files), train, seed)
+        self.batches_done = 0
+        self.generator = torch.Generator()
         self.loader = torch.utils.data.DataLoader(
             ListDataset(image_root, files, labels, torch_transform(train, img_size, crop_scale_min)),
-            batch_size=batch_size,
-            shuffle=train, drop_last=drop_last, num_workers=workers, pin_memory=device.type == "cuda",
-            persistent_workers=workers > 0, generator=generator)
+            batch_size=batch_size, sampler=self.sampler, drop_last=drop_last, num_workers=workers,
+            pin_memory=device.type == "cuda", generator=self.generator)
+        self.num_batches = self.num_images // batch_size if drop_last else -(-self.num_images // batch_size)
+
+    def state_dict(self):
+        return {"epoch": self.sampler.epoch, "batches_done": self.batches_done}
+
+    def load_state_dict(self, state):
+        self.sampler.epoch, self.batches_done = state["epoch"], state["batches_done"]
 
     def __len__(self):
-        return len(self.loader)
+        return self.num_batches
 
     def __iter__(self):
+        self.sampler.start = self.batches_done * self.batch_size
+        self.generator.manual_seed(self.seed * 100003 + self.sampler.epoch)  # worker augmentation seeds
         for images, labels in self.loader:
+            self.batches_done += 1
             yield to_model_input(images, labels, self.device, self.dtype)
+        self.sampler.epoch, self.batches_done, self.sampler.start = self.sampler.epoch + 1, 0, 0
 
 
 def build_loader(data_root, split, img_size, batch_size, device, dtype=torch.float32, loader="dali", workers=4,

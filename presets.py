@@ -54,6 +54,9 @@ DEFAULTS = dict(
     progress=True,  # show a progress bar (off in CI logs and benchmarks)
     out_dir="checkpoints",  # the run writes to out_dir/<exp>/
     resume=None,  # path to a last.pth, or 'auto' for out_dir/<exp>/last.pth
+    save_every_steps=0,  # also write last.pth every N steps inside an epoch (0: only at epoch ends)
+    max_bad_steps=10,  # stop after this many non-finite losses in a row (each one's update is skipped)
+    deterministic=False,  # deterministic kernels (bit-identical reruns and resumes; slower on GPU)
 )
 
 CHOICES = dict(loader=("dali", "torch"), arch=("resnet18", "resnet34", "resnet50", "resnet101"),
@@ -104,12 +107,12 @@ def validate(cfg):
     for key, allowed in CHOICES.items():
         if cfg[key] not in allowed:
             raise ConfigError(f"{key}={cfg[key]!r} is not valid; choose from {', '.join(allowed)}")
-    positive = ("epochs", "batch_size", "eval_batch_size", "eval_every", "log_every")
+    positive = ("epochs", "batch_size", "eval_batch_size", "eval_every", "log_every", "max_bad_steps")
     for key in positive:
         if cfg[key] <= 0:
             raise ConfigError(f"{key} must be > 0 (got {cfg[key]})")
     for key in ("lr_backbone", "lr_fc", "weight_decay", "mixup_alpha", "cutmix_alpha", "warmup_epochs",
-                "grad_clip", "workers", "min_lr_ratio", "label_smoothing"):
+                "grad_clip", "workers", "min_lr_ratio", "label_smoothing", "save_every_steps"):
         if cfg[key] < 0:
             raise ConfigError(f"{key} must be >= 0 (got {cfg[key]})")
     if cfg["img_size"] < 32:

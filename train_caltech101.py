@@ -11,11 +11,14 @@ needs), config.json, metrics.csv, tb/ (TensorBoard).
 """
 import argparse
 import csv
+import errno
 import io
 import json
 import math
 import os
+import pickle
 import random
+import signal
 import sys
 import time
 
@@ -108,8 +111,15 @@ def lr_lambda(total_steps, warmup_steps, schedule, min_lr_ratio):
     return factor
 
 
+class TrainingError(Exception):
+    """The run cannot go on (too many non-finite losses, a checkpoint that cannot be written): one line."""
+
+
 def save_atomic(obj, path):
-    """torch.save via a temporary file in the same folder, flushed and fsynced, then renamed into place."""
+    """torch.save via a temporary file in the same folder, flushed and fsynced, then renamed into place.
+
+    A failure or interruption at any point leaves the previous file byte-identical and no partial file behind.
+    """
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -117,19 +127,26 @@ def save_atomic(obj, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        reason = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise TrainingError(f"cannot write {path}: {reason}; the previous checkpoint is intact (free space, then "
+                            f"--resume auto)") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
 def write_text_atomic(text, path):
-    buf = io.BytesIO(text.encode())
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(buf.getvalue())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def write_metrics(rows, path):
@@ -145,7 +162,35 @@ def write_metrics(rows, path):
 # ---------------------------------------------------------------------------------------------
 # train / evaluate
 
-def train_one_epoch(model, loader, optimizer, scheduler, scaler, mixer, amp_dtype, cfg, epoch, writer=None):
+class GracefulStop:
+    """First SIGINT/SIGTERM: finish the current step, save, exit. A second SIGINT interrupts at once."""
+
+    def __init__(self):
+        self.signum = None
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the next Ctrl-C raises KeyboardInterrupt
+        print(f"\n{signal.Signals(signum).name}: stopping after this step (Ctrl-C again to abort now)",
+              file=sys.stderr, flush=True)
+
+    @property
+    def requested(self):
+        return self.signum is not None
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, scaler, mixer, amp_dtype, cfg, epoch, start_step=0,
+                    stop=None, on_step=None):
+    """One pass over the loader (the rest of it when resuming at start_step).
+
+    Returns the epoch's statistics plus 'steps_done' (in this epoch, counting start_step) and 'completed'
+    (False when `stop` asked to end early). `on_step(steps_done)` runs after every optimizer step.
+    """
     from tqdm import tqdm
 
     device = next(model.parameters()).device
@@ -153,15 +198,29 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, mixer, amp_dtyp
     # Running sums stay on the device; they are read only at log points (no per-step host sync).
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = 0
+    seen, steps_done, bad_in_a_row, skipped = 0, start_step, 0, 0
+    max_bad = cfg.get("max_bad_steps", 10)
     start = time.perf_counter()
-    bar = tqdm(total=len(loader), desc=f"epoch {epoch}", unit="step", leave=False, dynamic_ncols=True,
-               disable=not cfg.get("progress", True) or os.environ.get("CI") == "true")
-    for step, (images, labels) in enumerate(loader):
+    bar = tqdm(total=len(loader), initial=start_step, desc=f"epoch {epoch}", unit="step", leave=False,
+               dynamic_ncols=True, disable=not cfg.get("progress", True) or os.environ.get("CI") == "true")
+    for images, labels in loader:
         images, targets = mixer(images, labels)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = model(images)
         loss = augment.soft_target_cross_entropy(logits, targets)
+        steps_done += 1
+        # fp16: the GradScaler finds non-finite gradients and skips the step itself. Otherwise one deliberate
+        # host sync per step: whether to update must be known before optimizer.step() (GradScaler syncs alike).
+        if not scaler.is_enabled() and not torch.isfinite(loss).item():
+            bad_in_a_row, skipped = bad_in_a_row + 1, skipped + 1
+            print(f"\nwarning: non-finite loss at epoch {epoch} step {steps_done}: update skipped "
+                  f"({bad_in_a_row} in a row)", file=sys.stderr, flush=True)
+            if bad_in_a_row >= max_bad:
+                raise TrainingError(f"{bad_in_a_row} non-finite losses in a row (epoch {epoch}, step {steps_done}): "
+                                    f"stopping; the last good checkpoint is kept (lower the LR, or --amp off)")
+            optimizer.zero_grad(set_to_none=True)
+            continue
+        bad_in_a_row = 0
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if cfg["grad_clip"] > 0:
@@ -174,19 +233,24 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, mixer, amp_dtyp
         loss_sum += loss.detach() * n
         correct += (logits.detach().argmax(1) == labels).sum()
         seen += n
-        if (step + 1) % cfg["log_every"] == 0 or step + 1 == len(loader):
+        if steps_done % cfg["log_every"] == 0 or steps_done == len(loader):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             rate = seen / (time.perf_counter() - start)
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
                             img_s=f"{rate:.0f}")
-            bar.update(step + 1 - bar.n)
+            bar.update(steps_done - bar.n)
+        if on_step is not None:
+            on_step(steps_done)
+        if stop is not None and stop.requested:
+            break
     bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     return {"train_loss": loss_sum.item() / max(seen, 1), "train_acc": correct.item() / max(seen, 1),
-            "train_images_per_s": seen / elapsed, "train_time_s": elapsed}
+            "train_images_per_s": seen / elapsed, "train_time_s": elapsed, "skipped_steps": skipped,
+            "steps_done": steps_done, "completed": steps_done >= len(loader)}
 
 
 @torch.inference_mode()
@@ -249,8 +313,11 @@ def main(cfg):
     device = resolve_device(cfg["device"])
     amp_dtype, use_scaler = resolve_amp(cfg["amp"], device)
     seed_everything(cfg["seed"])
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    if cfg["deterministic"]:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
+        torch.use_deterministic_algorithms(True)
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # autotuned kernels: fastest, not bit-reproducible
 
     input_dtype = amp_dtype or torch.float32
     train_loader, val_loader, classes = data_utils.build_loaders(
@@ -277,13 +344,22 @@ def main(cfg):
     mixer = augment.MixupCutmix(num_classes, cfg["mixup_alpha"], cfg["cutmix_alpha"], cfg["mix_switch_prob"],
                                 cfg["label_smoothing"], seed=cfg["seed"])
 
-    start_epoch, best_top1, best_epoch, rows = 1, -1.0, 0, []
+    state = {"next_epoch": 1, "next_step": 0, "best_top1": -1.0, "best_epoch": 0, "rows": []}
     last_path, best_path = os.path.join(out_dir, "last.pth"), os.path.join(out_dir, "best.pth")
     resume = last_path if cfg["resume"] == "auto" else cfg["resume"]
     if resume:
-        start_epoch, best_top1, best_epoch, rows = load_checkpoint(resume, cfg, model, optimizer, scheduler, scaler,
-                                                                   mixer)
-        print(f"resumed from {resume}: continuing at epoch {start_epoch} (best val top-1 so far {best_top1:.4f})")
+        state = load_checkpoint(resume, cfg, model, optimizer, scheduler, scaler, mixer, train_loader)
+        print(f"resumed from {resume}: continuing at epoch {state['next_epoch']} step {state['next_step']} "
+              f"(best val top-1 so far {state['best_top1']:.4f})")
+
+    def save_last(next_epoch, next_step):
+        save_atomic({"model": model_utils.export_state_dict(model), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                     "epoch": next_epoch - 1 if next_step == 0 else next_epoch, "next_epoch": next_epoch,
+                     "next_step": next_step, "best_top1": state["best_top1"], "best_epoch": state["best_epoch"],
+                     "rows": state["rows"], "rng": rng_state(), "mixer_rng": mixer.rng.bit_generator.state,
+                     "loader": train_loader.state_dict(), "arch": cfg["arch"], "num_classes": num_classes,
+                     "config": cfg}, last_path)
 
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -302,37 +378,58 @@ def main(cfg):
     from torch.utils.tensorboard import SummaryWriter
     writer = SummaryWriter(os.path.join(out_dir, "tb"))
     run_start = time.perf_counter()
+    rows = state["rows"]
     resumed_wall_time = rows[-1]["wall_time_s"] if rows else 0.0  # time spent before a resume
-    for epoch in range(start_epoch, cfg["epochs"] + 1):
-        stats = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, mixer, amp_dtype, cfg, epoch)
-        row = {"epoch": epoch, **stats, **{f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}}
-        if epoch % cfg["eval_every"] == 0 or epoch == cfg["epochs"]:
-            metrics = evaluate(model, val_loader, num_classes, amp_dtype)
-            row.update(metrics)
-            if math.isfinite(metrics["val_top1"]) and metrics["val_top1"] > best_top1:
-                best_top1, best_epoch = metrics["val_top1"], epoch
-                save_atomic(model_utils.export_state_dict(model), best_path)
-        row["wall_time_s"] = resumed_wall_time + time.perf_counter() - run_start
-        rows.append(row)
-        for key, value in row.items():  # train_loss -> train/loss, lr_head_decay -> lr/head_decay, ...
-            if key != "epoch":
-                writer.add_scalar(key.replace("_", "/", 1), value, epoch)
-        writer.flush()
-        write_metrics(normalize_rows(rows), os.path.join(out_dir, "metrics.csv"))
-        save_atomic({"model": model_utils.export_state_dict(model), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                     "best_top1": best_top1, "best_epoch": best_epoch, "rows": rows, "rng": rng_state(),
-                     "mixer_rng": mixer.rng.bit_generator.state, "arch": cfg["arch"], "num_classes": num_classes,
-                     "config": cfg}, last_path)
-        summary = f"epoch {epoch}/{cfg['epochs']}: train loss {stats['train_loss']:.4f} " \
-                  f"acc {stats['train_acc']:.4f} ({stats['train_images_per_s']:.0f} img/s)"
-        if "val_top1" in row:
-            summary += f" | val top1 {row['val_top1']:.4f} top5 {row['val_top5']:.4f} " \
-                       f"mean-class {row['val_mean_class_acc']:.4f} (best {best_top1:.4f} @ {best_epoch})"
-        print(summary + f" | {row['wall_time_s']:.0f}s", flush=True)
-    writer.close()
-    print(f"done: best val top-1 {best_top1:.4f} at epoch {best_epoch}; weights {best_path}")
-    return {"best_top1": best_top1, "best_epoch": best_epoch, "rows": rows, "out_dir": out_dir}
+    save_every = cfg["save_every_steps"]
+    stop = GracefulStop()
+    try:
+        for epoch in range(state["next_epoch"], cfg["epochs"] + 1):
+            start_step = state["next_step"] if epoch == state["next_epoch"] else 0
+            on_step = (lambda done, e=epoch: save_last(e, done) if done % save_every == 0 and done < steps_per_epoch
+                       else None) if save_every else None
+            stats = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, mixer, amp_dtype, cfg, epoch,
+                                    start_step=start_step, stop=stop, on_step=on_step)
+            if not stats["completed"]:  # stopped by a signal mid-epoch: keep exactly where we are
+                save_last(epoch, stats["steps_done"])
+                return stopped(stop, cfg, epoch, stats["steps_done"], last_path)
+            row = {"epoch": epoch, **{k: v for k, v in stats.items() if k not in ("steps_done", "completed")},
+                   **{f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}}
+            if epoch % cfg["eval_every"] == 0 or epoch == cfg["epochs"]:
+                metrics = evaluate(model, val_loader, num_classes, amp_dtype)
+                row.update(metrics)
+                if math.isfinite(metrics["val_top1"]) and metrics["val_top1"] > state["best_top1"]:
+                    state["best_top1"], state["best_epoch"] = metrics["val_top1"], epoch
+                    save_atomic(model_utils.export_state_dict(model), best_path)
+            row["wall_time_s"] = resumed_wall_time + time.perf_counter() - run_start
+            rows.append(row)
+            for key, value in row.items():  # train_loss -> train/loss, lr_head_decay -> lr/head_decay, ...
+                if key != "epoch":
+                    writer.add_scalar(key.replace("_", "/", 1), value, epoch)
+            writer.flush()
+            write_metrics(normalize_rows(rows), os.path.join(out_dir, "metrics.csv"))
+            save_last(epoch + 1, 0)
+            summary = f"epoch {epoch}/{cfg['epochs']}: train loss {stats['train_loss']:.4f} " \
+                      f"acc {stats['train_acc']:.4f} ({stats['train_images_per_s']:.0f} img/s)"
+            if "val_top1" in row:
+                summary += f" | val top1 {row['val_top1']:.4f} top5 {row['val_top5']:.4f} " \
+                           f"mean-class {row['val_mean_class_acc']:.4f} " \
+                           f"(best {state['best_top1']:.4f} @ {state['best_epoch']})"
+            print(summary + f" | {row['wall_time_s']:.0f}s", flush=True)
+            if stop.requested and epoch < cfg["epochs"]:
+                return stopped(stop, cfg, epoch + 1, 0, last_path)
+    finally:
+        stop.restore()
+        writer.close()
+    print(f"done: best val top-1 {state['best_top1']:.4f} at epoch {state['best_epoch']}; weights {best_path}")
+    return {"best_top1": state["best_top1"], "best_epoch": state["best_epoch"], "rows": rows, "out_dir": out_dir,
+            "exit_code": 0}
+
+
+def stopped(stop, cfg, next_epoch, next_step, last_path):
+    name = signal.Signals(stop.signum).name
+    print(f"{name}: state saved to {last_path} (next: epoch {next_epoch}, step {next_step}). Resume with:\n"
+          f"  python train_caltech101.py --exp {cfg['exp']} --resume auto [the same flags as before]", flush=True)
+    return {"exit_code": 128 + stop.signum, "out_dir": os.path.dirname(last_path)}
 
 
 def normalize_rows(rows):
@@ -343,15 +440,20 @@ def normalize_rows(rows):
     return [{k: row.get(k, "") for k in keys} for row in rows]
 
 
-def load_checkpoint(path, cfg, model, optimizer, scheduler, scaler, mixer):
+def load_checkpoint(path, cfg, model, optimizer, scheduler, scaler, mixer, train_loader):
+    """Restore every piece of training state from a last.pth; returns the loop state."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise presets.ConfigError(f"--resume {path}: no such checkpoint") from None
-    except Exception as e:  # noqa: BLE001 - any unreadable file: name it, never retry unsafely
-        raise presets.ConfigError(f"--resume {path}: cannot load it as a checkpoint ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or "optimizer" not in ckpt:
-        raise presets.ConfigError(f"--resume {path}: not a last.pth training checkpoint")
+    except pickle.UnpicklingError:
+        raise presets.ConfigError(f"--resume {path}: refused, it holds objects other than tensors and plain data "
+                                  f"(possibly code); it was not run") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise presets.ConfigError(f"--resume {path}: cannot read it as a checkpoint (truncated or not a .pth): "
+                                  f"{type(e).__name__}") from None
+    if not isinstance(ckpt, dict) or "optimizer" not in ckpt or "next_epoch" not in ckpt:
+        raise presets.ConfigError(f"--resume {path}: not a last.pth training checkpoint of this kit")
     if ckpt["arch"] != cfg["arch"] or ckpt["num_classes"] != model.fc.out_features:
         raise presets.ConfigError(f"--resume {path}: it is a {ckpt['arch']} with {ckpt['num_classes']} classes, "
                                   f"this run is a {cfg['arch']} with {model.fc.out_features}")
@@ -361,13 +463,20 @@ def load_checkpoint(path, cfg, model, optimizer, scheduler, scaler, mixer):
     scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"])
     mixer.rng.bit_generator.state = ckpt["mixer_rng"]
-    return ckpt["epoch"] + 1, ckpt["best_top1"], ckpt["best_epoch"], ckpt["rows"]
+    if type(train_loader).__name__ == ckpt["config"]["loader"].capitalize() + "Loader":
+        train_loader.load_state_dict(ckpt["loader"])
+    else:
+        print(f"note: {path} was written with --loader {ckpt['config']['loader']}; the data order restarts")
+    return {k: ckpt[k] for k in ("next_epoch", "next_step", "best_top1", "best_epoch", "rows")}
 
 
 if __name__ == "__main__":
     args = vars(get_args_parser().parse_args())
     exp = args.pop("exp")
     try:
-        main(presets.resolve(exp, args))
-    except (presets.ConfigError, data_utils.DataError, model_utils.ModelError) as e:
+        result = main(presets.resolve(exp, args))
+    except (presets.ConfigError, data_utils.DataError, model_utils.ModelError, TrainingError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted: stopped at once; the last checkpoint written is intact (--resume auto)")
+    sys.exit(result["exit_code"])
