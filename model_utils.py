@@ -37,23 +37,51 @@ def strip_prefixes(state_dict):
     return out
 
 
-def load_state_dict_file(path):
-    """A model state dict from a .pth: a plain state dict, or the 'model' entry of a training checkpoint."""
+def safe_load(path):
+    """torch.load with weights_only=True, every failure turned into a ModelError that names the file.
+
+    A file carrying pickled code is refused before anything in it runs, and never retried unsafely.
+    """
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise ModelError(f"weights file {path} does not exist") from None
+        raise ModelError(f"{path} does not exist") from None
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"refused to load {path}: not a plain weights file ({first})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise ModelError(f"cannot read {path} as a checkpoint (truncated or not a .pth?): "
-                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise ModelError(f"refused to load {path}: it holds more than tensors and plain data ({first[:200]})") from None
+    except Exception as e:  # noqa: BLE001 - a corrupt archive surfaces as KeyError, RuntimeError, EOFError, ...
+        raise ModelError(f"cannot read {path} as a checkpoint (truncated or not a .pth file): "
+                         f"{type(e).__name__}") from None
+
+
+def load_state_dict_file(path):
+    """A model state dict from a .pth: a plain state dict, or the 'model' entry of a training checkpoint."""
+    obj = safe_load(path)
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ModelError(f"{path} does not hold a state dict of tensors")
     return strip_prefixes(obj)
+
+
+def load_trained(path, num_classes, arch="resnet18"):
+    """A model holding fine-tuned weights (a best.pth or last.pth), for evaluation or prediction.
+
+    Unlike `get_model(weights=...)`, which initialises from any ResNet and drops a mismatched head, this
+    requires the checkpoint to be a model of exactly this architecture and class count.
+    """
+    state = load_state_dict_file(path)
+    head = state.get(HEAD_PREFIX + "weight")
+    if head is not None and head.shape[0] != num_classes:
+        raise ModelError(f"{path} has a {head.shape[0]}-class head but this model has {num_classes} classes"
+                         + (" (ImageNet weights? pass them as --weights to initialise a run)"
+                            if head.shape[0] == 1000 else ""))
+    model = get_model(num_classes, pretrained=False, arch=arch)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ModelError(f"{path} does not fit a {arch}: {' '.join(str(e).split())[:300]}") from None
+    return model
 
 
 def imagenet_weights(arch):

@@ -16,7 +16,6 @@ import io
 import json
 import math
 import os
-import pickle
 import random
 import signal
 import sys
@@ -131,6 +130,10 @@ def save_atomic(obj, path):
         reason = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
         raise TrainingError(f"cannot write {path}: {reason}; the previous checkpoint is intact (free space, then "
                             f"--resume auto)") from None
+    except RuntimeError as e:
+        if isinstance(e.__context__, KeyboardInterrupt):  # torch's zip writer reports a Ctrl-C mid-write so
+            raise KeyboardInterrupt from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -442,16 +445,7 @@ def normalize_rows(rows):
 
 def load_checkpoint(path, cfg, model, optimizer, scheduler, scaler, mixer, train_loader):
     """Restore every piece of training state from a last.pth; returns the loop state."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise presets.ConfigError(f"--resume {path}: no such checkpoint") from None
-    except pickle.UnpicklingError:
-        raise presets.ConfigError(f"--resume {path}: refused, it holds objects other than tensors and plain data "
-                                  f"(possibly code); it was not run") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise presets.ConfigError(f"--resume {path}: cannot read it as a checkpoint (truncated or not a .pth): "
-                                  f"{type(e).__name__}") from None
+    ckpt = model_utils.safe_load(path)
     if not isinstance(ckpt, dict) or "optimizer" not in ckpt or "next_epoch" not in ckpt:
         raise presets.ConfigError(f"--resume {path}: not a last.pth training checkpoint of this kit")
     if ckpt["arch"] != cfg["arch"] or ckpt["num_classes"] != model.fc.out_features:
