@@ -285,3 +285,37 @@ def test_resume_into_a_different_architecture_is_refused(prepared_root, tmp_path
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode != 0 and "resnet18" in result.stderr and "resnet34" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_mid_epoch_checkpoint_resumes_exactly(straight_run, prepared_root, tmp_path):
+    """--save_every_steps: a checkpoint taken after step 1 of epoch 2 resumes to the straight run's weights."""
+    first = tmp_path / "first"
+    script = f"""
+import shutil, sys
+sys.path.insert(0, {ROOT!r})
+import train_caltech101 as train
+real_save = train.save_atomic
+def save_and_keep(obj, path):
+    real_save(obj, path)
+    if isinstance(obj, dict) and (obj.get("next_epoch"), obj.get("next_step")) == (2, 1):
+        shutil.copyfile(path, {str(tmp_path / "mid.pth")!r})
+train.save_atomic = save_and_keep
+args = train.get_args_parser().parse_args(sys.argv[1:])
+cfg = vars(args)
+exp = cfg.pop("exp")
+sys.exit(train.main(train.presets.resolve(exp, cfg))["exit_code"])
+"""
+    cmd = cli(prepared_root, first, "--save_every_steps", "1")
+    result = subprocess.run([sys.executable, "-c", script, *cmd[2:]], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    # Saving every step changes nothing about the training itself.
+    assert_same_weights(load(os.path.join(straight_run, "last.pth"))["model"],
+                        load(os.path.join(str(first), "cpu_smoke", "last.pth"))["model"])
+    mid = load(str(tmp_path / "mid.pth"))
+    assert (mid["next_epoch"], mid["next_step"]) == (2, 1)
+    resumed = subprocess.run(cli(prepared_root, tmp_path / "second", "--resume", str(tmp_path / "mid.pth")),
+                             capture_output=True, text=True, cwd=ROOT)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "continuing at epoch 2 step 1" in resumed.stdout
+    assert_same_weights(load(os.path.join(straight_run, "last.pth"))["model"],
+                        load(os.path.join(str(tmp_path / "second"), "cpu_smoke", "last.pth"))["model"])
