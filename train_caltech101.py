@@ -423,7 +423,10 @@ def main(cfg):
     finally:
         stop.restore()
         writer.close()
-    print(f"done: best val top-1 {state['best_top1']:.4f} at epoch {state['best_epoch']}; weights {best_path}")
+    from evaluate import plot_curves  # late: evaluate.py imports this module
+
+    print(f"done: best val top-1 {state['best_top1']:.4f} at epoch {state['best_epoch']}; weights {best_path}; "
+          f"curves {plot_curves(out_dir)}")
     return {"best_top1": state["best_top1"], "best_epoch": state["best_epoch"], "rows": rows, "out_dir": out_dir,
             "exit_code": 0}
 

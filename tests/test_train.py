@@ -36,7 +36,7 @@ def finished_run(prepared_root, tmp_path_factory):
 def test_two_epoch_run_writes_every_output(finished_run):
     cfg, result = finished_run
     run_dir = result["out_dir"]
-    assert sorted(os.listdir(run_dir)) == ["best.pth", "config.json", "last.pth", "metrics.csv", "tb"]
+    assert sorted(os.listdir(run_dir)) == ["best.pth", "config.json", "curves.png", "last.pth", "metrics.csv", "tb"]
     assert json.load(open(os.path.join(run_dir, "config.json"))) == cfg
     rows = list(csv.DictReader(open(os.path.join(run_dir, "metrics.csv"))))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
