@@ -1,15 +1,24 @@
 """Side-by-side throughput of the kit against the plain way of doing the same job, in one run.
 
-    python bench.py --data_root data/Caltech101                         # data path + train step
-    python bench.py --data_root data/Caltech101 --only step --device cuda --json bench.json
+    python bench.py --data_root data/Caltech101                                  # every section, all images
+    python bench.py --data_root data/Caltech101 --images 384 --compile           # a few minutes on a CPU
+    python bench.py --data_root data/Caltech101 --only step,e2e --device cuda --json bench.json
 
 Sections (each prints images/s for the kit and the plain baseline, and their ratio):
-  data  the DALI train pipeline (random-resized-crop, flip, normalize) against a torchvision ImageFolder + PIL
-        DataLoader with RandomResizedCrop + flip + normalize, same image size and threads/workers, over the
-        real train split.
-  step  one training step of the kit's loop (AMP + channels_last, MixUp/CutMix, AdamW) against plain fp32 NCHW
-        with the same model, optimizer, batch and image size, on a fixed batch (no data loading).
-Rounds alternate kit and baseline so that machine noise hits both alike; the median round is reported.
+  data  the DALI train pipeline (random-resized-crop, flip, normalize), and the --cache path after its one
+        decode pass, against a torchvision ImageFolder + PIL DataLoader with RandomResizedCrop + flip +
+        normalize, same image size and threads/workers, over the train split.
+  step  one training step of the kit (AMP + channels_last, MixUp/CutMix, fused AdamW; --compile adds a
+        torch.compile row) against plain fp32 NCHW with the same model, optimizer, batch and image size, on a
+        fixed batch (no data loading).
+  e2e   a whole training epoch: the kit's train_one_epoch fed by DALI and by the cache, against reference_epoch()
+        below (ImageFolder + PIL DataLoader, fp32 NCHW, same model, optimizer and batch). The cache row also
+        gives the share of the epoch spent producing batches.
+  eval  the kit's evaluate() (DALI val pipeline, AMP, channels_last) against a plain fp32 NCHW loop over an
+        ImageFolder + PIL DataLoader with Resize + CenterCrop.
+--images N uses a fixed random subset of N images of each split (0: all of them); the data section always uses
+the whole train split. Rounds alternate kit and baseline so that machine noise hits both alike; the median round
+is reported. Timing synchronises CUDA before reading the clock.
 """
 import argparse
 import json
@@ -20,12 +29,16 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 import augment
 import data_utils
 import model_utils
 import train_caltech101 as train
+
+SECTIONS = ("data", "step", "e2e", "eval")
 
 
 def sync(device):
@@ -43,39 +56,85 @@ def time_images(batches, device):
     return seen / (time.perf_counter() - start)
 
 
-def imagefolder_loader(data_root, img_size, batch_size, workers):
-    """The reference scripts' way: ImageFolder over the train split (as a folder of links) + PIL transforms."""
-    import torchvision
+def split_subset(data_root, split, images):
+    """(files, labels) of a split, or a fixed random subset of `images` of them (0: all)."""
+    files, labels = data_utils.read_split(data_root, split)
+    if 0 < images < len(files):
+        keep = np.sort(np.random.default_rng(0).permutation(len(files))[:images])
+        files, labels = [files[i] for i in keep], [labels[i] for i in keep]
+    return files, labels
 
-    files, labels = data_utils.read_split(data_root, "train")
-    link_root = tempfile.mkdtemp(prefix="bench-imagefolder-")
-    image_root = os.path.abspath(os.path.join(data_root, data_utils.IMAGES_DIR))
-    for name in files:
-        os.makedirs(os.path.join(link_root, os.path.dirname(name)), exist_ok=True)
-        os.symlink(os.path.join(image_root, name), os.path.join(link_root, name))
-    T = torchvision.transforms
-    transform = T.Compose([T.RandomResizedCrop(img_size, antialias=True), T.RandomHorizontalFlip(), T.ToTensor(),
-                           T.Normalize(data_utils.IMAGENET_MEAN, data_utils.IMAGENET_STD)])
-    dataset = torchvision.datasets.ImageFolder(link_root, transform)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
-                                         persistent_workers=workers > 0)
-    return loader, link_root
+
+class PlainLoader:
+    """The reference scripts' way: torchvision ImageFolder (over a folder of links to the listed files) + PIL
+    transforms + DataLoader. Use as a context manager; the links are removed at exit."""
+
+    def __init__(self, data_root, files, img_size, batch_size, workers, train):
+        import torchvision
+
+        self.link_root = tempfile.mkdtemp(prefix="bench-imagefolder-")
+        image_root = os.path.abspath(os.path.join(data_root, data_utils.IMAGES_DIR))
+        for name in files:
+            os.makedirs(os.path.join(self.link_root, os.path.dirname(name)), exist_ok=True)
+            os.symlink(os.path.join(image_root, name), os.path.join(self.link_root, name))
+        T = torchvision.transforms
+        spatial = [T.RandomResizedCrop(img_size, antialias=True), T.RandomHorizontalFlip()] if train else \
+            [T.Resize(data_utils.resize_size(img_size), antialias=True), T.CenterCrop(img_size)]
+        transform = T.Compose(spatial + [T.ToTensor(), T.Normalize(data_utils.IMAGENET_MEAN, data_utils.IMAGENET_STD)])
+        dataset = torchvision.datasets.ImageFolder(self.link_root, transform)
+        self.loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=train, num_workers=workers,
+                                                  persistent_workers=workers > 0)
+        self.num_images = len(dataset)
+
+    def __iter__(self):
+        return iter(self.loader)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        shutil.rmtree(self.link_root, ignore_errors=True)
+
+
+def kit_loader(args, device, files, labels, train_split, cache, batch_size):
+    amp_dtype, _ = train.resolve_amp(args.amp, device)
+    loader_args = (os.path.join(args.data_root, data_utils.IMAGES_DIR), files, labels, train_split, args.img_size,
+                   batch_size, device, amp_dtype or torch.float32, args.workers, 0)
+    return data_utils.CacheLoader(*loader_args) if cache else data_utils.DaliLoader(*loader_args)
+
+
+def median_rounds(rounds, **variants):
+    """Run each variant once per round, alternating; {name: median result}."""
+    results = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            results[name].append(fn())
+    return {name: statistics.median(values) for name, values in results.items()}
+
+
+def row(name, kit_name, kit, plain_name, plain, **extra):
+    return dict(section=name, kit_name=kit_name, kit=kit, plain_name=plain_name, plain=plain, ratio=kit / plain,
+                **extra)
 
 
 def bench_data(args, device):
-    kit = data_utils.build_loader(args.data_root, "train", args.img_size, args.batch_size, device, workers=args.workers,
-                                  seed=0)
-    plain, link_root = imagefolder_loader(args.data_root, args.img_size, args.batch_size, args.workers)
-    kit_rates, plain_rates = [], []
-    try:
-        for _ in range(args.rounds):
-            kit_rates.append(time_images(kit, device))
-            plain_rates.append(time_images(plain, device))
-    finally:
-        shutil.rmtree(link_root, ignore_errors=True)
-    return {"kit": statistics.median(kit_rates), "plain": statistics.median(plain_rates),
-            "kit_name": f"DALI pipeline ({'mixed' if device.type == 'cuda' else 'CPU'}), {args.workers} threads",
-            "plain_name": f"ImageFolder + PIL DataLoader, {args.workers} workers", "images": kit.num_images}
+    files, labels = data_utils.read_split(args.data_root, "train")
+    dali = kit_loader(args, device, files, labels, True, False, args.batch_size)
+    cache = kit_loader(args, device, files, labels, True, True, args.batch_size)
+    with PlainLoader(args.data_root, files, args.img_size, args.batch_size, args.workers, True) as plain:
+        for loader in (dali, cache, plain):  # warm-up pass: worker start-up, page cache, allocator
+            time_images(loader, device)
+        rates = median_rounds(args.rounds, dali=lambda: time_images(dali, device),
+                              cache=lambda: time_images(cache, device), plain=lambda: time_images(plain, device))
+    plain_name = f"ImageFolder + PIL DataLoader, {args.workers} workers"
+    where = "mixed" if device.type == "cuda" else "CPU"
+    return [row("data", f"DALI pipeline ({where}), {args.workers} threads", rates["dali"], plain_name, rates["plain"],
+                images=len(files)),
+            row("data", f"--cache (after a {cache.decode_seconds:.1f}s decode pass, {cache.nbytes / 2**20:.0f} MiB)",
+                rates["cache"], plain_name, rates["plain"], images=len(files), decode_seconds=cache.decode_seconds)]
 
 
 class RepeatBatch:
@@ -92,95 +151,162 @@ class RepeatBatch:
             yield self.images, self.labels
 
 
-def bench_step(args, device):
+def make_model(args, device, channels_last, fused):
+    torch.manual_seed(0)
+    model = model_utils.get_model(101, arch=args.arch).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    groups = model_utils.param_groups(model, 1e-4, 1e-3, 1e-4)
+    return model, torch.optim.AdamW(groups, fused=fused)
+
+
+def kit_trainer(args, device, compile_model=False):
+    """A function(loader) -> train_one_epoch statistics, with the kit's model, optimizer, AMP and mixing."""
     amp_dtype, use_scaler = train.resolve_amp(args.amp, device)
-    cfg = dict(freeze="none", grad_clip=0.0, log_every=args.steps, progress=False)
+    model, optimizer = make_model(args, device, channels_last=True, fused=True)
+    step_model = torch.compile(model) if compile_model else model
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    mixer = augment.MixupCutmix(101, 0.2, 1.0, seed=0)
+    cfg = dict(freeze="none", grad_clip=0.0, log_every=10 ** 9, progress=False)
+    return lambda loader: train.train_one_epoch(step_model, loader, optimizer, scheduler, scaler, mixer, amp_dtype,
+                                                cfg, epoch=0)
+
+
+def reference_epoch(model, optimizer, loader, device):
+    """The plain loop the kit is measured against: fp32, NCHW, host batches copied in, no AMP. images/s."""
+    model.train()
+    sync(device)
+    start, seen = time.perf_counter(), 0
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        loss = F.cross_entropy(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        seen += images.shape[0]
+    sync(device)
+    return seen / (time.perf_counter() - start)
+
+
+def bench_step(args, device):
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=generator)
     labels = torch.randint(0, 101, (args.batch_size,), generator=generator).to(device)
-
-    def setup(channels_last):
-        torch.manual_seed(0)
-        model = model_utils.get_model(101, arch=args.arch).to(device)
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        optimizer = torch.optim.AdamW(model_utils.param_groups(model, 1e-4, 1e-3, 1e-4))
-        return model, optimizer
-
-    kit_model, kit_opt = setup(True)
-    kit_sched = torch.optim.lr_scheduler.LambdaLR(kit_opt, lambda s: 1.0)
+    amp_dtype, _ = train.resolve_amp(args.amp, device)
     kit_images = images.to(device, dtype=amp_dtype or torch.float32, memory_format=torch.channels_last)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    mixer = augment.MixupCutmix(101, 0.2, 1.0, seed=0)
+    plain_model, plain_opt = make_model(args, device, channels_last=False, fused=False)
+    plain_batches = RepeatBatch(images.to(device), labels, args.steps)
+    variants = {"kit": kit_trainer(args, device)}
+    if args.compile:
+        variants["compiled"] = kit_trainer(args, device, compile_model=True)
+    rounds = {name: (lambda t=trainer: t(RepeatBatch(kit_images, labels, args.steps))["train_images_per_s"])
+              for name, trainer in variants.items()}
+    rounds["plain"] = lambda: reference_epoch(plain_model, plain_opt, plain_batches, device)
+    for fn in rounds.values():  # warm-up: allocator, oneDNN/cuDNN algorithm choice, compilation
+        fn()
+    rates = median_rounds(args.rounds, **rounds)
+    kit_name = f"kit step ({amp_dtype}, channels_last, MixUp/CutMix)"
+    rows = [row("step", kit_name, rates["kit"], "plain fp32 NCHW step", rates["plain"])]
+    if args.compile:
+        rows.append(row("step", kit_name + " + torch.compile", rates["compiled"], "plain fp32 NCHW step",
+                        rates["plain"]))
+    return rows
 
-    plain_model, plain_opt = setup(False)
-    plain_images = images.to(device)
 
-    def kit_round():
-        stats = train.train_one_epoch(kit_model, RepeatBatch(kit_images, labels, args.steps), kit_opt, kit_sched,
-                                      scaler, mixer, amp_dtype, cfg, epoch=0)
-        return stats["train_images_per_s"]
+def bench_e2e(args, device):
+    files, labels = split_subset(args.data_root, "train", args.images)
+    dali = kit_loader(args, device, files, labels, True, False, args.batch_size)
+    cache = kit_loader(args, device, files, labels, True, True, args.batch_size)
+    kit_dali, kit_cache = kit_trainer(args, device), kit_trainer(args, device)
+    plain_model, plain_opt = make_model(args, device, channels_last=False, fused=False)
+    with PlainLoader(args.data_root, files, args.img_size, args.batch_size, args.workers, True) as plain:
+        rounds = dict(dali=lambda: kit_dali(dali)["train_images_per_s"],
+                      cache=lambda: kit_cache(cache)["train_images_per_s"],
+                      cache_data=lambda: time_images(cache, device),
+                      plain=lambda: reference_epoch(plain_model, plain_opt, plain, device))
+        rates = median_rounds(args.rounds, **rounds)
+    plain_name = "reference loop (ImageFolder + PIL, fp32 NCHW)"
+    data_share = rates["cache"] / rates["cache_data"]  # data-only time over whole-epoch time
+    return [row("e2e", "kit epoch, DALI", rates["dali"], plain_name, rates["plain"], images=len(files),
+                epoch_s=len(files) / rates["dali"], plain_epoch_s=len(files) / rates["plain"]),
+            row("e2e", f"kit epoch, --cache (data path {100 * data_share:.1f}% of the epoch)", rates["cache"],
+                plain_name, rates["plain"], images=len(files), epoch_s=len(files) / rates["cache"],
+                plain_epoch_s=len(files) / rates["plain"], cache_data_share=data_share)]
 
-    def plain_round():
-        plain_model.train()
+
+def bench_eval(args, device):
+    files, labels = split_subset(args.data_root, "val", args.images)
+    amp_dtype, _ = train.resolve_amp(args.amp, device)
+    val = kit_loader(args, device, files, labels, False, False, args.eval_batch_size)
+    kit_model, _ = make_model(args, device, channels_last=True, fused=False)
+    plain_model, _ = make_model(args, device, channels_last=False, fused=False)
+
+    @torch.no_grad()
+    def plain_eval(loader):
+        plain_model.eval()
         sync(device)
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            loss = torch.nn.functional.cross_entropy(plain_model(plain_images), labels)
-            plain_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            plain_opt.step()
+        start, seen = time.perf_counter(), 0
+        for images, labels in loader:
+            plain_model(images.to(device)).argmax(1).eq(labels.to(device)).sum()
+            seen += images.shape[0]
         sync(device)
-        return args.steps * args.batch_size / (time.perf_counter() - start)
+        return seen / (time.perf_counter() - start)
 
-    kit_round(), plain_round()  # warm-up: allocator, oneDNN/cuDNN algorithm selection
-    kit_rates, plain_rates = [], []
-    for _ in range(args.rounds):
-        kit_rates.append(kit_round())
-        plain_rates.append(plain_round())
-    return {"kit": statistics.median(kit_rates), "plain": statistics.median(plain_rates),
-            "kit_name": f"kit step ({amp_dtype}, channels_last, MixUp/CutMix)", "plain_name": "plain fp32 NCHW step"}
+    with PlainLoader(args.data_root, files, args.img_size, args.eval_batch_size, args.workers, False) as plain:
+        rates = median_rounds(args.rounds, kit=lambda: train.evaluate(kit_model, val, 101, amp_dtype)["val_images_per_s"],
+                              plain=lambda: plain_eval(plain))
+    return [row("eval", f"kit evaluate (DALI val, {amp_dtype}, channels_last)", rates["kit"],
+                "plain fp32 NCHW, ImageFolder + PIL", rates["plain"], images=len(files))]
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(description="Side-by-side throughput of the kit against plain baselines.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data_root", default="data/Caltech101", help="prepared by download.py")
-    p.add_argument("--only", default="data,step", help="comma-separated sections: data, step")
+    p.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections: " + ", ".join(SECTIONS))
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"), help="the kit's AMP mode")
     p.add_argument("--arch", default="resnet18", choices=model_utils.ARCHS)
     p.add_argument("--img_size", type=int, default=224, help="pixels")
-    p.add_argument("--batch_size", type=int, default=32, help="images per batch/step")
+    p.add_argument("--batch_size", type=int, default=32, help="images per training batch/step")
+    p.add_argument("--eval_batch_size", type=int, default=64, help="images per evaluation batch")
     p.add_argument("--workers", type=int, default=2, help="DALI threads and DataLoader workers alike")
-    p.add_argument("--steps", type=int, default=5, help="train steps per timed round")
+    p.add_argument("--steps", type=int, default=5, help="train steps per timed round of the step section")
+    p.add_argument("--images", type=int, default=0,
+                   help="e2e/eval: a fixed random subset of this many images per split (0: the whole split)")
     p.add_argument("--rounds", type=int, default=3, help="alternating kit/baseline rounds; the median is reported")
+    p.add_argument("--compile", action="store_true", help="also time the kit's step with torch.compile")
     p.add_argument("--json", default=None, help="also write the results to this file")
     return p
 
 
 def main(args):
     device = train.resolve_device(args.device)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    sections = {"data": bench_data, "step": bench_step}
     wanted = [s.strip() for s in args.only.split(",") if s.strip()]
-    unknown = [s for s in wanted if s not in sections]
+    unknown = [s for s in wanted if s not in SECTIONS]
     if unknown:
-        raise train.presets.ConfigError(f"unknown section(s) {', '.join(unknown)}; choose from data, step")
-    cpu = os.cpu_count()
-    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{cpu} CPU cores'}), "
-          f"torch {torch.__version__}, {args.arch}, {args.img_size} px, batch {args.batch_size}")
-    results = {}
-    print(f"| section | kit | kit images/s | baseline | baseline images/s | ratio |\n|---|---|---|---|---|---|")
+        raise train.presets.ConfigError(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+    for name in ("img_size", "batch_size", "eval_batch_size", "workers", "steps", "rounds"):
+        if getattr(args, name) < 1:
+            raise train.presets.ConfigError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
+    print(f"device {device} ({where}), torch {torch.__version__}, {args.arch}, {args.img_size} px, "
+          f"batch {args.batch_size} (eval {args.eval_batch_size}), {args.workers} workers/threads, "
+          f"median of {args.rounds} rounds")
+    print("| section | kit | kit images/s | baseline | baseline images/s | ratio |\n|---|---|---|---|---|---|")
+    results = []
     for name in wanted:
-        r = sections[name](args, device)
-        r["ratio"] = r["kit"] / r["plain"]
-        results[name] = r
-        print(f"| {name} | {r['kit_name']} | {r['kit']:.1f} | {r['plain_name']} | {r['plain']:.1f} | "
-              f"{r['ratio']:.2f}x |", flush=True)
+        for r in globals()[f"bench_{name}"](args, device):
+            results.append(r)
+            print(f"| {name} | {r['kit_name']} | {r['kit']:.1f} | {r['plain_name']} | {r['plain']:.1f} | "
+                  f"{r['ratio']:.2f}x |", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": str(device), "args": vars(args), "results": results}, f, indent=2)
+            json.dump({"device": str(device), "where": where, "torch": torch.__version__, "args": vars(args),
+                       "results": results}, f, indent=2)
     return results
 
 

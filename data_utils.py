@@ -13,7 +13,9 @@ Train: decode with random-resized-crop (scale 0.08-1, ratio 3/4-4/3, as torchvis
 random horizontal flip, normalize. Val/test: decode, resize the shorter side to img_size*256/224, centre crop.
 """
 import os
+import time
 
+import numpy as np
 import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -131,6 +133,7 @@ class DaliLoader:
     state_dict()/load_state_dict() save and restore the reader position and every DALI RNG (DALI pipeline
     checkpointing), at an epoch boundary or in the middle of an epoch.
     """
+    kind = "dali"
 
     def __init__(self, image_root, files, labels, train, img_size, batch_size, device, dtype, workers, seed,
                  shard_id=0, num_shards=1, drop_last=False, crop_scale_min=RRC_SCALE[0]):
@@ -215,6 +218,19 @@ class ResizeShorter:
         return img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
 
 
+class CentreCrop:
+    """Centre crop placed as DALI places it (half-pixel margins round up; torchvision rounds half to even), so
+    that the DALI, torch and cache loaders cut the same window."""
+
+    def __init__(self, size):
+        self.size = size
+
+    def __call__(self, img):
+        w, h = img.size
+        left, top = int(centre_crop_offsets(w, self.size)), int(centre_crop_offsets(h, self.size))
+        return img.crop((left, top, left + self.size, top + self.size))
+
+
 def torch_transform(train, img_size, crop_scale_min=RRC_SCALE[0]):
     from torchvision import transforms as T
 
@@ -222,7 +238,7 @@ def torch_transform(train, img_size, crop_scale_min=RRC_SCALE[0]):
         spatial = [T.RandomResizedCrop(img_size, scale=(crop_scale_min, 1.0), ratio=RRC_RATIO, antialias=True),
                    T.RandomHorizontalFlip()]
     else:
-        spatial = [ResizeShorter(resize_size(img_size)), T.CenterCrop(img_size)]
+        spatial = [ResizeShorter(resize_size(img_size)), CentreCrop(img_size)]
     return T.Compose(spatial + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
@@ -250,6 +266,7 @@ class TorchLoader:
     Resume restores the epoch's sample order and position; the random crops of a resumed partial epoch are
     drawn afresh (worker RNGs are seeded per epoch, not per sample).
     """
+    kind = "torch"
 
     def __init__(self, image_root, files, labels, train, img_size, batch_size, device, dtype, workers, seed,
                  shard_id=0, num_shards=1, drop_last=False, crop_scale_min=RRC_SCALE[0]):
@@ -283,23 +300,187 @@ class TorchLoader:
         self.sampler.epoch, self.batches_done, self.sampler.start = self.sampler.epoch + 1, 0, 0
 
 
+# ---------------------------------------------------------------------------------------------
+# Decoded-image cache on the device (--cache)
+
+if HAVE_DALI:
+    @pipeline_def
+    def resize_pipeline(image_root, files, shorter, dali_device):
+        """Decode and resize the shorter side, in file order: the first half of the val pipeline."""
+        jpegs, _ = fn.readers.file(file_root=image_root, files=files, name="Reader", pad_last_batch=True)
+        images = fn.decoders.image(jpegs, device="mixed" if dali_device == "gpu" else "cpu", output_type=types.RGB)
+        return fn.resize(images, resize_shorter=shorter, antialias=True)
+
+
+def decode_resized(image_root, files, shorter, device, workers, use_dali):
+    """Every file decoded once with its shorter side resized to `shorter`, as uint8 HWC pixels packed into one
+    flat buffer on `device`: (pixels, offsets, heights, widths), the last three as int64 numpy arrays."""
+    arrays = []
+    if use_dali:
+        on_gpu, batch = device.type == "cuda", 64
+        pipe = resize_pipeline(image_root, files, shorter, "gpu" if on_gpu else "cpu", batch_size=batch,
+                               num_threads=workers, device_id=(device.index or 0) if on_gpu else None, seed=0)
+        try:
+            pipe.build()
+            while len(arrays) < len(files):
+                (out,) = pipe.run()
+                out = out.as_cpu() if hasattr(out, "as_cpu") else out  # GPU-decoded: packed on the host once
+                arrays.extend(np.array(out.at(i)) for i in range(min(batch, len(files) - len(arrays))))
+        except RuntimeError as e:
+            raise _decode_error(e, image_root) from None
+    else:
+        from PIL import Image
+
+        resize = ResizeShorter(shorter)
+        for name in files:
+            path = os.path.join(image_root, name)
+            try:
+                with Image.open(path) as img:
+                    arrays.append(np.asarray(resize(img.convert("RGB"))))
+            except OSError as e:
+                raise DataError(f"cannot decode {path}: {e}") from None
+    heights = np.array([a.shape[0] for a in arrays], dtype=np.int64)
+    widths = np.array([a.shape[1] for a in arrays], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(heights * widths * 3)[:-1]])
+    pixels = torch.from_numpy(np.concatenate([a.reshape(-1) for a in arrays]))
+    return pixels.to(device), offsets, heights, widths
+
+
+def random_resized_crops(heights, widths, scale, ratio, rng, attempts=10):
+    """torchvision's RandomResizedCrop box sampling for many images at once: int arrays (y, x, h, w).
+
+    Area fraction uniform in `scale`, aspect ratio (w/h) log-uniform in `ratio`; the first of `attempts` draws
+    that fits wins; if none fits, the whole image cut centrally to the nearest allowed aspect ratio.
+    """
+    n = len(heights)
+    target = (heights * widths)[:, None] * rng.uniform(scale[0], scale[1], (n, attempts))
+    aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1]), (n, attempts)))
+    crop_w = np.round(np.sqrt(target * aspect)).astype(np.int64)
+    crop_h = np.round(np.sqrt(target / aspect)).astype(np.int64)
+    fits = (crop_w >= 1) & (crop_h >= 1) & (crop_w <= widths[:, None]) & (crop_h <= heights[:, None])
+    first, rows = fits.argmax(1), np.arange(n)
+    crop_w, crop_h = crop_w[rows, first], crop_h[rows, first]
+    fallback = ~fits.any(1)
+    image_ratio = widths / heights
+    fallback_w = np.where(image_ratio > ratio[1], np.round(heights * ratio[1]), widths).astype(np.int64)
+    fallback_h = np.where(image_ratio < ratio[0], np.round(widths / ratio[0]), heights).astype(np.int64)
+    crop_w, crop_h = np.where(fallback, fallback_w, crop_w), np.where(fallback, fallback_h, crop_h)
+    y = np.where(fallback, (heights - crop_h) // 2, (rng.random(n) * (heights - crop_h + 1)).astype(np.int64))
+    x = np.where(fallback, (widths - crop_w) // 2, (rng.random(n) * (widths - crop_w + 1)).astype(np.int64))
+    return y, x, crop_h, crop_w
+
+
+def centre_crop_offsets(size, crop):
+    """Where a centre crop of `crop` starts in `size` pixels (DALI's crop_mirror_normalize convention)."""
+    return np.round((size - crop) / 2.0 + 1e-9).astype(np.int64)
+
+
+class CacheLoader:
+    """The split decoded once (DALI, or PIL without it) at the val resize and kept as uint8 on the device; every
+    epoch's random-resized crops, flips and normalisation are tensor operations there, with no JPEG decode.
+
+    Semantics match the DALI pipeline: crop area fraction uniform in [crop_scale_min, 1], aspect ratio
+    log-uniform in [3/4, 4/3], resize to img_size (bilinear, antialiased), flip with probability 0.5; val/test is
+    the same shorter-side resize and centre crop. Each epoch's plan (order, boxes, flips) is a function of
+    (seed, epoch), so state_dict() restores any position exactly.
+    """
+    kind = "cache"
+
+    def __init__(self, image_root, files, labels, train, img_size, batch_size, device, dtype, workers, seed,
+                 shard_id=0, num_shards=1, drop_last=False, crop_scale_min=RRC_SCALE[0], use_dali=HAVE_DALI):
+        files, labels = files[shard_id::num_shards], labels[shard_id::num_shards]
+        self.device, self.dtype, self.train, self.img_size = device, dtype, train, img_size
+        self.batch_size, self.seed, self.crop_scale = batch_size, seed, (crop_scale_min, 1.0)
+        start = time.perf_counter()
+        self.pixels, self.offsets, self.heights, self.widths = decode_resized(
+            image_root, files, resize_size(img_size), device, workers, use_dali)
+        self.decode_seconds = time.perf_counter() - start
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.num_images = len(files)
+        self.num_batches = self.num_images // batch_size if drop_last else -(-self.num_images // batch_size)
+        self.epoch, self.batches_done = 0, 0
+        # (pixel - mean) / std as pixel * scale + shift, with mean and std on the 0-255 scale
+        std = torch.tensor([s * 255 for s in IMAGENET_STD], device=device).view(1, 3, 1, 1)
+        self.norm_scale = 1 / std
+        self.norm_shift = -torch.tensor([m * 255 for m in IMAGENET_MEAN], device=device).view(1, 3, 1, 1) / std
+
+    @property
+    def nbytes(self):
+        return self.pixels.numel()
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "batches_done": self.batches_done}
+
+    def load_state_dict(self, state):
+        self.epoch, self.batches_done = state["epoch"], state["batches_done"]
+
+    def __len__(self):
+        return self.num_batches
+
+    def plan(self, epoch):
+        """(order, y, x, h, w, flip) of one epoch, as numpy arrays in batch order."""
+        n, crop = self.num_images, self.img_size
+        if not self.train:
+            order = np.arange(n)
+            y, x = centre_crop_offsets(self.heights, crop), centre_crop_offsets(self.widths, crop)
+            return order, y, x, np.full(n, crop), np.full(n, crop), np.zeros(n, dtype=bool)
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(n)
+        y, x, h, w = random_resized_crops(self.heights[order], self.widths[order], self.crop_scale, RRC_RATIO, rng)
+        return order, y, x, h, w, rng.random(n) < 0.5
+
+    def make_batch(self, order, y, x, h, w, flip):
+        crop = self.img_size
+        batch = torch.empty(len(order), 3, crop, crop, dtype=self.dtype, device=self.device,
+                            memory_format=torch.channels_last)
+        for j, i in enumerate(order.tolist()):
+            height, width, offset = int(self.heights[i]), int(self.widths[i]), int(self.offsets[i])
+            image = self.pixels[offset:offset + height * width * 3].view(height, width, 3)
+            region = image[y[j]:y[j] + h[j], x[j]:x[j] + w[j]].permute(2, 0, 1)[None]
+            # The CPU has a fast uint8 antialiased kernel (rounding to uint8 like DALI's resize) for contiguous
+            # channels_last input; CUDA's kernel needs float.
+            region = region.contiguous(memory_format=torch.channels_last) if region.device.type == "cpu" \
+                else region.float()
+            if h[j] != crop or w[j] != crop:
+                region = torch.nn.functional.interpolate(region, size=(crop, crop), mode="bilinear",
+                                                         align_corners=False, antialias=True)
+            if flip[j]:
+                region = region.flip(-1)
+            # Normalise each image while it is hot in cache, straight into the batch's dtype and layout.
+            torch.addcmul(self.norm_shift, region, self.norm_scale, out=batch[j:j + 1])
+        labels = torch.from_numpy(self.labels[order]).to(self.device, non_blocking=True)
+        return batch, labels
+
+    def __iter__(self):
+        order, y, x, h, w, flip = self.plan(self.epoch)
+        for b in range(self.batches_done, self.num_batches):
+            part = slice(b * self.batch_size, (b + 1) * self.batch_size)
+            self.batches_done = b + 1
+            yield self.make_batch(order[part], y[part], x[part], h[part], w[part], flip[part])
+        self.epoch, self.batches_done = self.epoch + 1, 0
+
+
 def build_loader(data_root, split, img_size, batch_size, device, dtype=torch.float32, loader="dali", workers=4,
-                 seed=0, shard_id=0, num_shards=1, drop_last=False, crop_scale_min=RRC_SCALE[0]):
-    """One loader over one split; train augments and reshuffles every epoch, val/test are deterministic."""
+                 seed=0, shard_id=0, num_shards=1, drop_last=False, crop_scale_min=RRC_SCALE[0], cache=False):
+    """One loader over one split; train augments and reshuffles every epoch, val/test are deterministic.
+    cache=True decodes the split once (with `loader`'s decoder) and keeps it on the device."""
     files, labels = read_split(data_root, split)
-    cls = {"dali": DaliLoader, "torch": TorchLoader}.get(loader)
-    if cls is None:
+    if loader not in ("dali", "torch"):
         raise DataError(f"unknown loader '{loader}': choose dali or torch")
-    return cls(os.path.join(data_root, IMAGES_DIR), files, labels, split == "train", img_size, batch_size,
-               device, dtype, workers, seed, shard_id, num_shards, drop_last and split == "train", crop_scale_min)
+    args = (os.path.join(data_root, IMAGES_DIR), files, labels, split == "train", img_size, batch_size, device, dtype,
+            workers, seed, shard_id, num_shards, drop_last and split == "train", crop_scale_min)
+    if cache:
+        return CacheLoader(*args, use_dali=loader == "dali")
+    return (DaliLoader if loader == "dali" else TorchLoader)(*args)
 
 
 def build_loaders(data_root, img_size, batch_size, device, dtype=torch.float32, loader="dali", workers=4, seed=0,
-                  eval_batch_size=None, shard_id=0, num_shards=1, drop_last=False, crop_scale_min=RRC_SCALE[0]):
+                  eval_batch_size=None, shard_id=0, num_shards=1, drop_last=False, crop_scale_min=RRC_SCALE[0],
+                  cache=False):
     """(train_loader, val_loader, classes) for a prepared data root."""
     classes = read_classes(data_root)
     common = dict(img_size=img_size, device=device, dtype=dtype, loader=loader, workers=workers, seed=seed,
-                  shard_id=shard_id, num_shards=num_shards)
+                  shard_id=shard_id, num_shards=num_shards, cache=cache)
     train = build_loader(data_root, "train", batch_size=batch_size, drop_last=drop_last, crop_scale_min=crop_scale_min,
                          **common)
     val = build_loader(data_root, "val", batch_size=eval_batch_size or batch_size, **common)

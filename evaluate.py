@@ -64,8 +64,8 @@ def collect_logits(model, loader, amp_dtype, tta="none"):
 
 def metrics_from_logits(logits, labels, num_classes):
     """Overall and per-class figures; per-class accuracy is per-class recall."""
-    pred = logits.argmax(1)
     top5 = logits.topk(min(5, num_classes), dim=1).indices
+    pred = top5[:, 0]  # not argmax: bf16 logits tie, and training's evaluate() breaks ties the way topk does
     support = torch.bincount(labels, minlength=num_classes)
     correct = torch.bincount(labels[pred == labels], minlength=num_classes)
     predicted = torch.bincount(pred, minlength=num_classes)

@@ -14,6 +14,8 @@ coefficients built from the second and third powers of the gradient (the exponen
 import torch
 import torch.nn.functional as F
 
+import data_utils
+
 
 def class_activation_map(model, images, class_idx, layer="layer4", method="gradcam"):
     """Heatmaps (N, H, W) at the input resolution, each scaled to [0, 1], for class_idx (int or (N,) tensor)."""
@@ -81,7 +83,7 @@ def centre_crop_box(width, height, resize_shorter, crop):
     """The region of a width x height image that 'resize shorter side, then centre crop' keeps, in its pixels."""
     scale = resize_shorter / min(width, height)
     resized_w, resized_h = round(width * scale), round(height * scale)
-    left, top = int(round((resized_w - crop) / 2.0)), int(round((resized_h - crop) / 2.0))
+    left, top = int(data_utils.centre_crop_offsets(resized_w, crop)), int(data_utils.centre_crop_offsets(resized_h, crop))
     x0, y0 = int(round(left / scale)), int(round(top / scale))
     x1, y1 = min(width, int(round((left + crop) / scale))), min(height, int(round((top + crop) / scale)))
     return x0, y0, x1, y1

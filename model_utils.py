@@ -149,6 +149,7 @@ def apply_freeze(model, freeze):
 
 def set_train_mode(model, freeze):
     """model.train(), but frozen parts keep BatchNorm in eval mode so their running statistics stay fixed."""
+    model = unwrap(model)
     model.train()
     prefixes = trainable_prefixes(freeze)
     if prefixes is None:

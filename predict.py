@@ -122,7 +122,7 @@ def main(args):
         raise presets.ConfigError("--topk must be >= 1")
     predictor = Predictor(args.checkpoint, device=args.device, data_root=args.data_root)
     files = expand_inputs(args.inputs)
-    results, failures = [], []
+    results, failures, used = [], [], {}
     for start in range(0, len(files), args.batch_size):
         chunk, images = [], []
         for path in files[start:start + args.batch_size]:
@@ -139,8 +139,11 @@ def main(args):
             print(f"{path}: " + ", ".join(f"{c} {p:.3f}" for c, p in top))
             if args.gradcam:
                 os.makedirs(args.out_dir, exist_ok=True)
-                stem = os.path.splitext(os.path.relpath(path).replace(os.sep, "__"))[0]
-                overlay = os.path.join(args.out_dir, f"{stem}_{args.cam_method}.png")
+                # <folder>__<file>: readable, and unique for Caltech-style trees; a repeat gets a counter.
+                parent = os.path.basename(os.path.dirname(os.path.abspath(path)))
+                stem = f"{parent}__{os.path.splitext(os.path.basename(path))[0]}_{args.cam_method}"
+                used[stem] = used.get(stem, 0) + 1
+                overlay = os.path.join(args.out_dir, stem + (f"_{used[stem]}" if used[stem] > 1 else "") + ".png")
                 entry["gradcam_class"] = predictor.heatmap(path, overlay, args.target, args.cam_method, args.layer)
                 entry["gradcam"] = overlay
             results.append(entry)

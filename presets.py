@@ -21,6 +21,7 @@ DEFAULTS = dict(
     img_size=224,  # train crop and val centre crop, pixels
     crop_scale_min=0.08,  # RandomResizedCrop: smallest crop, as a fraction of the image area
     workers=8,  # DALI threads or DataLoader worker processes
+    cache=False,  # decode every image once into uint8 on the device; crops/flips/normalize there each epoch
     drop_last=False,  # train: drop the short last batch (default keeps it: every image once per epoch)
     # model
     arch="resnet18",  # resnet18 | resnet34 | resnet50 | resnet101
@@ -48,6 +49,7 @@ DEFAULTS = dict(
     device="auto",  # auto | cuda | cpu
     amp="auto",  # auto | bf16 | fp16 | off (auto: bf16 where supported, else fp16 on CUDA / off on CPU)
     channels_last=True,  # NHWC memory layout for model and inputs
+    compile=False,  # torch.compile the model (first steps are slow while it compiles; weights stay prefix-free)
     seed=0,  # python, numpy, torch, DALI and MixUp RNGs
     eval_every=1,  # evaluate on val every N epochs (and always after the last)
     log_every=10,  # steps between progress-bar refreshes (each reads the loss from the device)

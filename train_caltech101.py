@@ -59,8 +59,10 @@ def get_args_parser():
         kind = {bool: _bool, int: int, float: float}.get(type(default), _optional_str)
         choices = presets.CHOICES.get(key)
         # SUPPRESS: only flags given on the command line appear in args, so they (and only they) beat the preset.
+        extra = dict(nargs="?", const=True) if kind is _bool else {}  # a bare --cache means --cache true
         parser.add_argument(f"--{key}", type=kind, default=argparse.SUPPRESS, choices=choices,
-                            metavar=None if choices else key.upper(), help=f"(default: {default})")
+                            metavar=None if choices else ("BOOL" if kind is _bool else key.upper()),
+                            help=f"(default: {default})", **extra)
     return parser
 
 
@@ -187,21 +189,43 @@ class GracefulStop:
             signal.signal(sig, handler)
 
 
+def optimizer_step(optimizer, scaler, loss_is_finite):
+    """Apply the update unless the loss was non-finite, without waiting on the device: fp16's GradScaler and, for
+    bf16/fp32, the fused optimizers' own found_inf input both skip the update inside the kernel."""
+    if scaler.is_enabled():
+        scaler.step(optimizer)
+        scaler.update()
+        return
+    if not getattr(optimizer, "_step_supports_amp_scaling", False):  # a caller's unfused optimizer: must ask
+        if loss_is_finite.item():
+            optimizer.step()
+        return
+    optimizer.found_inf = (~loss_is_finite).float()  # the same hand-off GradScaler uses with fused optimizers
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf
+
+
 def train_one_epoch(model, loader, optimizer, scheduler, scaler, mixer, amp_dtype, cfg, epoch, start_step=0,
                     stop=None, on_step=None):
     """One pass over the loader (the rest of it when resuming at start_step).
 
     Returns the epoch's statistics plus 'steps_done' (in this epoch, counting start_step) and 'completed'
     (False when `stop` asked to end early). `on_step(steps_done)` runs after every optimizer step.
+    Nothing here waits on the device except at log points: sums, counts and the non-finite-loss streak
+    live in device tensors until then.
     """
     from tqdm import tqdm
 
     device = next(model.parameters()).device
     model_utils.set_train_mode(model, cfg["freeze"])
-    # Running sums stay on the device; they are read only at log points (no per-step host sync).
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
-    seen, steps_done, bad_in_a_row, skipped = 0, start_step, 0, 0
+    good_images = torch.zeros((), device=device, dtype=torch.long)
+    bad_streak = torch.zeros((), device=device, dtype=torch.long)  # consecutive non-finite losses
+    skipped = torch.zeros((), device=device, dtype=torch.long)
+    seen, steps_done, warned = 0, start_step, 0
     max_bad = cfg.get("max_bad_steps", 10)
     start = time.perf_counter()
     bar = tqdm(total=len(loader), initial=start_step, desc=f"epoch {epoch}", unit="step", leave=False,
@@ -211,36 +235,35 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, mixer, amp_dtyp
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = model(images)
         loss = augment.soft_target_cross_entropy(logits, targets)
-        steps_done += 1
-        # fp16: the GradScaler finds non-finite gradients and skips the step itself. Otherwise one deliberate
-        # host sync per step: whether to update must be known before optimizer.step() (GradScaler syncs alike).
-        if not scaler.is_enabled() and not torch.isfinite(loss).item():
-            bad_in_a_row, skipped = bad_in_a_row + 1, skipped + 1
-            print(f"\nwarning: non-finite loss at epoch {epoch} step {steps_done}: update skipped "
-                  f"({bad_in_a_row} in a row)", file=sys.stderr, flush=True)
-            if bad_in_a_row >= max_bad:
-                raise TrainingError(f"{bad_in_a_row} non-finite losses in a row (epoch {epoch}, step {steps_done}): "
-                                    f"stopping; the last good checkpoint is kept (lower the LR, or --amp off)")
-            optimizer.zero_grad(set_to_none=True)
-            continue
-        bad_in_a_row = 0
+        finite = torch.isfinite(loss.detach())
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if cfg["grad_clip"] > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-        scaler.step(optimizer)
-        scaler.update()
+        optimizer_step(optimizer, scaler, finite)
         scheduler.step()
+        steps_done += 1
         n = labels.shape[0]
-        loss_sum += loss.detach() * n
-        correct += (logits.detach().argmax(1) == labels).sum()
+        bad_streak = (bad_streak + 1) * (~finite)
+        skipped += ~finite
+        loss_sum += torch.where(finite, loss.detach().float(), 0.0) * n
+        correct += ((logits.detach().argmax(1) == labels) & finite).sum()
+        good_images += finite * n
         seen += n
         if steps_done % cfg["log_every"] == 0 or steps_done == len(loader):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             rate = seen / (time.perf_counter() - start)
-            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
+            streak, n_skipped, n_good = bad_streak.item(), skipped.item(), max(good_images.item(), 1)
+            if n_skipped > warned:
+                warned = n_skipped
+                print(f"\nwarning: {n_skipped} non-finite losses so far in epoch {epoch} (step {steps_done}); "
+                      f"their updates were skipped", file=sys.stderr, flush=True)
+            if streak >= max_bad:
+                raise TrainingError(f"{streak} non-finite losses in a row (epoch {epoch}, step {steps_done}): "
+                                    f"stopping; the last good checkpoint is kept (lower the LR, or --amp off)")
+            bar.set_postfix(loss=f"{loss_sum.item() / n_good:.3f}", acc=f"{correct.item() / n_good:.3f}",
                             img_s=f"{rate:.0f}")
             bar.update(steps_done - bar.n)
         if on_step is not None:
@@ -251,8 +274,9 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, mixer, amp_dtyp
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    return {"train_loss": loss_sum.item() / max(seen, 1), "train_acc": correct.item() / max(seen, 1),
-            "train_images_per_s": seen / elapsed, "train_time_s": elapsed, "skipped_steps": skipped,
+    n_good = max(good_images.item(), 1)
+    return {"train_loss": loss_sum.item() / n_good, "train_acc": correct.item() / n_good,
+            "train_images_per_s": seen / elapsed, "train_time_s": elapsed, "skipped_steps": skipped.item(),
             "steps_done": steps_done, "completed": steps_done >= len(loader)}
 
 
@@ -303,6 +327,19 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def build_optimizer(groups, cfg):
+    """AdamW or SGD in their fused form: one kernel per step, and a device-side skip of non-finite steps."""
+    if cfg["optimizer"] == "adamw":
+        return torch.optim.AdamW(groups, betas=(cfg["momentum"], 0.999), fused=True)
+    optimizer = torch.optim.SGD(groups, momentum=cfg["momentum"], nesterov=True, fused=True)
+    # Fused SGD creates its momentum buffer on the first step even when that step is skipped, and leaves it
+    # unset; zeros give exactly the usual first step (buffer = gradient) and make a skipped first step safe.
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return optimizer
+
+
 # ---------------------------------------------------------------------------------------------
 
 def main(cfg):
@@ -326,18 +363,21 @@ def main(cfg):
     train_loader, val_loader, classes = data_utils.build_loaders(
         cfg["data_root"], cfg["img_size"], cfg["batch_size"], device, dtype=input_dtype, loader=cfg["loader"],
         workers=cfg["workers"], seed=cfg["seed"], eval_batch_size=cfg["eval_batch_size"], drop_last=cfg["drop_last"],
-        crop_scale_min=cfg["crop_scale_min"])
+        crop_scale_min=cfg["crop_scale_min"], cache=cfg["cache"])
     num_classes = len(classes)
+    if cfg["cache"]:
+        print(f"cache: {train_loader.num_images + val_loader.num_images} images decoded once in "
+              f"{train_loader.decode_seconds + val_loader.decode_seconds:.1f}s, "
+              f"{(train_loader.nbytes + val_loader.nbytes) / 2**20:.0f} MiB of uint8 on {device}")
 
     model = model_utils.get_model(num_classes, pretrained=cfg["pretrained"], arch=cfg["arch"], weights=cfg["weights"])
     model_utils.apply_freeze(model, cfg["freeze"])
     memory_format = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
+    # The compiled wrapper shares the parameters; checkpoints are taken from `model`, so no _orig_mod. prefix.
+    step_model = torch.compile(model) if cfg["compile"] else model
     groups = model_utils.param_groups(model, cfg["lr_backbone"], cfg["lr_fc"], cfg["weight_decay"])
-    if cfg["optimizer"] == "adamw":
-        optimizer = torch.optim.AdamW(groups, betas=(cfg["momentum"], 0.999))
-    else:
-        optimizer = torch.optim.SGD(groups, momentum=cfg["momentum"], nesterov=True)
+    optimizer = build_optimizer(groups, cfg)
     steps_per_epoch = len(train_loader)
     total_steps = steps_per_epoch * cfg["epochs"]
     warmup_steps = int(round(cfg["warmup_epochs"] * steps_per_epoch))
@@ -361,13 +401,13 @@ def main(cfg):
                      "epoch": next_epoch - 1 if next_step == 0 else next_epoch, "next_epoch": next_epoch,
                      "next_step": next_step, "best_top1": state["best_top1"], "best_epoch": state["best_epoch"],
                      "rows": state["rows"], "rng": rng_state(), "mixer_rng": mixer.rng.bit_generator.state,
-                     "loader": train_loader.state_dict(), "arch": cfg["arch"], "num_classes": num_classes,
+                     "loader": train_loader.state_dict(), "loader_kind": train_loader.kind, "arch": cfg["arch"], "num_classes": num_classes,
                      "config": cfg}, last_path)
 
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"device {device}, amp {amp_dtype}, grad scaler {use_scaler}, channels_last {cfg['channels_last']}, "
-          f"loader {cfg['loader']}")
+          f"loader {train_loader.kind}, torch.compile {cfg['compile']}")
     print(f"data: {num_classes} classes, {train_loader.num_images} train / {val_loader.num_images} val images")
     init = cfg["weights"] or ("ImageNet" if cfg["pretrained"] else "scratch")
     print(f"model: {cfg['arch']} ({init} init), {n_params / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trainable "
@@ -390,7 +430,7 @@ def main(cfg):
             start_step = state["next_step"] if epoch == state["next_epoch"] else 0
             on_step = (lambda done, e=epoch: save_last(e, done) if done % save_every == 0 and done < steps_per_epoch
                        else None) if save_every else None
-            stats = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, mixer, amp_dtype, cfg, epoch,
+            stats = train_one_epoch(step_model, train_loader, optimizer, scheduler, scaler, mixer, amp_dtype, cfg, epoch,
                                     start_step=start_step, stop=stop, on_step=on_step)
             if not stats["completed"]:  # stopped by a signal mid-epoch: keep exactly where we are
                 save_last(epoch, stats["steps_done"])
@@ -398,7 +438,7 @@ def main(cfg):
             row = {"epoch": epoch, **{k: v for k, v in stats.items() if k not in ("steps_done", "completed")},
                    **{f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}}
             if epoch % cfg["eval_every"] == 0 or epoch == cfg["epochs"]:
-                metrics = evaluate(model, val_loader, num_classes, amp_dtype)
+                metrics = evaluate(step_model, val_loader, num_classes, amp_dtype)
                 row.update(metrics)
                 if math.isfinite(metrics["val_top1"]) and metrics["val_top1"] > state["best_top1"]:
                     state["best_top1"], state["best_epoch"] = metrics["val_top1"], epoch
@@ -460,10 +500,11 @@ def load_checkpoint(path, cfg, model, optimizer, scheduler, scaler, mixer, train
     scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"])
     mixer.rng.bit_generator.state = ckpt["mixer_rng"]
-    if type(train_loader).__name__ == ckpt["config"]["loader"].capitalize() + "Loader":
+    if ckpt.get("loader_kind") == train_loader.kind:
         train_loader.load_state_dict(ckpt["loader"])
     else:
-        print(f"note: {path} was written with --loader {ckpt['config']['loader']}; the data order restarts")
+        print(f"note: {path} was written with the {ckpt.get('loader_kind')} loader, this run uses the "
+              f"{train_loader.kind} loader: the data order restarts")
     return {k: ckpt[k] for k in ("next_epoch", "next_step", "best_top1", "best_epoch", "rows")}
 
 

@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -146,3 +147,58 @@ def test_help_lists_flags_defaults_and_presets():
     assert "--lr_backbone" in out and "(default: 0.0002)" in out
     for name in presets.PRESETS:
         assert name in out
+
+
+def test_cached_run_evaluates_as_dali_does_and_resumes_exactly(prepared_root, tmp_path):
+    import evaluate
+
+    straight = train.main(tiny_cfg(prepared_root, tmp_path / "straight", cache=True, deterministic=True))
+    # evaluate.py reads val through DALI: the cache's val tensors are DALI's, so the top-1 is the run's own.
+    report = evaluate.main(evaluate.get_args_parser().parse_args(
+        ["--checkpoint", os.path.join(straight["out_dir"], "last.pth")]))
+    assert report["top1"] == straight["rows"][-1]["val_top1"]
+
+    class StopAtOnce(train.GracefulStop):  # as if SIGTERM arrived during the first step
+        signum = property(lambda self: signal.SIGTERM, lambda self, value: None)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "GracefulStop", StopAtOnce)
+        stopped = train.main(tiny_cfg(prepared_root, tmp_path / "halves", cache=True, deterministic=True))
+    assert stopped["exit_code"] == 128 + signal.SIGTERM  # stopped after epoch 1, step 1
+    resumed = train.main(tiny_cfg(prepared_root, tmp_path / "halves", cache=True, deterministic=True, resume="auto"))
+    a = torch.load(os.path.join(straight["out_dir"], "last.pth"), weights_only=True)["model"]
+    b = torch.load(os.path.join(resumed["out_dir"], "last.pth"), weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_no_device_reads_between_log_points(prepared_root, monkeypatch):
+    # Every way a tensor's value can reach the host, counted: the count must not grow with the number of steps.
+    cfg = tiny_cfg(prepared_root, "unused", log_every=10 ** 6, progress=False)
+    batches = list(data_utils.build_loader(prepared_root, "train", 32, 4, CPU, dtype=torch.bfloat16, workers=1))
+    reads = []
+    for name in ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name, **k: (
+            reads.append(_n), _o(self, *a, **k))[1])
+
+    def count(steps):
+        model = model_utils.get_model(num_classes=3).to(memory_format=torch.channels_last)
+        optimizer = train.build_optimizer(model_utils.param_groups(model, 1e-3, 1e-3, 0.0), cfg)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+        loader = (batches * 4)[:steps]
+        reads.clear()
+        train.train_one_epoch(model, loader, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False),
+                              augment.MixupCutmix(3, 0.2, 1.0, seed=0), torch.bfloat16, cfg, 1)
+        return list(reads)
+
+    assert count(2) == count(7)  # only the end-of-epoch reads (one log point in both)
+
+
+def test_compiled_run_releases_plain_weights(prepared_root, tmp_path):
+    result = train.main(tiny_cfg(prepared_root, tmp_path, compile=True, epochs=1, amp="off"))
+    best = torch.load(os.path.join(result["out_dir"], "best.pth"), weights_only=True)
+    last = torch.load(os.path.join(result["out_dir"], "last.pth"), weights_only=True)
+    assert not any("_orig_mod" in k for k in list(best) + list(last["model"]))
+    model = model_utils.get_model(num_classes=3)
+    model.load_state_dict(best)
+    assert torch.equal(model.fc.weight, last["model"]["fc.weight"])
