@@ -127,15 +127,15 @@ def test_predict_cli_on_a_folder_with_a_broken_file(trained_run, tmp_path):
             assert overlay.size == original.size  # the overlay is at the original image's size
 
 
-def patch_batch(n, generator, size=64, quadrant_only=False):
-    """Class 0: a red patch, class 1: a blue patch, on noise. Anywhere in the image for training (so the model
-    learns local detectors), or inside the top-left quadrant for the known-answer check."""
-    images = torch.randn(n, 3, size, size, generator=generator) * 0.5
+def patch_batch(n, generator, size=64, quadrant_only=False, patch=16):
+    """Class 0: a red patch, class 1: a blue patch, on faint noise. Anywhere in the image for training (so the
+    model learns local detectors), or inside the top-left quadrant for the known-answer check."""
+    images = torch.randn(n, 3, size, size, generator=generator) * 0.1
     labels = torch.randint(0, 2, (n,), generator=generator)
-    limit = size // 2 - 12 if quadrant_only else size - 12
+    limit = size // 2 - patch if quadrant_only else size - patch
     for i in range(n):
         y, x = torch.randint(0, limit, (2,), generator=generator).tolist()
-        images[i, 0 if labels[i] == 0 else 2, y:y + 12, x:x + 12] += 3.0
+        images[i, 0 if labels[i] == 0 else 2, y:y + patch, x:x + patch] += 3.0
     return images, labels
 
 
@@ -157,16 +157,23 @@ def patch_model():
 
 
 @pytest.mark.parametrize("method", ["gradcam", "gradcam++"])
-def test_gradcam_peaks_in_the_evidence_quadrant(patch_model, method):
+def test_gradcam_heat_sits_in_the_evidence_quadrant(patch_model, method):
     model, generator = patch_model
     images, labels = patch_batch(32, generator, size=128, quadrant_only=True)
     with torch.no_grad():
         assert (model(images).argmax(1) == labels).float().mean() > 0.9  # it learned to see the patch
     heat = gradcam.class_activation_map(model, images, labels, method=method)
     assert heat.shape == (32, 128, 128) and heat.min() >= 0 and heat.max() <= 1 + 1e-6
+    quadrants = torch.stack([heat[:, :64, :64], heat[:, :64, 64:], heat[:, 64:, :64], heat[:, 64:, 64:]], 1)
+    mass = quadrants.sum((2, 3))
+    # layer4 is a 4x4 grid here, upsampled: heat leaks, so "most" means more than any other quadrant gets.
+    assert (mass.argmax(1) == 0).float().mean() >= 0.9  # chance would be 0.25
+    assert (mass[:, 0] / mass.sum(1)).mean() >= 0.35  # a quarter if the map ignored the patch
     peak = heat.flatten(1).argmax(1)
-    in_top_left = ((peak // 128 < 64) & (peak % 128 < 64)).float().mean()
-    assert in_top_left >= 0.75, in_top_left  # chance would be 0.25
+    assert ((peak // 128 < 64) & (peak % 128 < 64)).float().mean() >= 0.8
+    # The same heat for the other class is elsewhere: the map depends on the class asked about.
+    other = gradcam.class_activation_map(model, images, 1 - labels, method=method)
+    assert not torch.allclose(other, heat, atol=0.05)
 
 
 def test_centre_crop_box_matches_the_val_transform():
