@@ -57,7 +57,7 @@ DEFAULTS = dict(
     out_dir="checkpoints",  # the run writes to out_dir/<exp>/
     resume=None,  # path to a last.pth, or 'auto' for out_dir/<exp>/last.pth
     save_every_steps=0,  # also write last.pth every N steps inside an epoch (0: only at epoch ends)
-    max_bad_steps=10,  # stop after this many non-finite losses in a row (each one's update is skipped)
+    max_bad_steps=10,  # stop after this many non-finite losses in a row (updates skipped; checked at log points)
     deterministic=False,  # deterministic kernels (bit-identical reruns and resumes; slower on GPU)
 )
 
