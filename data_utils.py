@@ -431,8 +431,7 @@ class CacheLoader:
 
     def make_batch(self, order, y, x, h, w, flip):
         crop = self.img_size
-        batch = torch.empty(len(order), 3, crop, crop, dtype=self.dtype, device=self.device,
-                            memory_format=torch.channels_last)
+        batch = torch.empty(len(order), 3, crop, crop, device=self.device, memory_format=torch.channels_last)
         for j, i in enumerate(order.tolist()):
             height, width, offset = int(self.heights[i]), int(self.widths[i]), int(self.offsets[i])
             image = self.pixels[offset:offset + height * width * 3].view(height, width, 3)
@@ -446,10 +445,11 @@ class CacheLoader:
                                                          align_corners=False, antialias=True)
             if flip[j]:
                 region = region.flip(-1)
-            # Normalise each image while it is hot in cache, straight into the batch's dtype and layout.
+            # Normalise each image while it is hot in cache; float32 out, then one cast for the whole batch (a
+            # bf16 `out=` takes a slow conversion path, and rounds the same way).
             torch.addcmul(self.norm_shift, region, self.norm_scale, out=batch[j:j + 1])
         labels = torch.from_numpy(self.labels[order]).to(self.device, non_blocking=True)
-        return batch, labels
+        return batch.to(self.dtype), labels
 
     def __iter__(self):
         order, y, x, h, w, flip = self.plan(self.epoch)
