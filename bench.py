@@ -254,8 +254,8 @@ def bench_eval(args, device):
         return seen / (time.perf_counter() - start)
 
     with PlainLoader(args.data_root, files, args.img_size, args.eval_batch_size, args.workers, False) as plain:
-        rates = median_rounds(args.rounds, kit=lambda: train.evaluate(kit_model, val, 101, amp_dtype)["val_images_per_s"],
-                              plain=lambda: plain_eval(plain))
+        kit_eval = lambda: train.evaluate(kit_model, val, 101, amp_dtype)["val_images_per_s"]  # noqa: E731
+        rates = median_rounds(args.rounds, kit=kit_eval, plain=lambda: plain_eval(plain))
     return [row("eval", f"kit evaluate (DALI val, {amp_dtype}, channels_last)", rates["kit"],
                 "plain fp32 NCHW, ImageFolder + PIL", rates["plain"], images=len(files))]
 

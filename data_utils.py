@@ -93,6 +93,11 @@ def to_model_input(images, labels, device, dtype):
 # DALI
 
 if HAVE_DALI:
+    def decode_resize_shorter(jpegs, decoder_device, shorter):
+        """The val pipeline's first half, shared with the --cache decode pass so that both cut the same pixels."""
+        images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB)
+        return fn.resize(images, resize_shorter=shorter, antialias=True)
+
     @pipeline_def
     def caltech_pipeline(image_root, files, labels, train, img_size, crop_scale_min, dali_device, shard_id, num_shards,
                          reader_seed):
@@ -102,13 +107,12 @@ if HAVE_DALI:
         decoder_device = "mixed" if dali_device == "gpu" else "cpu"  # the only GPU-specific line
         if train:
             images = fn.decoders.image_random_crop(jpegs, device=decoder_device, output_type=types.RGB,
-                                                   random_area=[crop_scale_min, 1.0], random_aspect_ratio=list(RRC_RATIO),
-                                                   num_attempts=10)
+                                                   random_area=[crop_scale_min, 1.0],
+                                                   random_aspect_ratio=list(RRC_RATIO), num_attempts=10)
             images = fn.resize(images, resize_x=img_size, resize_y=img_size, antialias=True)
             mirror = fn.random.coin_flip(probability=0.5)
         else:
-            images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB)
-            images = fn.resize(images, resize_shorter=resize_size(img_size), antialias=True)
+            images = decode_resize_shorter(jpegs, decoder_device, resize_size(img_size))
             mirror = 0
         images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="HWC", crop=(img_size, img_size),
                                           mean=[m * 255 for m in IMAGENET_MEAN], std=[s * 255 for s in IMAGENET_STD],
@@ -184,6 +188,17 @@ class DaliLoader:
 # ---------------------------------------------------------------------------------------------
 # torchvision / PIL fallback
 
+def load_rgb(path):
+    """A file as a PIL RGB image (grayscale, palette and CMYK converted); DataError naming the file otherwise."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:  # PIL raises all three for broken or foreign files
+        raise DataError(f"cannot decode {path}: not a readable image ({e})") from None
+
+
 class ListDataset(torch.utils.data.Dataset):
     def __init__(self, image_root, files, labels, transform):
         self.image_root, self.files, self.labels, self.transform = image_root, files, labels, transform
@@ -192,15 +207,7 @@ class ListDataset(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i):
-        from PIL import Image
-
-        path = os.path.join(self.image_root, self.files[i])
-        try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")  # grayscale, palette and CMYK all become RGB
-        except OSError as e:
-            raise DataError(f"cannot decode {path}: {e}") from None
-        return self.transform(img), self.labels[i]
+        return self.transform(load_rgb(os.path.join(self.image_root, self.files[i]))), self.labels[i]
 
 
 class ResizeShorter:
@@ -308,8 +315,7 @@ if HAVE_DALI:
     def resize_pipeline(image_root, files, shorter, dali_device):
         """Decode and resize the shorter side, in file order: the first half of the val pipeline."""
         jpegs, _ = fn.readers.file(file_root=image_root, files=files, name="Reader", pad_last_batch=True)
-        images = fn.decoders.image(jpegs, device="mixed" if dali_device == "gpu" else "cpu", output_type=types.RGB)
-        return fn.resize(images, resize_shorter=shorter, antialias=True)
+        return decode_resize_shorter(jpegs, "mixed" if dali_device == "gpu" else "cpu", shorter)
 
 
 def decode_resized(image_root, files, shorter, device, workers, use_dali):
@@ -329,16 +335,8 @@ def decode_resized(image_root, files, shorter, device, workers, use_dali):
         except RuntimeError as e:
             raise _decode_error(e, image_root) from None
     else:
-        from PIL import Image
-
         resize = ResizeShorter(shorter)
-        for name in files:
-            path = os.path.join(image_root, name)
-            try:
-                with Image.open(path) as img:
-                    arrays.append(np.asarray(resize(img.convert("RGB"))))
-            except OSError as e:
-                raise DataError(f"cannot decode {path}: {e}") from None
+        arrays = [np.asarray(resize(load_rgb(os.path.join(image_root, name)))) for name in files]
     heights = np.array([a.shape[0] for a in arrays], dtype=np.int64)
     widths = np.array([a.shape[1] for a in arrays], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(heights * widths * 3)[:-1]])

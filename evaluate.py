@@ -155,7 +155,8 @@ def read_metrics(run_dir):
     path = os.path.join(run_dir, "metrics.csv")
     try:
         with open(path) as f:
-            return [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()} for row in csv.DictReader(f)]
+            return [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()}
+                    for row in csv.DictReader(f)]
     except FileNotFoundError:
         raise presets.ConfigError(f"no metrics.csv in {run_dir}: is it a training run folder?") from None
 

@@ -41,15 +41,9 @@ class Predictor:
 
     def load(self, image):
         """A PIL RGB image from a path or a PIL image; DataError naming the file if it is not an image."""
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image
 
-        if isinstance(image, Image.Image):
-            return image.convert("RGB")
-        try:
-            with Image.open(image) as img:
-                return img.convert("RGB")
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise data_utils.DataError(f"{image}: not a readable image ({type(e).__name__})") from None
+        return image.convert("RGB") if isinstance(image, Image.Image) else data_utils.load_rgb(image)
 
     def batch(self, pil_images):
         return torch.stack([self.transform(img) for img in pil_images]).to(self.device)

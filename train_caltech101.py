@@ -401,7 +401,8 @@ def main(cfg):
                      "epoch": next_epoch - 1 if next_step == 0 else next_epoch, "next_epoch": next_epoch,
                      "next_step": next_step, "best_top1": state["best_top1"], "best_epoch": state["best_epoch"],
                      "rows": state["rows"], "rng": rng_state(), "mixer_rng": mixer.rng.bit_generator.state,
-                     "loader": train_loader.state_dict(), "loader_kind": train_loader.kind, "arch": cfg["arch"], "num_classes": num_classes,
+                     "loader": train_loader.state_dict(), "loader_kind": train_loader.kind, "arch": cfg["arch"],
+                     "num_classes": num_classes,
                      "config": cfg}, last_path)
 
     n_params = sum(p.numel() for p in model.parameters())
@@ -430,8 +431,8 @@ def main(cfg):
             start_step = state["next_step"] if epoch == state["next_epoch"] else 0
             on_step = (lambda done, e=epoch: save_last(e, done) if done % save_every == 0 and done < steps_per_epoch
                        else None) if save_every else None
-            stats = train_one_epoch(step_model, train_loader, optimizer, scheduler, scaler, mixer, amp_dtype, cfg, epoch,
-                                    start_step=start_step, stop=stop, on_step=on_step)
+            stats = train_one_epoch(step_model, train_loader, optimizer, scheduler, scaler, mixer, amp_dtype, cfg,
+                                    epoch, start_step=start_step, stop=stop, on_step=on_step)
             if not stats["completed"]:  # stopped by a signal mid-epoch: keep exactly where we are
                 save_last(epoch, stats["steps_done"])
                 return stopped(stop, cfg, epoch, stats["steps_done"], last_path)
