@@ -46,45 +46,6 @@ def read_run_config(run_dir):
         raise presets.ConfigError(f"{path} is not valid JSON: {e}") from None
 
 
-@torch.inference_mode()
-def collect_logits(model, loader, amp_dtype, tta="none"):
-    """float32 logits (N, C) and labels (N,) on the CPU for a whole split, in split-list order."""
-    device = next(model.parameters()).device
-    model.eval()
-    all_logits, all_labels = [], []
-    for images, labels in loader:
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = model(images).float()
-            if tta == "flip":  # the mean of the image's and its mirror's logits
-                logits = (logits + model(images.flip(3)).float()) / 2
-        all_logits.append(logits.cpu())
-        all_labels.append(labels.cpu())
-    return torch.cat(all_logits), torch.cat(all_labels)
-
-
-def metrics_from_logits(logits, labels, num_classes):
-    """Overall and per-class figures; per-class accuracy is per-class recall."""
-    top5 = logits.topk(min(5, num_classes), dim=1).indices
-    pred = top5[:, 0]  # not argmax: bf16 logits tie, and training's evaluate() breaks ties the way topk does
-    support = torch.bincount(labels, minlength=num_classes)
-    correct = torch.bincount(labels[pred == labels], minlength=num_classes)
-    predicted = torch.bincount(pred, minlength=num_classes)
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    confusion.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
-    present = support > 0
-    recall = correct.double() / support.clamp(min=1)
-    precision = correct.double() / predicted.clamp(min=1)
-    return {
-        "top1": (pred == labels).double().mean().item(),
-        "top5": (top5 == labels[:, None]).any(1).double().mean().item(),
-        "mean_class_acc": recall[present].mean().item(),
-        "loss": torch.nn.functional.cross_entropy(logits, labels).item(),
-        "images": int(labels.numel()),
-        "support": support.tolist(), "correct": correct.tolist(), "predicted": predicted.tolist(),
-        "recall": recall.tolist(), "precision": precision.tolist(), "confusion": confusion,
-    }
-
-
 def write_per_class(m, classes, path):
     rows = [{"index": i, "class": c, "support": m["support"][i], "correct": m["correct"][i],
              "accuracy": m["recall"][i], "precision": m["precision"][i], "recall": m["recall"][i],
@@ -253,8 +214,9 @@ def evaluate_checkpoint(args):
                                      dtype=amp_dtype or torch.float32, loader=cfg["loader"], workers=cfg["workers"],
                                      seed=cfg["seed"])
     files, _ = data_utils.read_split(cfg["data_root"], args.split)
-    logits, labels = collect_logits(model, loader, amp_dtype, args.tta)
-    m = metrics_from_logits(logits, labels, len(classes))
+    logits, labels = train.collect_logits(model, loader, amp_dtype, args.tta)
+    logits, labels = logits.cpu(), labels.cpu()
+    m = train.split_metrics(logits, labels, len(classes))
     out_dir = args.out_dir or os.path.join(run_dir, f"eval_{args.split}" + ("_flip" if args.tta == "flip" else ""))
     os.makedirs(out_dir, exist_ok=True)
     write_per_class(m, classes, os.path.join(out_dir, "per_class.csv"))

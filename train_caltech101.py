@@ -281,36 +281,58 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, mixer, amp_dtyp
 
 
 @torch.inference_mode()
+def collect_logits(model, loader, amp_dtype, tta="none"):
+    """float32 logits (N, C) and labels (N,) of a whole split, in split-list order, on the model's device.
+    tta="flip" averages the logits of each image and its mirror."""
+    device = next(model.parameters()).device
+    model.eval()
+    all_logits, all_labels = [], []
+    for images, labels in loader:
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = model(images).float()
+            if tta == "flip":
+                logits = (logits + model(images.flip(3)).float()) / 2
+        all_logits.append(logits)
+        all_labels.append(labels)
+    return torch.cat(all_logits), torch.cat(all_labels)
+
+
+def split_metrics(logits, labels, num_classes):
+    """Overall and per-class figures of a split (per-class accuracy is per-class recall). The one definition
+    that training's evaluation and evaluate.py both use, so their figures agree exactly."""
+    top5 = logits.topk(min(5, num_classes), dim=1).indices
+    pred = top5[:, 0]  # not argmax: bf16 logits tie, and argmax and topk may break ties differently
+    support = torch.bincount(labels, minlength=num_classes)
+    correct = torch.bincount(labels[pred == labels], minlength=num_classes)
+    predicted = torch.bincount(pred, minlength=num_classes)
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=labels.device)
+    confusion.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
+    present = support > 0
+    recall = correct.double() / support.clamp(min=1)
+    precision = correct.double() / predicted.clamp(min=1)
+    return {
+        "top1": (pred == labels).double().mean().item(),
+        "top5": (top5 == labels[:, None]).any(1).double().mean().item(),
+        "mean_class_acc": recall[present].mean().item(),
+        "loss": F.cross_entropy(logits, labels).item(),
+        "images": int(labels.numel()),
+        "support": support.tolist(), "correct": correct.tolist(), "predicted": predicted.tolist(),
+        "recall": recall.tolist(), "precision": precision.tolist(), "confusion": confusion.cpu(),
+    }
+
+
 def evaluate(model, loader, num_classes, amp_dtype):
     """Loss, top-1, top-5 and mean per-class accuracy over a whole split (the short last batch included)."""
     device = next(model.parameters()).device
-    model.eval()
-    loss_sum = torch.zeros((), device=device)
-    top1 = torch.zeros((), device=device, dtype=torch.long)
-    top5 = torch.zeros((), device=device, dtype=torch.long)
-    per_class_correct = torch.zeros(num_classes, device=device, dtype=torch.long)
-    per_class_total = torch.zeros(num_classes, device=device, dtype=torch.long)
     start = time.perf_counter()
-    for images, labels in loader:
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = model(images)
-        logits = logits.float()
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum")
-        topk = logits.topk(min(5, num_classes), dim=1).indices
-        hit1 = topk[:, 0] == labels
-        top1 += hit1.sum()
-        top5 += (topk == labels[:, None]).any(1).sum()
-        per_class_correct += torch.bincount(labels[hit1], minlength=num_classes)
-        per_class_total += torch.bincount(labels, minlength=num_classes)
+    logits, labels = collect_logits(model, loader, amp_dtype)
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    total = int(per_class_total.sum())
-    present = per_class_total > 0
-    per_class_acc = per_class_correct[present].double() / per_class_total[present].double()
-    return {"val_loss": loss_sum.item() / total, "val_top1": top1.item() / total, "val_top5": top5.item() / total,
-            "val_mean_class_acc": per_class_acc.mean().item(), "val_images": total,
-            "val_images_per_s": total / elapsed}
+    m = split_metrics(logits, labels, num_classes)
+    return {"val_loss": m["loss"], "val_top1": m["top1"], "val_top5": m["top5"],
+            "val_mean_class_acc": m["mean_class_acc"], "val_images": m["images"],
+            "val_images_per_s": m["images"] / elapsed}
 
 
 def rng_state():

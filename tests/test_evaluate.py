@@ -65,9 +65,9 @@ def test_reports_exist_parse_and_add_up(trained_run):
 def test_tta_flip_is_the_mean_of_both_logits(trained_run, prepared_root):
     model = model_utils.load_trained(os.path.join(trained_run["out_dir"], "best.pth"), 3)
     loader = data_utils.build_loader(prepared_root, "val", 32, 8, CPU, workers=1)
-    plain, labels = evaluate.collect_logits(model, loader, None)
+    plain, labels = train.collect_logits(model, loader, None)
     flipped_logits = torch.cat([model(images.flip(3)).detach() for images, _ in loader])
-    tta, tta_labels = evaluate.collect_logits(model, loader, None, tta="flip")
+    tta, tta_labels = train.collect_logits(model, loader, None, tta="flip")
     assert torch.equal(labels, tta_labels)
     assert torch.allclose(tta, (plain + flipped_logits) / 2, atol=1e-5)
 
