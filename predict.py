@@ -128,7 +128,7 @@ def main(args):
                 print(f"error: {e}", file=sys.stderr)
         if not images:
             continue
-        for path, top in zip(chunk, predictor.predict(images, args.topk)):
+        for path, image, top in zip(chunk, images, predictor.predict(images, args.topk)):
             entry = {"file": path, "topk": [{"class": c, "probability": p} for c, p in top]}
             print(f"{path}: " + ", ".join(f"{c} {p:.3f}" for c, p in top))
             if args.gradcam:
@@ -138,7 +138,9 @@ def main(args):
                 stem = f"{parent}__{os.path.splitext(os.path.basename(path))[0]}_{args.cam_method}"
                 used[stem] = used.get(stem, 0) + 1
                 overlay = os.path.join(args.out_dir, stem + (f"_{used[stem]}" if used[stem] > 1 else "") + ".png")
-                entry["gradcam_class"] = predictor.heatmap(path, overlay, args.target, args.cam_method, args.layer)
+                # The decoded image and its prediction are at hand: no second decode, no extra forward pass.
+                entry["gradcam_class"] = predictor.heatmap(image, overlay, args.target or top[0][0], args.cam_method,
+                                                           args.layer)
                 entry["gradcam"] = overlay
             results.append(entry)
     if args.json:
