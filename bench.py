@@ -100,32 +100,17 @@ class PlainLoader:
         shutil.rmtree(self.link_root, ignore_errors=True)
 
 
-if data_utils.HAVE_DALI:
-    from nvidia.dali import fn, pipeline_def
-
-    @pipeline_def
-    def decode_only_pipeline(image_root, files, decoder_device):
-        jpegs, _ = fn.readers.file(file_root=image_root, files=files, name="Reader", shuffle_after_epoch=True,
-                                   pad_last_batch=True)
-        return data_utils.decode_random_crop(jpegs, decoder_device, data_utils.RRC_SCALE[0])
-
-
 class DecodeOnly:
     """The DALI train pipeline's first step alone (JPEG decode of a random crop, variable-size uint8, no resize,
     flip or normalise): a ceiling for the whole pipeline on this device. Iterates one epoch of (images, None)."""
 
     def __init__(self, data_root, files, batch_size, workers, device):
-        self.pipe = decode_only_pipeline(os.path.join(data_root, data_utils.IMAGES_DIR), files,
-                                         "mixed" if device.type == "cuda" else "cpu", batch_size=batch_size,
-                                         num_threads=workers, seed=1,
-                                         device_id=(device.index or 0) if device.type == "cuda" else None)
-        self.pipe.build()
-        self.num_images, self.batch_size = len(files), batch_size
+        self.pipe = data_utils.first_step_pipe(os.path.join(data_root, data_utils.IMAGES_DIR), files, device,
+                                               workers, batch_size, train=True)
+        self.num_images = len(files)
 
     def __iter__(self):
-        for start in range(0, self.num_images, self.batch_size):
-            images, = self.pipe.run()
-            real = min(self.batch_size, self.num_images - start)  # the reader pads the last batch
+        for images, real in data_utils.epoch_batches(self.pipe, self.num_images):
             yield [images[i] for i in range(real)], None
 
 

@@ -317,10 +317,33 @@ class TorchLoader:
 
 if HAVE_DALI:
     @pipeline_def
-    def resize_pipeline(image_root, files, shorter, dali_device):
-        """Decode and resize the shorter side, in file order: the first half of the val pipeline."""
-        jpegs, _ = fn.readers.file(file_root=image_root, files=files, name="Reader", pad_last_batch=True)
-        return decode_resize_shorter(jpegs, "mixed" if dali_device == "gpu" else "cpu", shorter)
+    def first_step_pipeline(image_root, files, dali_device, train, shorter, crop_scale_min):
+        """The train or val pipeline's first step alone: train decodes a random crop (bench.py times it as the
+        pipeline's ceiling), val decodes and resizes the shorter side (the --cache decode pass)."""
+        jpegs, _ = fn.readers.file(file_root=image_root, files=files, name="Reader", shuffle_after_epoch=train,
+                                   pad_last_batch=True)
+        decoder_device = "mixed" if dali_device == "gpu" else "cpu"
+        if train:
+            return decode_random_crop(jpegs, decoder_device, crop_scale_min)
+        return decode_resize_shorter(jpegs, decoder_device, shorter)
+
+
+def first_step_pipe(image_root, files, device, workers, batch_size, train, shorter=None, crop_scale_min=RRC_SCALE[0]):
+    """A built first_step_pipeline on `device`; iterate it with epoch_batches()."""
+    on_gpu = device.type == "cuda"
+    pipe = first_step_pipeline(image_root, files, "gpu" if on_gpu else "cpu", train, shorter, crop_scale_min,
+                               batch_size=batch_size, num_threads=workers,
+                               device_id=(device.index or 0) if on_gpu else None, seed=0)
+    pipe.build()
+    return pipe
+
+
+def epoch_batches(pipe, num_images):
+    """One epoch of a single-output reader pipeline: (TensorList, how many of it are real images) per batch; the
+    reader pads the last batch with repeats."""
+    for start in range(0, num_images, pipe.max_batch_size):
+        (out,) = pipe.run()
+        yield out, min(pipe.max_batch_size, num_images - start)
 
 
 def decode_resized(image_root, files, shorter, device, workers, use_dali):
@@ -328,15 +351,11 @@ def decode_resized(image_root, files, shorter, device, workers, use_dali):
     flat buffer on `device`: (pixels, offsets, heights, widths), the last three as int64 numpy arrays."""
     arrays = []
     if use_dali:
-        on_gpu, batch = device.type == "cuda", 64
-        pipe = resize_pipeline(image_root, files, shorter, "gpu" if on_gpu else "cpu", batch_size=batch,
-                               num_threads=workers, device_id=(device.index or 0) if on_gpu else None, seed=0)
         try:
-            pipe.build()
-            while len(arrays) < len(files):
-                (out,) = pipe.run()
+            pipe = first_step_pipe(image_root, files, device, workers, 64, train=False, shorter=shorter)
+            for out, real in epoch_batches(pipe, len(files)):
                 out = out.as_cpu() if hasattr(out, "as_cpu") else out  # GPU-decoded: packed on the host once
-                arrays.extend(np.array(out.at(i)) for i in range(min(batch, len(files) - len(arrays))))
+                arrays.extend(np.array(out.at(i)) for i in range(real))
         except RuntimeError as e:
             raise _decode_error(e, image_root) from None
     else:

@@ -81,15 +81,14 @@ def plot_confusion(confusion, classes, path):
     plt.close(fig)
 
 
-def plot_wrong(logits, labels, files, image_root, classes, path, count=16):
-    """A grid of the most confidently wrong images with their true and predicted labels; returns their list."""
+def plot_wrong(logits, pred, labels, files, image_root, classes, path, count=16):
+    """A grid of the most confidently wrong images with their true and predicted labels (`pred`: split_metrics'
+    top-1, so the grid and the figures count the same mistakes); returns their list."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from PIL import Image
 
-    probs = logits.softmax(1)
-    conf, pred = probs.max(1)
+    conf = logits.softmax(1).gather(1, pred[:, None])[:, 0]
     wrong = (pred != labels).nonzero().flatten()
     order = wrong[conf[wrong].argsort(descending=True)][:count].tolist()
     listed = [{"file": files[i], "true": classes[labels[i]], "predicted": classes[pred[i]],
@@ -100,8 +99,7 @@ def plot_wrong(logits, labels, files, image_root, classes, path, count=16):
     for ax in axes.flat:
         ax.axis("off")
     for ax, item in zip(axes.flat, listed):
-        with Image.open(os.path.join(image_root, item["file"])) as img:
-            ax.imshow(img.convert("RGB"))
+        ax.imshow(data_utils.load_rgb(os.path.join(image_root, item["file"])))
         ax.set_title(f"true: {item['true']}\npred: {item['predicted']} ({item['confidence']:.2f})", fontsize=8)
     if not listed:
         axes.flat[0].text(0.5, 0.5, "no wrong predictions", ha="center")
@@ -221,8 +219,8 @@ def evaluate_checkpoint(args):
     os.makedirs(out_dir, exist_ok=True)
     write_per_class(m, classes, os.path.join(out_dir, "per_class.csv"))
     plot_confusion(m["confusion"], classes, os.path.join(out_dir, "confusion.png"))
-    wrong = plot_wrong(logits, labels, files, os.path.join(cfg["data_root"], data_utils.IMAGES_DIR), classes,
-                       os.path.join(out_dir, "wrong.png"))
+    wrong = plot_wrong(logits, m["pred"], labels, files, os.path.join(cfg["data_root"], data_utils.IMAGES_DIR),
+                       classes, os.path.join(out_dir, "wrong.png"))
     report = {"checkpoint": os.path.abspath(path), "split": args.split, "tta": args.tta, "arch": cfg["arch"],
               "img_size": cfg["img_size"], "amp": str(amp_dtype), **{k: m[k] for k in
                                                                      ("top1", "top5", "mean_class_acc", "loss",

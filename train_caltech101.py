@@ -317,7 +317,7 @@ def split_metrics(logits, labels, num_classes):
         "loss": F.cross_entropy(logits, labels).item(),
         "images": int(labels.numel()),
         "support": support.tolist(), "correct": correct.tolist(), "predicted": predicted.tolist(),
-        "recall": recall.tolist(), "precision": precision.tolist(), "confusion": confusion.cpu(),
+        "recall": recall.tolist(), "precision": precision.tolist(), "confusion": confusion.cpu(), "pred": pred,
     }
 
 
