@@ -36,8 +36,9 @@ import torch.nn.functional as F
 
 import augment
 import data_utils
+import engine
 import model_utils
-import train_caltech101 as train
+import presets
 
 SECTIONS = ("data", "step", "e2e", "eval")
 
@@ -115,7 +116,7 @@ class DecodeOnly:
 
 
 def kit_loader(args, device, files, labels, train_split, cache, batch_size):
-    amp_dtype, _ = train.resolve_amp(args.amp, device)
+    amp_dtype, _ = engine.resolve_amp(args.amp, device)
     loader_args = (os.path.join(args.data_root, data_utils.IMAGES_DIR), files, labels, train_split, args.img_size,
                    batch_size, device, amp_dtype or torch.float32, args.workers, 0)
     return data_utils.CacheLoader(*loader_args) if cache else data_utils.DaliLoader(*loader_args)
@@ -181,14 +182,14 @@ def make_model(args, device, channels_last, fused):
 
 def kit_trainer(args, device, compile_model=False):
     """A function(loader) -> train_one_epoch statistics, with the kit's model, optimizer, AMP and mixing."""
-    amp_dtype, use_scaler = train.resolve_amp(args.amp, device)
+    amp_dtype, use_scaler = engine.resolve_amp(args.amp, device)
     model, optimizer = make_model(args, device, channels_last=True, fused=True)
     step_model = torch.compile(model) if compile_model else model
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     mixer = augment.MixupCutmix(101, 0.2, 1.0, seed=0)
     cfg = dict(freeze="none", grad_clip=0.0, log_every=10 ** 9, progress=False)
-    return lambda loader: train.train_one_epoch(step_model, loader, optimizer, scheduler, scaler, mixer, amp_dtype,
+    return lambda loader: engine.train_one_epoch(step_model, loader, optimizer, scheduler, scaler, mixer, amp_dtype,
                                                 cfg, epoch=0)
 
 
@@ -212,7 +213,7 @@ def bench_step(args, device):
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=generator)
     labels = torch.randint(0, 101, (args.batch_size,), generator=generator).to(device)
-    amp_dtype, _ = train.resolve_amp(args.amp, device)
+    amp_dtype, _ = engine.resolve_amp(args.amp, device)
     kit_images = images.to(device, dtype=amp_dtype or torch.float32, memory_format=torch.channels_last)
     plain_model, plain_opt = make_model(args, device, channels_last=False, fused=False)
     plain_batches = RepeatBatch(images.to(device), labels, args.steps)
@@ -256,7 +257,7 @@ def bench_e2e(args, device):
 
 def bench_eval(args, device):
     files, labels = split_subset(args.data_root, "val", args.images)
-    amp_dtype, _ = train.resolve_amp(args.amp, device)
+    amp_dtype, _ = engine.resolve_amp(args.amp, device)
     val = kit_loader(args, device, files, labels, False, False, args.eval_batch_size)
     kit_model, _ = make_model(args, device, channels_last=True, fused=False)
     plain_model, _ = make_model(args, device, channels_last=False, fused=False)
@@ -273,7 +274,7 @@ def bench_eval(args, device):
         return seen / (time.perf_counter() - start)
 
     with PlainLoader(args.data_root, files, args.img_size, args.eval_batch_size, args.workers, False) as plain:
-        kit_eval = lambda: train.evaluate(kit_model, val, 101, amp_dtype)["val_images_per_s"]  # noqa: E731
+        kit_eval = lambda: engine.evaluate(kit_model, val, 101, amp_dtype)["val_images_per_s"]  # noqa: E731
         rates = median_rounds(args.rounds, kit=kit_eval, plain=lambda: plain_eval(plain))
     return [row("eval", f"kit evaluate (DALI val, {amp_dtype}, channels_last)", rates["kit"],
                 "plain fp32 NCHW, ImageFolder + PIL", rates["plain"], images=len(files))]
@@ -301,14 +302,14 @@ def get_args_parser():
 
 
 def main(args):
-    device = train.resolve_device(args.device)
+    device = engine.resolve_device(args.device)
     wanted = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in wanted if s not in SECTIONS]
     if unknown:
-        raise train.presets.ConfigError(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+        raise presets.ConfigError(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
     for name in ("img_size", "batch_size", "eval_batch_size", "workers", "steps", "rounds"):
         if getattr(args, name) < 1:
-            raise train.presets.ConfigError(f"--{name} must be at least 1, got {getattr(args, name)}")
+            raise presets.ConfigError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
@@ -332,5 +333,5 @@ def main(args):
 if __name__ == "__main__":
     try:
         main(get_args_parser().parse_args())
-    except (train.presets.ConfigError, data_utils.DataError, model_utils.ModelError) as e:
+    except (presets.ConfigError, data_utils.DataError, model_utils.ModelError) as e:
         sys.exit(f"error: {e}")

@@ -150,7 +150,7 @@ def _extract_zip(path, dest):
 
 
 def _find_images_dir(root):
-    for dirpath, dirnames, _ in os.walk(root):
+    for dirpath, _, _ in os.walk(root):
         if os.path.basename(dirpath) == IMAGES_DIR:
             return dirpath
     raise PrepareError(f"no '{IMAGES_DIR}/' folder inside the archive")

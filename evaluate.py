@@ -14,36 +14,17 @@ Writes into <run>/eval_<split>[_flip]/: report.json, per_class.csv, confusion.pn
 import argparse
 import csv
 import json
-import math
 import os
 import sys
 
 import torch
 
 import data_utils
+import engine
 import model_utils
+import plots
 import presets
-import train_caltech101 as train
-
-
-def resolve_checkpoint(path):
-    """(checkpoint file, run folder) for a .pth or a run folder (its best.pth)."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "best.pth")
-    if not os.path.isfile(path):
-        raise model_utils.ModelError(f"no checkpoint at {path}")
-    return path, os.path.dirname(os.path.abspath(path))
-
-
-def read_run_config(run_dir):
-    path = os.path.join(run_dir, "config.json")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise presets.ConfigError(f"no config.json in {run_dir}: pass --arch, --img_size and --data_root") from None
-    except ValueError as e:
-        raise presets.ConfigError(f"{path} is not valid JSON: {e}") from None
+from checkpoint import read_metrics, read_run_config, resolve_checkpoint
 
 
 def write_per_class(m, classes, path):
@@ -54,108 +35,6 @@ def write_per_class(m, classes, path):
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-
-
-def plot_confusion(confusion, classes, path):
-    """Row-normalised confusion matrix, sized so that 101 class names stay legible."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(classes)
-    rates = confusion.double() / confusion.sum(1, keepdim=True).clamp(min=1)
-    side = max(6.0, 0.16 * n + 2)
-    fig, ax = plt.subplots(figsize=(side, side))
-    im = ax.imshow(rates.numpy(), cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
-    ax.set_xticks(range(n))
-    ax.set_yticks(range(n))
-    font = 9 if n <= 30 else 5
-    ax.set_xticklabels(classes, rotation=90, fontsize=font)
-    ax.set_yticklabels(classes, fontsize=font)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title("confusion matrix (each row sums to 1)")
-    fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_wrong(logits, pred, labels, files, image_root, classes, path, count=16):
-    """A grid of the most confidently wrong images with their true and predicted labels (`pred`: split_metrics'
-    top-1, so the grid and the figures count the same mistakes); returns their list."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    conf = logits.softmax(1).gather(1, pred[:, None])[:, 0]
-    wrong = (pred != labels).nonzero().flatten()
-    order = wrong[conf[wrong].argsort(descending=True)][:count].tolist()
-    listed = [{"file": files[i], "true": classes[labels[i]], "predicted": classes[pred[i]],
-               "confidence": conf[i].item()} for i in order]
-    cols = 4
-    rows = max(1, math.ceil(len(order) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 3.2, rows * 3.4), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, item in zip(axes.flat, listed):
-        ax.imshow(data_utils.load_rgb(os.path.join(image_root, item["file"])))
-        ax.set_title(f"true: {item['true']}\npred: {item['predicted']} ({item['confidence']:.2f})", fontsize=8)
-    if not listed:
-        axes.flat[0].text(0.5, 0.5, "no wrong predictions", ha="center")
-    fig.suptitle("most confidently wrong")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return listed
-
-
-def read_metrics(run_dir):
-    path = os.path.join(run_dir, "metrics.csv")
-    try:
-        with open(path) as f:
-            return [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()}
-                    for row in csv.DictReader(f)]
-    except FileNotFoundError:
-        raise presets.ConfigError(f"no metrics.csv in {run_dir}: is it a training run folder?") from None
-
-
-def plot_curves(run_dir, path=None):
-    """curves.png: train/val loss, accuracies and the LR of every parameter group, per epoch."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = read_metrics(run_dir)
-    path = path or os.path.join(run_dir, "curves.png")
-    epochs = [r["epoch"] for r in rows]
-
-    def series(key):
-        points = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None]
-        return [p[0] for p in points], [p[1] for p in points]
-
-    fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(16, 4.5))
-    ax_loss.plot(*series("train_loss"), label="train (mixed targets)")
-    ax_loss.plot(*series("val_loss"), "o-", label="val")
-    ax_loss.set_title("loss")
-    ax_acc.plot(*series("train_acc"), label="train top-1")
-    ax_acc.plot(*series("val_top1"), "o-", label="val top-1")
-    ax_acc.plot(*series("val_mean_class_acc"), "s-", label="val mean per-class")
-    ax_acc.set_title("accuracy")
-    for key in (k for k in rows[0] if k.startswith("lr_")):
-        ax_lr.plot(*series(key), label=key[3:])
-    ax_lr.set_title("learning rate (end of epoch)")
-    if all(r[k] > 0 for r in rows for k in r if k.startswith("lr_") and r[k] is not None):
-        ax_lr.set_yscale("log")  # a schedule that ends at 0 stays linear
-    for ax in (ax_loss, ax_acc, ax_lr):
-        ax.set_xlabel("epoch")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    fig.suptitle(os.path.basename(os.path.normpath(run_dir)) + f" ({len(epochs)} epochs)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 def compare_runs(run_dirs):
@@ -201,8 +80,8 @@ def evaluate_checkpoint(args):
     for key in ("data_root", "loader", "device", "workers"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
-    device = train.resolve_device(cfg["device"])
-    amp_dtype, _ = train.resolve_amp(cfg["amp"], device)
+    device = engine.resolve_device(cfg["device"])
+    amp_dtype, _ = engine.resolve_amp(cfg["amp"], device)
     classes = data_utils.read_classes(cfg["data_root"])
     model = model_utils.load_trained(path, len(classes), cfg["arch"])
     memory_format = torch.channels_last if cfg.get("channels_last", True) else torch.contiguous_format
@@ -212,14 +91,14 @@ def evaluate_checkpoint(args):
                                      dtype=amp_dtype or torch.float32, loader=cfg["loader"], workers=cfg["workers"],
                                      seed=cfg["seed"])
     files, _ = data_utils.read_split(cfg["data_root"], args.split)
-    logits, labels = train.collect_logits(model, loader, amp_dtype, args.tta)
+    logits, labels = engine.collect_logits(model, loader, amp_dtype, args.tta)
     logits, labels = logits.cpu(), labels.cpu()
-    m = train.split_metrics(logits, labels, len(classes))
+    m = engine.split_metrics(logits, labels, len(classes))
     out_dir = args.out_dir or os.path.join(run_dir, f"eval_{args.split}" + ("_flip" if args.tta == "flip" else ""))
     os.makedirs(out_dir, exist_ok=True)
     write_per_class(m, classes, os.path.join(out_dir, "per_class.csv"))
-    plot_confusion(m["confusion"], classes, os.path.join(out_dir, "confusion.png"))
-    wrong = plot_wrong(logits, m["pred"], labels, files, os.path.join(cfg["data_root"], data_utils.IMAGES_DIR),
+    plots.plot_confusion(m["confusion"], classes, os.path.join(out_dir, "confusion.png"))
+    wrong = plots.plot_wrong(logits, m["pred"], labels, files, os.path.join(cfg["data_root"], data_utils.IMAGES_DIR),
                        classes, os.path.join(out_dir, "wrong.png"))
     report = {"checkpoint": os.path.abspath(path), "split": args.split, "tta": args.tta, "arch": cfg["arch"],
               "img_size": cfg["img_size"], "amp": str(amp_dtype), **{k: m[k] for k in
@@ -244,7 +123,7 @@ def main(args):
     if args.compare:
         print(compare_runs(args.compare))
     elif args.curves:
-        print(plot_curves(args.curves))
+        print(plots.plot_curves(args.curves))
     elif args.checkpoint:
         return evaluate_checkpoint(args)
     else:

@@ -20,8 +20,8 @@ import sys
 
 import torch
 
+import checkpoint
 import data_utils
-import evaluate
 import gradcam
 import model_utils
 import presets
@@ -30,9 +30,9 @@ import presets
 class Predictor:
     """A trained run ready to predict: model, class names and the run's val preprocessing."""
 
-    def __init__(self, checkpoint, device="cpu", data_root=None):
-        path, run_dir = evaluate.resolve_checkpoint(checkpoint)
-        cfg = evaluate.read_run_config(run_dir)
+    def __init__(self, run, device="cpu", data_root=None):
+        path, run_dir = checkpoint.resolve_checkpoint(run)
+        cfg = checkpoint.read_run_config(run_dir)
         self.classes = data_utils.read_classes(data_root or cfg["data_root"])
         self.img_size = cfg["img_size"]
         self.device = torch.device(device)

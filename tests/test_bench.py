@@ -25,9 +25,9 @@ def test_bench_reports_both_sides_and_their_ratio(prepared_root, tmp_path):
 
 
 def test_bench_rejects_unknown_sections_and_nonsense(prepared_root):
-    with pytest.raises(bench.train.presets.ConfigError, match="choose from data, step, e2e, eval"):
+    with pytest.raises(bench.presets.ConfigError, match="choose from data, step, e2e, eval"):
         bench.main(bench.get_args_parser().parse_args(["--data_root", prepared_root, "--only", "disk"]))
-    with pytest.raises(bench.train.presets.ConfigError, match="--rounds must be at least 1"):
+    with pytest.raises(bench.presets.ConfigError, match="--rounds must be at least 1"):
         bench.main(bench.get_args_parser().parse_args(["--data_root", prepared_root, "--rounds", "0"]))
 
 

@@ -10,9 +10,11 @@ import torch
 from PIL import Image
 
 import data_utils
+import engine
 import evaluate
 import gradcam
 import model_utils
+import plots
 import predict
 import presets
 import train_caltech101 as train
@@ -65,16 +67,16 @@ def test_reports_exist_parse_and_add_up(trained_run):
 def test_tta_flip_is_the_mean_of_both_logits(trained_run, prepared_root):
     model = model_utils.load_trained(os.path.join(trained_run["out_dir"], "best.pth"), 3)
     loader = data_utils.build_loader(prepared_root, "val", 32, 8, CPU, workers=1)
-    plain, labels = train.collect_logits(model, loader, None)
+    plain, labels = engine.collect_logits(model, loader, None)
     flipped_logits = torch.cat([model(images.flip(3)).detach() for images, _ in loader])
-    tta, tta_labels = train.collect_logits(model, loader, None, tta="flip")
+    tta, tta_labels = engine.collect_logits(model, loader, None, tta="flip")
     assert torch.equal(labels, tta_labels)
     assert torch.allclose(tta, (plain + flipped_logits) / 2, atol=1e-5)
 
 
 def test_curves_and_comparison_table(trained_run, prepared_root, tmp_path):
     assert os.path.isfile(os.path.join(trained_run["out_dir"], "curves.png"))  # written at the end of training
-    path = evaluate.plot_curves(trained_run["out_dir"], str(tmp_path / "c.png"))
+    path = plots.plot_curves(trained_run["out_dir"], str(tmp_path / "c.png"))
     with Image.open(path) as img:
         assert img.width > 800
     other = presets.resolve("r18_pretrain_lowwd_mix02", dict(data_root=prepared_root, out_dir=str(tmp_path), epochs=1,

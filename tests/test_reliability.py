@@ -12,7 +12,9 @@ import time
 import pytest
 import torch
 
+import checkpoint
 import data_utils
+import engine
 import model_utils
 import presets
 import train_caltech101 as train
@@ -135,10 +137,10 @@ def test_a_failed_save_keeps_the_previous_checkpoint(prepared_root, tmp_path, mo
             raise OSError(errno.ENOSPC, "No space left on device")
         raise RuntimeError("power cut simulation")
 
-    monkeypatch.setattr(train.torch, "save", failing_save)
+    monkeypatch.setattr(checkpoint.torch, "save", failing_save)
     more = dict(cfg, epochs=2, resume="auto")
     more.pop("exp")
-    expected = (train.TrainingError, "no space left on device") if fault == "enospc" else (RuntimeError, "power cut")
+    expected = (engine.TrainingError, "no space left on device") if fault == "enospc" else (RuntimeError, "power cut")
     with pytest.raises(expected[0], match=expected[1]):
         train.main(presets.resolve("cpu_smoke", more))
     assert open(last, "rb").read() == before
@@ -179,7 +181,7 @@ def test_a_few_nan_losses_are_skipped_and_counted(prepared_root, tmp_path, monke
 
 def test_persistent_nan_stops_and_keeps_the_last_good_checkpoint(prepared_root, tmp_path, monkeypatch):
     monkeypatch.setattr(train.model_utils, "get_model", nan_injecting_get_model(set(range(4, 1000))))
-    with pytest.raises(train.TrainingError, match="3 non-finite losses in a row"):
+    with pytest.raises(engine.TrainingError, match="3 non-finite losses in a row"):
         train.main(tiny_cfg(prepared_root, tmp_path, epochs=5, max_bad_steps=3))
     state = load(os.path.join(str(tmp_path), "cpu_smoke", "last.pth"))
     assert state["next_epoch"] == 2  # epoch 1 (3 good steps) is the last good state
@@ -296,12 +298,13 @@ def test_mid_epoch_checkpoint_resumes_exactly(straight_run, prepared_root, tmp_p
 import shutil, sys
 sys.path.insert(0, {ROOT!r})
 import train_caltech101 as train
-real_save = train.save_atomic
+import checkpoint
+real_save = checkpoint.save_atomic
 def save_and_keep(obj, path):
     real_save(obj, path)
     if isinstance(obj, dict) and (obj.get("next_epoch"), obj.get("next_step")) == (2, 1):
         shutil.copyfile(path, {str(tmp_path / "mid.pth")!r})
-train.save_atomic = save_and_keep
+checkpoint.save_atomic = save_and_keep
 args = train.get_args_parser().parse_args(sys.argv[1:])
 cfg = vars(args)
 exp = cfg.pop("exp")

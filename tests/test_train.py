@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import augment
+import checkpoint
 import data_utils
+import engine
 import model_utils
 import presets
 import train_caltech101 as train
@@ -65,7 +67,7 @@ def test_user_snippet_reproduces_the_saved_model(finished_run, prepared_root):
     model.load_state_dict(torch.load(path, map_location="cpu"))
     model = model.to(memory_format=torch.channels_last)
     val = data_utils.build_loader(prepared_root, "val", 32, 8, CPU, dtype=torch.bfloat16, workers=1)
-    metrics = train.evaluate(model, val, 3, torch.bfloat16)
+    metrics = engine.evaluate(model, val, 3, torch.bfloat16)
     best_row = result["rows"][result["best_epoch"] - 1]
     assert metrics["val_top1"] == best_row["val_top1"]
     assert metrics["val_loss"] == pytest.approx(best_row["val_loss"], rel=1e-6)
@@ -100,7 +102,7 @@ def test_step_runs_channels_last_under_bf16_autocast(prepared_root):
     optimizer = torch.optim.AdamW(groups)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     loader = data_utils.build_loader(prepared_root, "train", 32, 4, CPU, dtype=torch.bfloat16, workers=1)
-    stats = train.train_one_epoch(model, loader, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False),
+    stats = engine.train_one_epoch(model, loader, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False),
                                   augment.MixupCutmix(3, 0.2, 1.0, seed=0), torch.bfloat16, cfg, 1)
     assert seen and all(s == (True, True, torch.bfloat16, torch.bfloat16) for s in seen)
     assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
@@ -108,7 +110,7 @@ def test_step_runs_channels_last_under_bf16_autocast(prepared_root):
 
 
 def test_schedule_warms_up_then_decays():
-    f = train.lr_lambda(total_steps=100, warmup_steps=10, schedule="cosine", min_lr_ratio=0.0)
+    f = engine.lr_lambda(total_steps=100, warmup_steps=10, schedule="cosine", min_lr_ratio=0.0)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(55) == pytest.approx(0.5) and f(100) == pytest.approx(0.0, abs=1e-12)
     assert all(f(s) >= f(s + 1) for s in range(10, 100))
@@ -158,11 +160,11 @@ def test_cached_run_evaluates_as_dali_does_and_resumes_exactly(prepared_root, tm
         ["--checkpoint", os.path.join(straight["out_dir"], "last.pth")]))
     assert report["top1"] == straight["rows"][-1]["val_top1"]
 
-    class StopAtOnce(train.GracefulStop):  # as if SIGTERM arrived during the first step
+    class StopAtOnce(checkpoint.GracefulStop):  # as if SIGTERM arrived during the first step
         signum = property(lambda self: signal.SIGTERM, lambda self, value: None)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train, "GracefulStop", StopAtOnce)
+        mp.setattr(checkpoint, "GracefulStop", StopAtOnce)
         stopped = train.main(tiny_cfg(prepared_root, tmp_path / "halves", cache=True, deterministic=True))
     assert stopped["exit_code"] == 128 + signal.SIGTERM  # stopped after epoch 1, step 1
     resumed = train.main(tiny_cfg(prepared_root, tmp_path / "halves", cache=True, deterministic=True, resume="auto"))
@@ -183,11 +185,11 @@ def test_no_device_reads_between_log_points(prepared_root, monkeypatch):
 
     def count(steps):
         model = model_utils.get_model(num_classes=3).to(memory_format=torch.channels_last)
-        optimizer = train.build_optimizer(model_utils.param_groups(model, 1e-3, 1e-3, 0.0), cfg)
+        optimizer = engine.build_optimizer(model_utils.param_groups(model, 1e-3, 1e-3, 0.0), cfg)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
         loader = (batches * 4)[:steps]
         reads.clear()
-        train.train_one_epoch(model, loader, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False),
+        engine.train_one_epoch(model, loader, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False),
                               augment.MixupCutmix(3, 0.2, 1.0, seed=0), torch.bfloat16, cfg, 1)
         return list(reads)
 

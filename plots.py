@@ -1,0 +1,102 @@
+"""Pictures of a run: training curves, the confusion matrix and the most confidently wrong images.
+
+    plots.plot_curves("checkpoints/cpu_smoke")          # -> checkpoints/cpu_smoke/curves.png
+"""
+import math
+import os
+
+import checkpoint
+import data_utils
+
+
+def plot_confusion(confusion, classes, path):
+    """Row-normalised confusion matrix, sized so that 101 class names stay legible."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(classes)
+    rates = confusion.double() / confusion.sum(1, keepdim=True).clamp(min=1)
+    side = max(6.0, 0.16 * n + 2)
+    fig, ax = plt.subplots(figsize=(side, side))
+    im = ax.imshow(rates.numpy(), cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks(range(n))
+    ax.set_yticks(range(n))
+    font = 9 if n <= 30 else 5
+    ax.set_xticklabels(classes, rotation=90, fontsize=font)
+    ax.set_yticklabels(classes, fontsize=font)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("confusion matrix (each row sums to 1)")
+    fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_wrong(logits, pred, labels, files, image_root, classes, path, count=16):
+    """A grid of the most confidently wrong images with their true and predicted labels (`pred`: split_metrics'
+    top-1, so the grid and the figures count the same mistakes); returns their list."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    conf = logits.softmax(1).gather(1, pred[:, None])[:, 0]
+    wrong = (pred != labels).nonzero().flatten()
+    order = wrong[conf[wrong].argsort(descending=True)][:count].tolist()
+    listed = [{"file": files[i], "true": classes[labels[i]], "predicted": classes[pred[i]],
+               "confidence": conf[i].item()} for i in order]
+    cols = 4
+    rows = max(1, math.ceil(len(order) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 3.2, rows * 3.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, item in zip(axes.flat, listed):
+        ax.imshow(data_utils.load_rgb(os.path.join(image_root, item["file"])))
+        ax.set_title(f"true: {item['true']}\npred: {item['predicted']} ({item['confidence']:.2f})", fontsize=8)
+    if not listed:
+        axes.flat[0].text(0.5, 0.5, "no wrong predictions", ha="center")
+    fig.suptitle("most confidently wrong")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return listed
+
+
+def plot_curves(run_dir, path=None):
+    """curves.png: train/val loss, accuracies and the LR of every parameter group, per epoch."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = checkpoint.read_metrics(run_dir)
+    path = path or os.path.join(run_dir, "curves.png")
+    epochs = [r["epoch"] for r in rows]
+
+    def series(key):
+        points = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None]
+        return [p[0] for p in points], [p[1] for p in points]
+
+    fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(16, 4.5))
+    ax_loss.plot(*series("train_loss"), label="train (mixed targets)")
+    ax_loss.plot(*series("val_loss"), "o-", label="val")
+    ax_loss.set_title("loss")
+    ax_acc.plot(*series("train_acc"), label="train top-1")
+    ax_acc.plot(*series("val_top1"), "o-", label="val top-1")
+    ax_acc.plot(*series("val_mean_class_acc"), "s-", label="val mean per-class")
+    ax_acc.set_title("accuracy")
+    for key in (k for k in rows[0] if k.startswith("lr_")):
+        ax_lr.plot(*series(key), label=key[3:])
+    ax_lr.set_title("learning rate (end of epoch)")
+    if all(r[k] > 0 for r in rows for k in r if k.startswith("lr_") and r[k] is not None):
+        ax_lr.set_yscale("log")  # a schedule that ends at 0 stays linear
+    for ax in (ax_loss, ax_acc, ax_lr):
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle(os.path.basename(os.path.normpath(run_dir)) + f" ({len(epochs)} epochs)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
