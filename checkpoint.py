@@ -1,8 +1,12 @@
-"""Run state on disk: atomic writes, metrics.csv, RNG state, the graceful-stop handler, resuming from last.pth, and
-reading a run folder back (its checkpoint, config and metrics).
+"""Run state on disk: atomic and background checkpoint writes, metrics.csv, RNG state, the graceful-stop handler,
+the run-folder rules, resuming from last.pth, and reading a run folder back (its checkpoint, config, classes).
 
     checkpoint.save_atomic(obj, "checkpoints/run/last.pth")    # temp file, fsync, rename: never a partial file
-    state = checkpoint.load_checkpoint(path, cfg, model, optimizer, scheduler, scaler, mixer, train_loader)
+    run_dir = checkpoint.new_run_dir("checkpoints", "cpu_smoke")  # never an existing run's folder
+
+A run folder holds: best.pth (released weights), best_loss.pth (lowest val loss), last.pth (everything to resume),
+config.json (the resolved settings, the split's identity, the world size), classes.txt, train_list.txt (the
+training images, so evaluation can refuse an overlapping split), metrics.csv, summary.json, tb/, curves.png.
 """
 import csv
 import errno
@@ -10,8 +14,11 @@ import io
 import json
 import os
 import random
+import re
+import shutil
 import signal
 import sys
+import threading
 
 import numpy as np
 import torch
@@ -20,13 +27,18 @@ import model_utils
 import presets
 from engine import TrainingError
 
+RUN_MARKERS = ("config.json", "last.pth", "best.pth", "metrics.csv")
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
 
 def save_atomic(obj, path):
     """torch.save via a temporary file in the same folder, flushed and fsynced, then renamed into place.
 
     A failure or interruption at any point leaves the previous file byte-identical and no partial file behind.
     """
-    tmp = f"{path}.tmp.{os.getpid()}"
+    tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
@@ -59,9 +71,58 @@ def write_text_atomic(text, path):
             os.remove(tmp)
 
 
+def cpu_copy(obj):
+    """A snapshot of a checkpoint: every tensor copied to the host, the rest shared (it is not mutated)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_copy(v) for v in obj)
+    return obj
+
+
+class BackgroundWriter:
+    """Writes checkpoints from a host snapshot in a background thread, so training goes on during the disk write
+    (about 140 MB for ResNet-18 with AdamW state). One write in flight; each is still save_atomic's temp file,
+    fsync and rename. A failed write surfaces as its TrainingError at the next submit() or wait()."""
+
+    def __init__(self):
+        self.thread, self.error = None, None
+
+    def submit(self, obj, path):
+        self.wait()
+        snapshot = cpu_copy(obj)  # taken now: the training step that follows changes the live tensors
+        self.thread = threading.Thread(target=self._write, args=(snapshot, path), name="checkpoint-writer")
+        self.thread.start()
+
+    def _write(self, obj, path):
+        try:
+            save_atomic(obj, path)
+        except BaseException as e:  # noqa: BLE001 - handed to the training thread, which raises it
+            self.error = e
+
+    def wait(self):
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+
+def normalize_rows(rows):
+    """Every row with every column (evaluation columns are empty on epochs without an evaluation)."""
+    keys = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    return [{k: row.get(k, "") for k in keys} for row in rows]
+
+
 def write_metrics(rows, path):
     if not rows:
         return
+    rows = normalize_rows(rows)
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=list(rows[-1].keys()))
     writer.writeheader()
@@ -69,18 +130,22 @@ def write_metrics(rows, path):
     write_text_atomic(out.getvalue(), path)
 
 
+# ---------------------------------------------------------------------------------------------
+# signals and RNG
+
 class GracefulStop:
     """First SIGINT/SIGTERM: finish the current step, save, exit. A second SIGINT interrupts at once."""
 
-    def __init__(self):
-        self.signum = None
+    def __init__(self, quiet=False):
+        self.signum, self.quiet = None, quiet
         self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def _handle(self, signum, frame):
         self.signum = signum
         signal.signal(signal.SIGINT, signal.default_int_handler)  # the next Ctrl-C raises KeyboardInterrupt
-        print(f"\n{signal.Signals(signum).name}: stopping after this step (Ctrl-C again to abort now)",
-              file=sys.stderr, flush=True)
+        if not self.quiet:
+            print(f"\n{signal.Signals(signum).name}: stopping after this step (Ctrl-C again to abort now)",
+                  file=sys.stderr, flush=True)
 
     @property
     def requested(self):
@@ -105,42 +170,117 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def stopped(stop, cfg, next_epoch, next_step, last_path):
-    name = signal.Signals(stop.signum).name
+# ---------------------------------------------------------------------------------------------
+# run folders
+
+def holds_run(folder):
+    return any(os.path.exists(os.path.join(folder, name)) for name in RUN_MARKERS)
+
+
+def run_folders(out_dir, exp):
+    """Existing run folders of `exp` in out_dir, oldest first: exp, exp_2, exp_3, ..."""
+    try:
+        names = os.listdir(out_dir)
+    except FileNotFoundError:
+        return []
+    pattern = re.compile(re.escape(exp) + r"(?:_(\d+))?$")
+    found = [(int(m.group(1) or 1), name) for name in names if (m := pattern.match(name))
+             and os.path.isdir(os.path.join(out_dir, name))]
+    return [os.path.join(out_dir, name) for _, name in sorted(found)]
+
+
+def new_run_dir(out_dir, exp):
+    """out_dir/exp, or the first of exp_2, exp_3, ... that holds no run: a new run never overwrites an old one."""
+    for n in range(1, 10_000):
+        folder = os.path.join(out_dir, exp if n == 1 else f"{exp}_{n}")
+        if not holds_run(folder):
+            return folder
+    raise presets.ConfigError(f"{out_dir} holds 9,999 runs of {exp}: clean it up")
+
+
+def auto_resume_path(out_dir, exp):
+    """--resume auto: the last.pth of the newest run folder of exp (None: start fresh)."""
+    for folder in reversed(run_folders(out_dir, exp)):
+        if os.path.isfile(os.path.join(folder, "last.pth")):
+            return os.path.join(folder, "last.pth")
+    return None
+
+
+def format_flag(key, value):
+    if isinstance(value, bool):
+        value = "true" if value else "false"
+    return f"--{key} {'none' if value is None else value}"
+
+
+def resume_command(cfg, last_path):
+    """The command that continues this run: its preset, every setting that differs from it, and its last.pth."""
+    flags = [format_flag(k, cfg[k]) for k in presets.differing_keys(cfg) if k != "resume"]
+    return " ".join(["python train_caltech101.py", f"--exp {cfg['exp']}", *flags, f"--resume {last_path}"])
+
+
+def stopped(signum, cfg, next_epoch, next_step, last_path):
+    name = signal.Signals(signum).name
     print(f"{name}: state saved to {last_path} (next: epoch {next_epoch}, step {next_step}). Resume with:\n"
-          f"  python train_caltech101.py --exp {cfg['exp']} --resume auto [the same flags as before]", flush=True)
-    return {"exit_code": 128 + stop.signum, "out_dir": os.path.dirname(last_path)}
+          f"  {resume_command(cfg, last_path)}\n  (under torchrun: the same torchrun command with these flags)",
+          flush=True)
+    return {"exit_code": 128 + signum, "out_dir": os.path.dirname(last_path)}
 
 
-def normalize_rows(rows):
-    """Every row with every column (evaluation columns are empty on epochs without an evaluation)."""
-    keys = []
-    for row in rows:
-        keys += [k for k in row if k not in keys]
-    return [{k: row.get(k, "") for k in keys} for row in rows]
+# ---------------------------------------------------------------------------------------------
+# resuming
 
-
-def load_checkpoint(path, cfg, model, optimizer, scheduler, scaler, mixer, train_loader):
-    """Restore every piece of training state from a last.pth; returns the loop state."""
+def read_training_checkpoint(path):
     ckpt = model_utils.safe_load(path)
-    if not isinstance(ckpt, dict) or "optimizer" not in ckpt or "next_epoch" not in ckpt:
+    if not isinstance(ckpt, dict) or "optimizer" not in ckpt or "next_epoch" not in ckpt or "config" not in ckpt:
         raise presets.ConfigError(f"--resume {path}: not a last.pth training checkpoint of this kit")
-    if ckpt["arch"] != cfg["arch"] or ckpt["num_classes"] != model.fc.out_features:
-        raise presets.ConfigError(f"--resume {path}: it is a {ckpt['arch']} with {ckpt['num_classes']} classes, "
-                                  f"this run is a {cfg['arch']} with {model.fc.out_features}")
+    return ckpt
+
+
+def resume_settings(ckpt, cfg, explicit, path):
+    """The settings of a resumed run: the checkpoint's, except where the command line asked otherwise; a
+    run-defining setting (presets.RUN_DEFINING) that differs is refused, any other is applied with a note.
+    `explicit`: the keys the user set (None: every key of cfg counts as set)."""
+    saved, notes = dict(ckpt["config"]), []
+    merged = dict(saved)
+    for key in presets.DEFAULTS:
+        if key in ("resume", "out_dir", "name") or cfg.get(key) == saved.get(key):  # the run folder is last.pth's
+            continue
+        if explicit is not None and key not in explicit:
+            continue  # not asked for: the run's own value
+        if key in presets.RUN_DEFINING:
+            raise presets.ConfigError(
+                f"--resume {path}: {key} was {saved.get(key)!r} in this run, the command asks {cfg.get(key)!r}; a "
+                f"resumed run keeps the settings that define it (to change it, start a new run with --weights)")
+        merged[key] = cfg[key]
+        notes.append(f"{key} {saved.get(key)!r} -> {cfg[key]!r}")
+    merged["resume"] = cfg["resume"]
+    return merged, notes
+
+
+def restore(ckpt, path, model, optimizer, scheduler, scaler, mixer, loader, ema, stopper, rank, world):
+    """Put every piece of training state back from a last.pth; returns (loop state, notes)."""
+    notes = []
     model_utils.unwrap(model).load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"])
-    mixer.rng.bit_generator.state = ckpt["mixer_rng"]
-    if ckpt.get("loader_kind") == train_loader.kind:
-        train_loader.load_state_dict(ckpt["loader"])
+    if ema is not None and ckpt.get("ema") is not None:
+        ema.load_state_dict(ckpt["ema"])
+    stopper.load_state_dict(ckpt["early_stopping"])
+    loader.load_state_dict(ckpt["loader"])
+    ranks = ckpt["ranks"]
+    if len(ranks) == world:
+        set_rng_state(ranks[rank]["rng"])
+        mixer.rng.bit_generator.state = ranks[rank]["mixer_rng"]
     else:
-        print(f"note: {path} was written with the {ckpt.get('loader_kind')} loader, this run uses the "
-              f"{train_loader.kind} loader: the data order restarts")
-    return {k: ckpt[k] for k in ("next_epoch", "next_step", "best_top1", "best_epoch", "rows")}
+        notes.append(f"{path} was written by {len(ranks)} process(es), this run has {world}: the data order and crops "
+                     f"continue exactly, each rank's MixUp/CutMix draws and BatchNorm batches start afresh")
+    state = {k: ckpt[k] for k in ("next_epoch", "next_step", "rows")}
+    return state, notes
 
+
+# ---------------------------------------------------------------------------------------------
+# reading a run folder back
 
 def resolve_checkpoint(path):
     """(checkpoint file, run folder) for a .pth or a run folder (its best.pth)."""
@@ -151,13 +291,16 @@ def resolve_checkpoint(path):
     return path, os.path.dirname(os.path.abspath(path))
 
 
-def read_run_config(run_dir):
+def read_run_config(run_dir, required=True):
     path = os.path.join(run_dir, "config.json")
     try:
         with open(path) as f:
             return json.load(f)
     except FileNotFoundError:
-        raise presets.ConfigError(f"no config.json in {run_dir}: pass --arch, --img_size and --data_root") from None
+        if not required:
+            return None
+        raise presets.ConfigError(f"no config.json in {run_dir}: not a run folder (for bare weights pass --arch, "
+                                  f"--img_size and --classes)") from None
     except ValueError as e:
         raise presets.ConfigError(f"{path} is not valid JSON: {e}") from None
 
@@ -171,3 +314,6 @@ def read_metrics(run_dir):
     except FileNotFoundError:
         raise presets.ConfigError(f"no metrics.csv in {run_dir}: is it a training run folder?") from None
 
+
+def copy_into_run(src, run_dir, name):
+    shutil.copyfile(src, os.path.join(run_dir, name))

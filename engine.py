@@ -1,16 +1,19 @@
-"""The training engine: device and precision choice, optimizer and LR schedule, one training epoch, and the one
-evaluation loop and metrics definition that training, evaluate.py and bench.py all use.
+"""The training engine: device and precision choice, optimizer and LR schedule, one training epoch, weight EMA,
+early stopping, and the one evaluation loop and metrics definition that training, evaluate.py and bench.py use.
 
     import engine
     device = engine.resolve_device("auto"); amp_dtype, use_scaler = engine.resolve_amp("auto", device)
     stats = engine.train_one_epoch(model, loader, optimizer, scheduler, scaler, mixer, amp_dtype, cfg, epoch=1)
     metrics = engine.evaluate(model, val_loader, num_classes, amp_dtype)
 
-Plain functions, no trainer object: train_caltech101.py tells the story of a run with them.
+Plain functions and two small state holders (ModelEma, EarlyStopping), no trainer object: train_caltech101.py
+tells the story of a run with them. Under torchrun the same functions run on every rank (distributed.py).
 """
+import copy
 import math
 import os
 import random
+import shutil
 import sys
 import time
 
@@ -19,24 +22,55 @@ import torch
 import torch.nn.functional as F
 
 import augment
+import distributed
 import model_utils
 import presets
 
 
-def resolve_device(name):
+class TrainingError(Exception):
+    """The run cannot go on (too many non-finite losses, a checkpoint that cannot be written): one line."""
+
+
+def nvidia_gpu_present():
+    return shutil.which("nvidia-smi") is not None or os.path.exists("/dev/nvidia0")
+
+
+def resolve_device(name, local_rank=None):
+    """The torch.device for a --device setting; under torchrun (local_rank given) a CUDA run uses cuda:LOCAL_RANK."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise presets.ConfigError("device=cuda but no CUDA device is visible; use --device cpu")
-    return torch.device(name)
+        if not torch.cuda.is_available():
+            if nvidia_gpu_present():
+                print(f"warning: an NVIDIA GPU is present but this torch {torch.__version__} (built for CUDA "
+                      f"{torch.version.cuda}) cannot use it, usually a driver older than that CUDA: training on the "
+                      f"CPU; install the torch wheel for your CUDA version (README, Install)", file=sys.stderr)
+            return torch.device("cpu")
+        name = "cuda"
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise presets.ConfigError(f"device={name} but no CUDA device is visible (torch {torch.__version__}, built "
+                                  f"for CUDA {torch.version.cuda}); use --device cpu")
+    if name == "cuda":
+        index = local_rank if local_rank is not None else torch.cuda.current_device()
+    else:
+        index = int(name.split(":", 1)[1])
+        if local_rank is not None:
+            raise presets.ConfigError(f"device={name}: under torchrun each rank uses cuda:LOCAL_RANK; choose the GPUs "
+                                      f"with CUDA_VISIBLE_DEVICES and pass --device cuda")
+        if index >= torch.cuda.device_count():
+            raise presets.ConfigError(f"device={name} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
 
 
 def resolve_amp(amp, device):
-    """(autocast dtype or None, use GradScaler)."""
+    """(autocast dtype or None, use GradScaler). auto: bf16 only where it runs natively (CUDA compute capability
+    8.0+, i.e. Ampere and newer; CPUs with AVX-512 bf16), fp16 with a GradScaler on older GPUs (T4, V100, RTX 20xx:
+    their bf16 is emulated and slow although torch.cuda.is_bf16_supported() says yes), off on other CPUs."""
     if amp == "auto":
         if device.type == "cuda":
-            amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:  # bf16 pays off only where the CPU has native bf16 instructions
+            amp = "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
+        else:
             native_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
             amp = "bf16" if native_bf16 else "off"
     if amp == "fp16" and device.type != "cuda":
@@ -50,12 +84,16 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def lr_lambda(total_steps, warmup_steps, schedule, min_lr_ratio):
-    """Multiplier of the peak LR at each step: linear warmup, then cosine/linear/constant decay."""
+def lr_lambda(total_steps, warmup_steps, schedule, min_lr_ratio, start_step=0):
+    """Multiplier of a group's peak LR at each step: 0 before start_step (a frozen stage), then a linear warmup
+    over warmup_steps, then cosine/linear/constant decay to min_lr_ratio at total_steps."""
     def factor(step):
+        if step < start_step:
+            return 0.0
+        step -= start_step
         if step < warmup_steps:
             return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - start_step - warmup_steps))
         if schedule == "cosine":
             decay = 0.5 * (1.0 + math.cos(math.pi * progress))
         elif schedule == "linear":
@@ -66,8 +104,17 @@ def lr_lambda(total_steps, warmup_steps, schedule, min_lr_ratio):
     return factor
 
 
-class TrainingError(Exception):
-    """The run cannot go on (too many non-finite losses, a checkpoint that cannot be written): one line."""
+def build_optimizer(groups, cfg):
+    """AdamW or SGD in their fused form: one kernel per step, and a device-side skip of non-finite steps."""
+    if cfg["optimizer"] == "adamw":
+        return torch.optim.AdamW(groups, betas=(cfg["momentum"], 0.999), fused=True)
+    optimizer = torch.optim.SGD(groups, momentum=cfg["momentum"], nesterov=True, fused=True)
+    # Fused SGD creates its momentum buffer on the first step even when that step is skipped, and leaves it
+    # unset; zeros give exactly the usual first step (buffer = gradient) and make a skipped first step safe.
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return optimizer
 
 
 def optimizer_step(optimizer, scaler, loss_is_finite):
@@ -88,35 +135,123 @@ def optimizer_step(optimizer, scaler, loss_is_finite):
         del optimizer.found_inf
 
 
+class ModelEma:
+    """Exponential moving average of a model's weights and buffers (BatchNorm running statistics included), as
+    timm's ModelEmaV3 and torchvision's reference scripts keep it: every `every` optimizer steps,
+    ema = d * ema + (1 - d) * model with d = decay ** every; with `warmup`, decay is min(decay, (1 + n) / (10 + n))
+    at the n-th update, so the first updates mostly copy the model. One fused lerp per update, no host sync."""
+
+    def __init__(self, model, decay, every=1, warmup=True):
+        self.module = copy.deepcopy(model_utils.unwrap(model)).eval().requires_grad_(False)
+        self.decay, self.every, self.warmup, self.updates = decay, every, warmup, 0
+
+    def current_decay(self):
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates)) if self.warmup else self.decay
+        return decay ** self.every
+
+    @torch.no_grad()
+    def update(self, model):
+        decay = self.current_decay()
+        ema = self.module.state_dict()
+        live = model_utils.unwrap(model).state_dict()
+        floats = [k for k, v in ema.items() if v.is_floating_point()]
+        torch._foreach_lerp_([ema[k] for k in floats], [live[k] for k in floats], 1.0 - decay)
+        for k, v in ema.items():
+            if not v.is_floating_point():
+                v.copy_(live[k])
+        self.updates += 1
+
+    def window_steps(self):
+        """Optimizer steps over which the average reaches 1 - 1/e of a change: about every / (1 - decay**every)."""
+        return self.every / max(1e-12, 1.0 - self.decay ** self.every)
+
+    def state_dict(self):
+        return {"module": model_utils.export_state_dict(self.module), "updates": self.updates}
+
+    def load_state_dict(self, state):
+        self.module.load_state_dict(state["module"])
+        self.updates = state["updates"]
+
+
+class EarlyStopping:
+    """Lightning's EarlyStopping semantics: `patience` counts evaluations without improvement, an improvement must
+    beat the best by more than min_delta, val_loss is minimised and accuracies maximised, and a non-finite
+    monitored value stops the run. The same monitor picks best.pth (patience 0: only that)."""
+
+    def __init__(self, monitor="val_top1", patience=0, min_delta=0.0):
+        self.monitor, self.patience, self.min_delta = monitor, patience, min_delta
+        self.minimize = monitor == "val_loss"
+        self.best, self.best_epoch, self.wait, self.reason = (math.inf if self.minimize else -math.inf), 0, 0, None
+
+    def improves(self, value):
+        if self.minimize:
+            return value < self.best - self.min_delta
+        return value > self.best + self.min_delta
+
+    def step(self, value, epoch):
+        """Record one evaluation; returns (is the new best, should the run stop)."""
+        if not math.isfinite(value):
+            if self.patience:
+                self.reason = f"{self.monitor} is {value} at epoch {epoch}"
+            return False, bool(self.patience)
+        if self.improves(value):
+            self.best, self.best_epoch, self.wait = value, epoch, 0
+            return True, False
+        self.wait += 1
+        if self.patience and self.wait >= self.patience:
+            self.reason = (f"{self.monitor} did not improve by more than {self.min_delta} for {self.wait} "
+                           f"evaluations (best {self.best:.4f} at epoch {self.best_epoch})")
+            return False, True
+        return False, False
+
+    def state_dict(self):
+        return {"best": self.best, "best_epoch": self.best_epoch, "wait": self.wait, "reason": self.reason}
+
+    def load_state_dict(self, state):
+        self.best, self.best_epoch, self.wait, self.reason = (state["best"], state["best_epoch"], state["wait"],
+                                                              state["reason"])
+
+
 def train_one_epoch(model, loader, optimizer, scheduler, scaler, mixer, amp_dtype, cfg, epoch, start_step=0,
-                    stop=None, on_step=None):
+                    stop=None, on_step=None, ema=None, trainable="all"):
     """One pass over the loader (the rest of it when resuming at start_step).
 
-    Returns the epoch's statistics plus 'steps_done' (in this epoch, counting start_step) and 'completed'
-    (False when `stop` asked to end early). `on_step(steps_done)` runs after every optimizer step.
-    Nothing here waits on the device except at log points: sums, counts and the non-finite-loss streak
-    live in device tensors until then.
+    Returns the epoch's statistics (summed over ranks) plus 'steps_done' (in this epoch, counting start_step) and
+    'completed' (False when `stop` asked to end early). `on_step(steps_done)` runs after every optimizer step.
+    `trainable` (all | layer4+head | head) keeps frozen parts' BatchNorm as cfg["frozen_bn"] says.
+    Nothing here waits on the device except at log points: sums, counts and the non-finite-loss streak live in
+    device tensors until then. Under torchrun every rank skips the same non-finite steps and stops at the same
+    log point, and a short last step's loss is weighted so the update is the mean over the whole global batch.
     """
     from tqdm import tqdm
 
     device = next(model.parameters()).device
-    model_utils.set_train_mode(model, cfg["freeze"])
+    world = distributed.world()
+    model_utils.set_train_mode(model, trainable, cfg.get("frozen_bn", "eval"))
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     good_images = torch.zeros((), device=device, dtype=torch.long)
     bad_streak = torch.zeros((), device=device, dtype=torch.long)  # consecutive non-finite losses
     skipped = torch.zeros((), device=device, dtype=torch.long)
     seen, steps_done, warned = 0, start_step, 0
-    max_bad = cfg.get("max_bad_steps", 10)
+    max_bad, every_ema = cfg.get("max_bad_steps", 10), cfg.get("ema_every", 1)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
+    show = cfg.get("progress", True) and os.environ.get("CI") != "true" and distributed.is_main()
     bar = tqdm(total=len(loader), initial=start_step, desc=f"epoch {epoch}", unit="step", leave=False,
-               dynamic_ncols=True, disable=not cfg.get("progress", True) or os.environ.get("CI") == "true")
+               dynamic_ncols=True, disable=not show)
+    stopping = False
     for images, labels in loader:
+        n = labels.shape[0]
         images, targets = mixer(images, labels)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = model(images)
         loss = augment.soft_target_cross_entropy(logits, targets)
-        finite = torch.isfinite(loss.detach())
+        loss_value = loss.detach()
+        finite = distributed.all_finite(torch.isfinite(loss_value))
+        if world > 1:  # DDP averages over ranks: weight this rank's mean by its share of the global batch
+            loss = loss * (n * world / loader.plan.global_images(steps_done))
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if cfg["grad_clip"] > 0:
@@ -125,22 +260,24 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, mixer, amp_dtyp
         optimizer_step(optimizer, scaler, finite)
         scheduler.step()
         steps_done += 1
-        n = labels.shape[0]
+        if ema is not None and steps_done % every_ema == 0:
+            ema.update(model)
         bad_streak = (bad_streak + 1) * (~finite)
         skipped += ~finite
-        loss_sum += torch.where(finite, loss.detach().float(), 0.0) * n
+        loss_sum += torch.where(finite, loss_value.float(), 0.0) * n
         correct += ((logits.detach().argmax(1) == labels) & finite).sum()
         good_images += finite * n
         seen += n
-        if steps_done % cfg["log_every"] == 0 or steps_done == len(loader):
+        log_point = steps_done % cfg["log_every"] == 0 or steps_done == len(loader)
+        if log_point:
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            rate = seen / (time.perf_counter() - start)
+            rate = seen * world / (time.perf_counter() - start)
             streak, n_skipped, n_good = bad_streak.item(), skipped.item(), max(good_images.item(), 1)
-            if n_skipped > warned:
-                warned = n_skipped
+            if n_skipped > warned and distributed.is_main():
                 print(f"\nwarning: {n_skipped} non-finite losses so far in epoch {epoch} (step {steps_done}); "
                       f"their updates were skipped", file=sys.stderr, flush=True)
+            warned = n_skipped
             if streak >= max_bad:
                 raise TrainingError(f"{streak} non-finite losses in a row (epoch {epoch}, step {steps_done}): "
                                     f"stopping; the last good checkpoint is kept (lower the LR, or --amp off)")
@@ -149,33 +286,46 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, mixer, amp_dtyp
             bar.update(steps_done - bar.n)
         if on_step is not None:
             on_step(steps_done)
-        if stop is not None and stop.requested:
-            break
+        if stop is not None:
+            # One process stops right after the step; ranks agree at log points (one tiny all-reduce there).
+            stopping = stop.requested if world == 1 else (log_point and distributed.any_rank(stop.requested, device))
+            if stopping:
+                break
     bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    n_good = max(good_images.item(), 1)
-    return {"train_loss": loss_sum.item() / n_good, "train_acc": correct.item() / n_good,
-            "train_images_per_s": seen / elapsed, "train_time_s": elapsed, "skipped_steps": skipped.item(),
-            "steps_done": steps_done, "completed": steps_done >= len(loader)}
+    totals = distributed.sum_(torch.stack([loss_sum, correct.float(), good_images.float(), skipped.float()]))
+    n_good = max(totals[2].item(), 1)
+    stats = {"train_loss": totals[0].item() / n_good, "train_acc": totals[1].item() / n_good,
+             "train_images_per_s": seen * world / elapsed, "train_time_s": elapsed,
+             "skipped_steps": int(totals[3].item()) // world, "steps_done": steps_done,
+             "completed": steps_done >= len(loader) and not stopping}
+    if device.type == "cuda":
+        stats["gpu_peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return stats
 
 
 @torch.inference_mode()
-def collect_logits(model, loader, amp_dtype, tta="none"):
-    """float32 logits (N, C) and labels (N,) of a whole split, in split-list order, on the model's device.
-    tta="flip" averages the logits of each image and its mirror."""
+def collect_logits(model, loader, amp_dtype, tta="none", static_batch=None):
+    """float32 logits (N, C) and labels (N,) of a whole split, in split-list order, on the model's device; under
+    torchrun every rank's part, gathered (each image once). tta="flip" averages the logits of each image and its
+    mirror. static_batch pads a short batch to that size (torch.compile: no recompilation for the last batch)."""
     device = next(model.parameters()).device
     model.eval()
     all_logits, all_labels = [], []
     for images, labels in loader:
+        n = images.shape[0]
+        if static_batch and n < static_batch:
+            images = torch.cat([images, images.new_zeros((static_batch - n,) + images.shape[1:])])
+            images = images.contiguous(memory_format=torch.channels_last) if images.dim() == 4 else images
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = model(images).float()
             if tta == "flip":
                 logits = (logits + model(images.flip(3)).float()) / 2
-        all_logits.append(logits)
+        all_logits.append(logits[:n])
         all_labels.append(labels)
-    return torch.cat(all_logits), torch.cat(all_labels)
+    return distributed.gather_rows(torch.cat(all_logits)), distributed.gather_rows(torch.cat(all_labels))
 
 
 def split_metrics(logits, labels, num_classes):
@@ -202,29 +352,16 @@ def split_metrics(logits, labels, num_classes):
     }
 
 
-def evaluate(model, loader, num_classes, amp_dtype):
-    """Loss, top-1, top-5 and mean per-class accuracy over a whole split (the short last batch included)."""
+def evaluate(model, loader, num_classes, amp_dtype, prefix="val", static_batch=None):
+    """Loss, top-1, top-5 and mean per-class accuracy over a whole split (the short last batch included), as
+    {prefix}_loss, {prefix}_top1, ...; under torchrun every rank returns the figures of the whole split."""
     device = next(model.parameters()).device
     start = time.perf_counter()
-    logits, labels = collect_logits(model, loader, amp_dtype)
+    logits, labels = collect_logits(model, loader, amp_dtype, static_batch=static_batch)
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     m = split_metrics(logits, labels, num_classes)
-    return {"val_loss": m["loss"], "val_top1": m["top1"], "val_top5": m["top5"],
-            "val_mean_class_acc": m["mean_class_acc"], "val_images": m["images"],
-            "val_images_per_s": m["images"] / elapsed}
-
-
-def build_optimizer(groups, cfg):
-    """AdamW or SGD in their fused form: one kernel per step, and a device-side skip of non-finite steps."""
-    if cfg["optimizer"] == "adamw":
-        return torch.optim.AdamW(groups, betas=(cfg["momentum"], 0.999), fused=True)
-    optimizer = torch.optim.SGD(groups, momentum=cfg["momentum"], nesterov=True, fused=True)
-    # Fused SGD creates its momentum buffer on the first step even when that step is skipped, and leaves it
-    # unset; zeros give exactly the usual first step (buffer = gradient) and make a skipped first step safe.
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    return optimizer
-
+    return {f"{prefix}_loss": m["loss"], f"{prefix}_top1": m["top1"], f"{prefix}_top5": m["top5"],
+            f"{prefix}_mean_class_acc": m["mean_class_acc"], f"{prefix}_images": m["images"],
+            f"{prefix}_images_per_s": m["images"] / elapsed}

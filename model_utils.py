@@ -93,8 +93,8 @@ def hub_checkpoint_path(arch):
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(imagenet_weights(arch).url))
 
 
-def get_model(num_classes=101, pretrained=False, arch="resnet18", weights=None):
-    """A torchvision ResNet with a fresh `fc` for num_classes."""
+def get_model(num_classes=101, pretrained=False, arch="resnet18", weights=None, quiet=False):
+    """A torchvision ResNet with a fresh `fc` for num_classes (`weights`: a local state dict to start from)."""
     if arch not in ARCHS:
         raise ModelError(f"unknown arch '{arch}'; choose from {', '.join(ARCHS)}")
     builder = getattr(torchvision.models, arch)
@@ -103,8 +103,9 @@ def get_model(num_classes=101, pretrained=False, arch="resnet18", weights=None):
         state = load_state_dict_file(weights)
         head = {k for k in state if k.startswith(HEAD_PREFIX)}
         if head and state[HEAD_PREFIX + "weight"].shape[0] != num_classes:
-            print(f"{weights}: dropping its {state[HEAD_PREFIX + 'weight'].shape[0]}-class head "
-                  f"(this run has {num_classes} classes)")
+            if not quiet:
+                    print(f"{weights}: dropping its {state[HEAD_PREFIX + 'weight'].shape[0]}-class head "
+                      f"(this run has {num_classes} classes)")
             state = {k: v for k, v in state.items() if k not in head}
         model.fc = nn.Linear(model.fc.in_features, num_classes)
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -136,43 +137,72 @@ def export_state_dict(model):
     return {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
 
 
-def trainable_prefixes(freeze):
-    """Parameter-name prefixes that train under a freeze policy (None: everything)."""
-    return {"none": None, "layer4": ("layer4.", HEAD_PREFIX), "head": (HEAD_PREFIX,)}[freeze]
+STAGES = ("head", "layer4", "layer3", "layer2", "layer1", "stem")  # from the head down, as LR lists are written
 
 
-def apply_freeze(model, freeze):
-    prefixes = trainable_prefixes(freeze)
-    for name, param in model.named_parameters():
+def stage_of(name):
+    """The stage a parameter belongs to, for every torchvision ResNet depth: stem (conv1, bn1), layer1-4, head."""
+    first = name.split(".", 1)[0]
+    return "head" if first == "fc" else first if first.startswith("layer") else "stem"
+
+
+def trainable_prefixes(trainable):
+    """Parameter-name prefixes that train (None: everything). `trainable` names what trains; the old --freeze
+    values none and layer4 mean all and layer4+head."""
+    trainable = {"none": "all", "layer4": "layer4+head"}.get(trainable, trainable)
+    return {"all": None, "layer4+head": ("layer4.", HEAD_PREFIX), "head": (HEAD_PREFIX,)}[trainable]
+
+
+def apply_freeze(model, trainable):
+    prefixes = trainable_prefixes(trainable)
+    for name, param in unwrap(model).named_parameters():
         param.requires_grad_(prefixes is None or name.startswith(prefixes))
 
 
-def set_train_mode(model, freeze):
-    """model.train(), but frozen parts keep BatchNorm in eval mode so their running statistics stay fixed."""
+def set_train_mode(model, trainable, frozen_bn="eval"):
+    """model.train(); with frozen_bn="eval", frozen parts keep BatchNorm in eval mode, so their running statistics
+    stay fixed (frozen_bn="train" lets them follow the new data while their weights stay fixed)."""
     model = unwrap(model)
     model.train()
-    prefixes = trainable_prefixes(freeze)
-    if prefixes is None:
+    prefixes = trainable_prefixes(trainable)
+    if prefixes is None or frozen_bn == "train":
         return
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and not (name + ".").startswith(prefixes):
             module.eval()
 
 
-def param_groups(model, lr_backbone, lr_fc, weight_decay):
-    """Optimizer groups: backbone vs head LR, and no weight decay on BatchNorm and bias (1-D) parameters.
+def stage_peak_lrs(lr_backbone, lr_fc, layer_decay=0.0, stage_lrs=None):
+    """{stage: peak LR}. stage_lrs (from the head down; a shorter list's last LR goes to every stage below it)
+    wins; else layer_decay D gives layer4 lr_backbone and each stage below one more factor D, the way timm scales
+    layers; else the backbone shares lr_backbone. The head gets lr_fc."""
+    if stage_lrs:
+        return {stage: stage_lrs[min(i, len(stage_lrs) - 1)] for i, stage in enumerate(STAGES)}
+    lrs = {"head": lr_fc}
+    for k, stage in enumerate(STAGES[1:]):
+        lrs[stage] = lr_backbone * (layer_decay ** k if layer_decay else 1.0)
+    return lrs
 
-    Each group carries a 'name' (for logs) and its peak 'lr'; frozen parameters are left out.
-    """
+
+def param_groups(model, lr_backbone, lr_fc, weight_decay, layer_decay=0.0, stage_lrs=None, per_stage=None,
+                 include_frozen=False):
+    """Optimizer groups: one per stage (stem, layer1-4, head) and decay kind, with no weight decay on BatchNorm and
+    bias (1-D) parameters. Each carries a 'name', its 'stage' and its peak 'lr'. With the plain backbone/head LR
+    (no layer_decay or stage_lrs, per_stage False) the backbone stages share two groups. Frozen parameters are left
+    out unless include_frozen (gradual unfreezing: they join at 0 LR and start learning when unfrozen)."""
+    lrs = stage_peak_lrs(lr_backbone, lr_fc, layer_decay, stage_lrs)
+    per_stage = bool(layer_decay or stage_lrs) if per_stage is None else per_stage
     groups = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
+    for name, param in unwrap(model).named_parameters():
+        if not (param.requires_grad or include_frozen):
             continue
-        part = "head" if name.startswith(HEAD_PREFIX) else "backbone"
+        stage = stage_of(name)
+        part = stage if per_stage or stage == "head" else "backbone"
         decay = param.ndim > 1
         key = f"{part}_{'decay' if decay else 'no_decay'}"
         if key not in groups:
-            groups[key] = {"name": key, "params": [], "lr": lr_fc if part == "head" else lr_backbone,
+            groups[key] = {"name": key, "stage": part, "params": [], "lr": lrs[stage],
                            "weight_decay": weight_decay if decay else 0.0}
         groups[key]["params"].append(param)
-    return list(groups.values())
+    order = {stage: i for i, stage in enumerate(("stem", "layer1", "layer2", "layer3", "layer4", "backbone", "head"))}
+    return sorted(groups.values(), key=lambda g: (order[g["stage"]], g["name"]))

@@ -1,75 +1,115 @@
-"""Every training setting with its default, and the named presets that reproduce the report's runs.
+"""Every training setting with its default and meaning, and the named presets that reproduce the report's runs.
 
     python train_caltech101.py --exp r18_pretrain_lowwd_mix02        # a preset
     python train_caltech101.py --exp cpu_smoke --epochs 5            # a preset, one key overridden
+    python train_caltech101.py --config configs/resnet34_finetune.yaml --lr_fc 1e-3
 
-Merge order: DEFAULTS, then the preset, then explicit command-line flags. `resolve()` does it and rejects
-unknown keys, unknown presets and nonsense values with a one-line ConfigError.
+Merge order: SETTINGS' defaults, then the preset, then a config file (YAML or JSON), then explicit command-line
+flags. `resolve()` does it and rejects unknown keys, unknown presets and nonsense values with a one-line
+ConfigError. Other kits' names for a setting (`output_dir`, `num_workers`, `freeze`, ...) are accepted as aliases.
 
 The report states init, epochs, batch size, the two learning rates, weight decay and the MixUp/CutMix alphas.
 It does not state the optimizer or schedule: we use AdamW (decoupled weight decay, no decay on BatchNorm and
 bias parameters) with a linear warmup then cosine decay to zero, stepped every iteration.
 """
 import copy
+import json
 
 DEFAULT_EXP = "r18_pretrain_main"  # run 3 of the report, the kit's default
 
-DEFAULTS = dict(
+# key: (default, meaning). The meaning is the flag's --help text.
+SETTINGS = {
     # data
-    data_root="data/Caltech101",  # prepared by download.py (classes.txt, train.txt, val.txt)
-    loader="dali",  # dali | torch (torchvision/PIL fallback for machines without DALI)
-    img_size=224,  # train crop and val centre crop, pixels
-    crop_scale_min=0.08,  # RandomResizedCrop: smallest crop, as a fraction of the image area
-    workers=8,  # DALI threads or DataLoader worker processes
-    cache=False,  # decode every image once into uint8 on the device; crops/flips/normalize there each epoch
-    drop_last=False,  # train: drop the short last batch (default keeps it: every image once per epoch)
+    "data_root": ("data/Caltech101", "prepared data root (download.py writes classes.txt, train.txt, val.txt)"),
+    "loader": ("dali", "dali | torch (torchvision/PIL, for machines without DALI)"),
+    "img_size": (224, "train crop and val centre crop, pixels"),
+    "crop_scale_min": (0.08, "RandomResizedCrop: smallest crop, as a fraction of the image area"),
+    "workers": (8, "DALI threads or DataLoader worker processes (per rank)"),
+    "cache": (False, "decode every image once into uint8 on the device; crops, flips and normalisation there"),
+    "drop_last": (False, "train: leave out the short last step of each epoch"),
+    "hw_decoder_load": (0.65, "share of JPEGs for the A100/H100 hardware decoder (DALI on a GPU; 0-1)"),
     # model
-    arch="resnet18",  # resnet18 | resnet34 | resnet50 | resnet101
-    pretrained=True,  # start from torchvision's ImageNet weights (False: random init)
-    weights=None,  # path to a local state dict to start from instead (offline use); its fc is dropped
-    freeze="none",  # none | layer4 (train layer4 + head) | head (train the head only)
+    "arch": ("resnet18", "resnet18 | resnet34 | resnet50 | resnet101"),
+    "pretrained": (True, "start from torchvision's ImageNet weights (false: random init; --scratch)"),
+    "weights": (None, "path to a local state dict to start from instead (offline use); a mismatched fc is dropped"),
+    "trainable": ("all", "what trains: all | layer4+head | head (with freeze_epochs > 0: only for those epochs)"),
+    "freeze_epochs": (0, "gradual unfreezing: train only `trainable` for this many epochs, then everything (0: off)"),
+    "frozen_bn": ("eval", "BatchNorm in frozen parts: eval (running statistics fixed) | train"),
+    "sync_bn": (False, "SyncBatchNorm across ranks under torchrun (needs CUDA)"),
     # optimisation
-    epochs=200,  # passes over the train split
-    batch_size=128,  # images per step
-    eval_batch_size=256,  # images per evaluation step (independent of the training batch)
-    optimizer="adamw",  # adamw | sgd (nesterov)
-    lr_backbone=2e-4,  # peak LR of every non-head parameter
-    lr_fc=5e-3,  # peak LR of the new classification head
-    weight_decay=1e-4,  # decoupled (AdamW) or L2 (SGD) decay; never on BatchNorm or bias parameters
-    momentum=0.9,  # SGD momentum, or AdamW beta1
-    warmup_epochs=5.0,  # linear warmup from 0 to the peak LRs, in epochs (fractions allowed)
-    schedule="cosine",  # cosine | linear | constant: decay after warmup, down to min_lr_ratio * peak
-    min_lr_ratio=0.0,  # final LR as a fraction of the peak
-    grad_clip=0.0,  # max global grad norm (0: off)
-    label_smoothing=0.0,  # folded into the soft targets
-    mixup_alpha=0.4,  # Beta(alpha, alpha) for MixUp; 0 disables MixUp
-    cutmix_alpha=1.0,  # Beta(alpha, alpha) for CutMix; 0 disables CutMix
-    mix_switch_prob=0.5,  # with both alphas > 0: probability that a batch uses CutMix rather than MixUp
+    "epochs": (200, "passes over the train split"),
+    "batch_size": (128, "global batch: images per optimizer step, summed over all ranks"),
+    "eval_batch_size": (256, "global images per evaluation step (independent of the training batch)"),
+    "optimizer": ("adamw", "adamw | sgd (nesterov)"),
+    "lr_backbone": (2e-4, "peak LR of every non-head parameter (of layer4, with layer_decay)"),
+    "lr_fc": (5e-3, "peak LR of the classification head"),
+    "layer_decay": (0.0, "layer-wise LR: stage k below layer4 gets lr_backbone * layer_decay**k (0: off)"),
+    "stage_lrs": (None, "peak LRs from the head down: head,layer4,layer3,layer2,layer1,stem (a shorter list: "
+                        "its last LR for the rest); overrides lr_fc/lr_backbone/layer_decay"),
+    "weight_decay": (1e-4, "decoupled (AdamW) or L2 (SGD) decay; never on BatchNorm or bias parameters"),
+    "momentum": (0.9, "SGD momentum, or AdamW beta1"),
+    "warmup_epochs": (5.0, "linear warmup from 0 to the peak LRs, in epochs (fractions allowed)"),
+    "schedule": ("cosine", "cosine | linear | constant: decay after warmup, down to min_lr_ratio * peak"),
+    "min_lr_ratio": (0.0, "final LR as a fraction of the peak"),
+    "grad_clip": (0.0, "max global gradient norm (0: off)"),
+    "label_smoothing": (0.0, "label smoothing, folded into the soft targets"),
+    "mixup_alpha": (0.4, "Beta(alpha, alpha) for MixUp; 0 disables MixUp"),
+    "cutmix_alpha": (1.0, "Beta(alpha, alpha) for CutMix; 0 disables CutMix"),
+    "mix_switch_prob": (0.5, "with both alphas > 0: probability that a batch uses CutMix rather than MixUp"),
+    "ema_decay": (0.0, "EMA of the weights (and BatchNorm statistics) per update: 0 off, e.g. 0.998"),
+    "ema_every": (1, "update the EMA every N optimizer steps (decay applied as decay**N)"),
+    "ema_warmup": (True, "EMA decay ramps as min(decay, (1 + n) / (10 + n)) over its first updates"),
+    # evaluation and stopping
+    "eval_every": (1, "evaluate on val every N epochs (and always after the last)"),
+    "monitor": ("val_top1", "val_top1 | val_mean_class_acc | val_loss: chooses best.pth and early stopping"),
+    "early_stop_patience": (0, "stop after this many evaluations without improvement of `monitor` (0: off)"),
+    "min_delta": (0.0, "an improvement must beat the best `monitor` value by more than this"),
     # run
-    device="auto",  # auto | cuda | cpu
-    amp="auto",  # auto | bf16 | fp16 | off (auto: bf16 where supported, else fp16 on CUDA / off on CPU)
-    channels_last=True,  # NHWC memory layout for model and inputs
-    compile=False,  # torch.compile the model (first steps are slow while it compiles; weights stay prefix-free)
-    seed=0,  # python, numpy, torch, DALI and MixUp RNGs
-    eval_every=1,  # evaluate on val every N epochs (and always after the last)
-    log_every=10,  # steps between progress-bar refreshes (each reads the loss from the device)
-    progress=True,  # show a progress bar (off in CI logs and benchmarks)
-    out_dir="checkpoints",  # the run writes to out_dir/<exp>/
-    resume=None,  # path to a last.pth, or 'auto' for out_dir/<exp>/last.pth
-    save_every_steps=0,  # also write last.pth every N steps inside an epoch (0: only at epoch ends)
-    max_bad_steps=10,  # stop after this many non-finite losses in a row (updates skipped; checked at log points)
-    deterministic=False,  # deterministic kernels (bit-identical reruns and resumes; slower on GPU)
-)
+    "device": ("auto", "auto | cpu | cuda | cuda:N (under torchrun: each rank's cuda:LOCAL_RANK)"),
+    "amp": ("auto", "auto | bf16 | fp16 | off (auto: bf16 on Ampere+ GPUs or CPUs with bf16, fp16 on older GPUs)"),
+    "channels_last": (True, "NHWC memory layout for model and inputs"),
+    "compile": (False, "torch.compile the model (static shapes: the short last train step is dropped)"),
+    "compile_mode": ("default", "default | reduce-overhead (CUDA graphs) | max-autotune"),
+    "seed": (0, "data order, crops, flips, init and MixUp draws"),
+    "log_every": (10, "steps between progress refreshes (each reads the loss from the device)"),
+    "progress": (True, "show a progress bar (off in CI logs)"),
+    "out_dir": ("checkpoints", "runs go to out_dir/<name>/ (a folder holding a run: out_dir/<name>_2, ...)"),
+    "name": (None, "run folder name (default: the preset name)"),
+    "resume": (None, "a last.pth, or 'auto' for the run folder's own (a fresh start if there is none yet)"),
+    "save_every_steps": (0, "also write last.pth every N steps inside an epoch (0: only at epoch ends)"),
+    "save_interval_s": (0.0, "write last.pth at most every N seconds (0: every epoch; always at the end and on "
+                             "a signal)"),
+    "max_bad_steps": (10, "stop after this many non-finite losses in a row (their updates are skipped)"),
+    "deterministic": (False, "deterministic kernels (bit-identical reruns and resumes; slower on GPU)"),
+}
+DEFAULTS = {key: default for key, (default, _) in SETTINGS.items()}
+HELP = {key: meaning for key, (_, meaning) in SETTINGS.items()}
 
 CHOICES = dict(loader=("dali", "torch"), arch=("resnet18", "resnet34", "resnet50", "resnet101"),
-               freeze=("none", "layer4", "head"), optimizer=("adamw", "sgd"),
-               schedule=("cosine", "linear", "constant"), device=("auto", "cuda", "cpu"),
-               amp=("auto", "bf16", "fp16", "off"))
+               trainable=("all", "layer4+head", "head"), frozen_bn=("eval", "train"), optimizer=("adamw", "sgd"),
+               schedule=("cosine", "linear", "constant"), amp=("auto", "bf16", "fp16", "off"),
+               monitor=("val_top1", "val_mean_class_acc", "val_loss"),
+               compile_mode=("default", "reduce-overhead", "max-autotune"))
+# Other kits' names for a setting, and the old names of trainable's values (freeze=layer4 trains layer4 + head).
+KEY_ALIASES = {"output_dir": "out_dir", "num_workers": "workers", "freeze": "trainable", "data_dir": "data_root",
+               "experiment_name": "name"}
+VALUE_ALIASES = {"trainable": {"none": "all", "layer4": "layer4+head"}, "amp": {"0": "off", "1": "auto"}}
+# Settings a resumed run keeps from its checkpoint: a command line that asks for another value is refused, since
+# the run would become another run. Any other setting (workers, device, amp, eval cadence, data_root when the split
+# is the same, ...) may change on resume; the change is printed.
+RUN_DEFINING = ("loader", "img_size", "crop_scale_min", "cache", "drop_last", "arch", "pretrained", "weights",
+                "trainable", "freeze_epochs", "frozen_bn", "sync_bn", "epochs", "batch_size", "optimizer",
+                "lr_backbone", "lr_fc", "layer_decay", "stage_lrs", "weight_decay", "momentum", "warmup_epochs",
+                "schedule", "min_lr_ratio", "grad_clip", "label_smoothing", "mixup_alpha", "cutmix_alpha",
+                "mix_switch_prob", "ema_decay", "ema_every", "ema_warmup", "monitor", "seed")
+RECORD_KEYS = ("exp", "split", "world_size")  # written into config.json by a run; accepted back from it
 
 _finetune = dict(pretrained=True, epochs=240, batch_size=96, lr_backbone=2e-4, lr_fc=4e-3, weight_decay=5e-5,
-                 mixup_alpha=0.2, cutmix_alpha=1.0)  # the recipe of the report's best run (5)
+                 mixup_alpha=0.2, cutmix_alpha=1.0, eval_every=2)  # the recipe of the report's best run (5)
 _scratch = dict(pretrained=False, epochs=300, batch_size=64, lr_backbone=3e-3, lr_fc=3e-3, weight_decay=1e-3,
-                mixup_alpha=0.4, cutmix_alpha=1.0)  # the recipe of the report's scratch run (1)
+                mixup_alpha=0.4, cutmix_alpha=1.0, eval_every=3)  # the recipe of the report's scratch run (1)
+# eval_every: val (5,647 images, ~1.9x the train split) costs about 60% of a training epoch on a GPU; the long
+# GPU runs evaluate every 2-3 epochs (and always at the end), which keeps best.pth honest at ~20-30% of that cost.
 
 PRESETS = {
     # report run 1: ResNet-18 from scratch (val acc 0.712)
@@ -78,10 +118,10 @@ PRESETS = {
     "r18_scratch_wd2e3": dict(_scratch, lr_backbone=2.5e-3, lr_fc=2.5e-3, weight_decay=2e-3),
     # report run 3, the default: ImageNet init, differential LR (val acc 0.932)
     "r18_pretrain_main": dict(pretrained=True, epochs=200, batch_size=128, lr_backbone=2e-4, lr_fc=5e-3,
-                              weight_decay=1e-4, mixup_alpha=0.4, cutmix_alpha=1.0),
+                              weight_decay=1e-4, mixup_alpha=0.4, cutmix_alpha=1.0, eval_every=2),
     # report run 4: run 3 with a higher backbone LR (val acc 0.935)
     "r18_pretrain_lr3e4": dict(pretrained=True, epochs=200, batch_size=128, lr_backbone=3e-4, lr_fc=5e-3,
-                               weight_decay=1e-4, mixup_alpha=0.4, cutmix_alpha=1.0),
+                               weight_decay=1e-4, mixup_alpha=0.4, cutmix_alpha=1.0, eval_every=2),
     # report run 5, the best: lower weight decay, lighter MixUp, 240 epochs (val acc 0.940)
     "r18_pretrain_lowwd_mix02": dict(_finetune),
     # companion study: deeper ResNets fine-tuned with run 5's recipe (val acc 0.948 / 0.958 / 0.964)
@@ -93,7 +133,7 @@ PRESETS = {
     "r50_scratch": dict(_scratch, arch="resnet50"),
     "r101_scratch": dict(_scratch, arch="resnet101"),
     # no GPU needed: ResNet-18 from scratch at 96 px, short warmup + cosine, label smoothing, bf16 + channels_last;
-    # reaches about 0.66 val top-1 in under 15 minutes on 2 CPU cores (README, "Measured")
+    # about 0.66 val top-1 in about 12 minutes on 2 CPU cores (README, "Measured")
     "cpu_smoke": dict(pretrained=False, img_size=96, crop_scale_min=0.35, epochs=32, batch_size=64,
                       eval_batch_size=256, optimizer="adamw", lr_backbone=2e-3, lr_fc=2e-3, weight_decay=0.05,
                       warmup_epochs=2.0, schedule="cosine", label_smoothing=0.1, mixup_alpha=0.0, cutmix_alpha=0.0,
@@ -105,40 +145,157 @@ class ConfigError(Exception):
     """A bad preset name, key or value: reported as one line."""
 
 
+def canonical(key, value, where="setting"):
+    """(setting name, value) with other kits' names and old value names mapped to ours."""
+    key = KEY_ALIASES.get(key.replace("-", "_"), key.replace("-", "_"))
+    if key not in DEFAULTS:
+        raise ConfigError(f"unknown {where} '{key}'; valid settings: {', '.join(DEFAULTS)}")
+    if isinstance(value, str) and key in VALUE_ALIASES:
+        value = VALUE_ALIASES[key].get(value, value)
+    return key, value
+
+
+def check_type(key, value, where):
+    default = DEFAULTS[key]
+    kind = type(default)
+    if default is None:
+        ok = value is None or isinstance(value, str)
+    elif kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if not ok:
+        wanted = "a path or null" if default is None else kind.__name__
+        raise ConfigError(f"{where}: {key}={value!r} is not a valid value (expected {wanted})")
+    return float(value) if kind is float else value
+
+
+def parse_stage_lrs(text):
+    """'1e-3,1e-4' -> [0.001, 0.0001]: peak LRs from the head down."""
+    try:
+        lrs = [float(part) for part in str(text).split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"stage_lrs={text!r}: expected comma-separated numbers, e.g. 1e-3,1e-4,1e-5,1e-6") from None
+    if not lrs or len(lrs) > 6 or any(lr < 0 for lr in lrs):
+        raise ConfigError(f"stage_lrs={text!r}: give 1 to 6 LRs >= 0, from the head down (head, layer4, layer3, "
+                          f"layer2, layer1, stem)")
+    return lrs
+
+
 def validate(cfg):
     for key, allowed in CHOICES.items():
         if cfg[key] not in allowed:
             raise ConfigError(f"{key}={cfg[key]!r} is not valid; choose from {', '.join(allowed)}")
-    positive = ("epochs", "batch_size", "eval_batch_size", "eval_every", "log_every", "max_bad_steps")
+    device = cfg["device"]
+    if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise ConfigError(f"device={device!r} is not valid; choose from auto, cpu, cuda, cuda:N")
+    positive = ("epochs", "batch_size", "eval_batch_size", "eval_every", "log_every", "max_bad_steps", "ema_every")
     for key in positive:
         if cfg[key] <= 0:
             raise ConfigError(f"{key} must be > 0 (got {cfg[key]})")
-    for key in ("lr_backbone", "lr_fc", "weight_decay", "mixup_alpha", "cutmix_alpha", "warmup_epochs",
-                "grad_clip", "workers", "min_lr_ratio", "label_smoothing", "save_every_steps"):
+    for key in ("lr_backbone", "lr_fc", "weight_decay", "mixup_alpha", "cutmix_alpha", "warmup_epochs", "grad_clip",
+                "workers", "min_lr_ratio", "label_smoothing", "save_every_steps", "save_interval_s", "freeze_epochs",
+                "early_stop_patience", "min_delta", "layer_decay"):
         if cfg[key] < 0:
             raise ConfigError(f"{key} must be >= 0 (got {cfg[key]})")
     if cfg["img_size"] < 32:
         raise ConfigError(f"img_size must be >= 32 pixels (got {cfg['img_size']})")
     if not 0 < cfg["crop_scale_min"] <= 1:
         raise ConfigError(f"crop_scale_min must be in (0, 1] (got {cfg['crop_scale_min']})")
-    for key in ("mix_switch_prob", "min_lr_ratio"):
+    for key in ("mix_switch_prob", "min_lr_ratio", "hw_decoder_load"):
         if not 0 <= cfg[key] <= 1:
             raise ConfigError(f"{key} must be in [0, 1] (got {cfg[key]})")
     if not 0 <= cfg["label_smoothing"] < 1:
         raise ConfigError(f"label_smoothing must be in [0, 1) (got {cfg['label_smoothing']})")
+    if not 0 <= cfg["ema_decay"] < 1:
+        raise ConfigError(f"ema_decay must be in [0, 1) (got {cfg['ema_decay']})")
+    if cfg["layer_decay"] > 1:
+        raise ConfigError(f"layer_decay must be in [0, 1] (got {cfg['layer_decay']}): lower stages learn slower")
+    if cfg["stage_lrs"] is not None:
+        parse_stage_lrs(cfg["stage_lrs"])
+    if cfg["freeze_epochs"] and cfg["trainable"] == "all":
+        raise ConfigError("freeze_epochs > 0 needs a frozen start: --trainable head or layer4+head "
+                          "(--freeze head|layer4)")
+    if cfg["freeze_epochs"] >= cfg["epochs"]:
+        raise ConfigError(f"freeze_epochs={cfg['freeze_epochs']} leaves no epoch to train everything "
+                          f"(epochs={cfg['epochs']})")
 
 
-def resolve(exp=None, overrides=None):
-    """DEFAULTS <- preset <- overrides, validated. Returns a new dict that also records the exp name."""
-    exp = exp or DEFAULT_EXP
+def load_config_file(path):
+    """{setting: value} from a YAML or JSON file, aliases mapped; one-line errors naming the file and key."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+    else:
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of settings (key: value)")
+    out = {}
+    for key, value in flatten(data).items():
+        if key in RECORD_KEYS:
+            out[key] = value
+            continue
+        try:
+            key, value = canonical(key, value, where=f"setting in {path}")
+        except ConfigError as e:
+            raise ConfigError(str(e)) from None
+        out[key] = check_type(key, value, where=path)
+    return out
+
+
+def flatten(data):
+    """Config files may group settings in sections (data:, model:, training:): one flat mapping, section names
+    dropped, a repeated key an error."""
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and key not in DEFAULTS and key not in RECORD_KEYS:
+            for inner, inner_value in flatten(value).items():
+                if inner in out:
+                    raise ConfigError(f"setting '{inner}' appears twice in the config file")
+                out[inner] = inner_value
+        else:
+            out[key] = value
+    return out
+
+
+def resolve(exp=None, overrides=None, config=None):
+    """DEFAULTS <- preset <- config file <- overrides, validated. Returns a new dict that also records the exp name.
+
+    `config`: a path (YAML/JSON) or an already loaded mapping. A config file may name the preset (`exp:`); an
+    explicit `exp` argument wins."""
+    file_values = load_config_file(config) if isinstance(config, str) else dict(config or {})
+    exp = exp or file_values.get("exp") or DEFAULT_EXP
     if exp not in PRESETS:
         raise ConfigError(f"unknown preset '{exp}'; valid presets: {', '.join(PRESETS)}")
     cfg = copy.deepcopy(DEFAULTS)
-    for source in (PRESETS[exp], overrides or {}):
-        unknown = sorted(set(source) - set(DEFAULTS))
-        if unknown:
-            raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; valid settings: {', '.join(DEFAULTS)}")
-        cfg.update(source)
+    for source, where in ((PRESETS[exp], f"preset {exp}"), (file_values, config if isinstance(config, str)
+                                                            else "config"), (overrides or {}, "flag")):
+        for key, value in source.items():
+            if key in RECORD_KEYS:
+                continue
+            key, value = canonical(key, value, where="setting")
+            cfg[key] = check_type(key, value, where=where)
     validate(cfg)
     cfg["exp"] = exp
     return cfg
+
+
+def differing_keys(cfg, exp=None):
+    """Settings of cfg that differ from its preset's resolution: what a command line must repeat to rerun it."""
+    base = resolve(exp or cfg["exp"])
+    return [k for k in DEFAULTS if cfg.get(k) != base[k]]
+

@@ -2,12 +2,15 @@
 
     python download.py                                            # once: data/Caltech101 + split lists
     python train_caltech101.py --exp r18_pretrain_lowwd_mix02     # the report's best run
-    python train_caltech101.py --exp cpu_smoke                    # no GPU: learns the real data in ~15 min
+    python train_caltech101.py --exp cpu_smoke                    # no GPU: learns the real data in ~12 min
     python train_caltech101.py --exp r18_pretrain_main --lr_fc 3e-3 --epochs 100   # flags beat the preset
+    python train_caltech101.py --config configs/resnet34_finetune.yaml            # settings from a YAML file
+    torchrun --standalone --nproc_per_node=4 train_caltech101.py --exp r50_pretrain  # 4 GPUs, same global batch
     python train_caltech101.py --help                             # every flag, its default, every preset
 
-Writes checkpoints/<exp>/: best.pth (plain state dict of the best-val model), last.pth (everything --resume
-needs), config.json, metrics.csv, tb/ (TensorBoard).
+Writes checkpoints/<exp>/ (a folder that already holds a run is never reused: <exp>_2, ...): best.pth (plain state
+dict of the best model by --monitor), best_loss.pth (lowest val loss), last.pth (everything --resume needs),
+config.json, classes.txt, train_list.txt, metrics.csv, summary.json, tb/ (TensorBoard), curves.png.
 """
 import argparse
 import json
@@ -21,10 +24,16 @@ import torch
 import augment
 import checkpoint
 import data_utils
+import distributed
 import engine
 import model_utils
 import plots
 import presets
+import splits
+
+KIT_ERRORS = (presets.ConfigError, splits.DataError, model_utils.ModelError, engine.TrainingError)
+FLAG_ALIASES = {"out_dir": ["--output_dir"], "workers": ["--num_workers"], "trainable": ["--freeze"],
+                "data_root": ["--data_dir"], "name": ["--experiment_name"]}
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -44,37 +53,164 @@ def _optional_str(text):
     return None if text.lower() in ("", "none", "null") else text
 
 
+def _gpu(text):
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a GPU index, got {text!r}")
+    return f"cuda:{text}"
+
+
 def get_args_parser():
     epilog = "presets (--exp):\n" + "\n".join(
         f"  {name}: " + ", ".join(f"{k}={v}" for k, v in p.items()) for name, p in presets.PRESETS.items())
-    parser = ArgumentParser(description="Train a ResNet on Caltech-101. Flags override the preset chosen by --exp.",
-                            epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--exp", default=presets.DEFAULT_EXP, choices=list(presets.PRESETS), metavar="NAME",
+    parser = ArgumentParser(description="Train a ResNet on Caltech-101. Flags override the preset chosen by --exp "
+                                        "and the --config file. Every flag also takes its hyphenated spelling "
+                                        "(--batch-size).", epilog=epilog,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--exp", default=argparse.SUPPRESS, choices=list(presets.PRESETS), metavar="NAME",
                         help=f"preset name (default: {presets.DEFAULT_EXP}); see the list below")
+    parser.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",
+                        help="YAML or JSON file of settings (a run's config.json reruns it); flags beat it")
     for key, default in presets.DEFAULTS.items():
         kind = {bool: _bool, int: int, float: float}.get(type(default), _optional_str)
         choices = presets.CHOICES.get(key)
+        if key in presets.VALUE_ALIASES:
+            choices = list(choices) + [v for v in presets.VALUE_ALIASES[key] if v not in choices]
         # SUPPRESS: only flags given on the command line appear in args, so they (and only they) beat the preset.
         extra = dict(nargs="?", const=True) if kind is _bool else {}  # a bare --cache means --cache true
-        parser.add_argument(f"--{key}", type=kind, default=argparse.SUPPRESS, choices=choices,
-                            metavar=None if choices else ("BOOL" if kind is _bool else key.upper()),
-                            help=f"(default: {default})", **extra)
+        common = dict(dest=key, type=kind, default=argparse.SUPPRESS, choices=choices,
+                      metavar=None if choices else ("BOOL" if kind is _bool else key.upper()), **extra)
+        names = [f"--{key}"] + FLAG_ALIASES.get(key, [])
+        parser.add_argument(*names, help=f"{presets.HELP[key]} (default: {default})", **common)
+        hyphenated = [n.replace("_", "-") for n in names if "_" in n]
+        if hyphenated:  # --batch-size etc.: accepted, not listed twice
+            parser.add_argument(*hyphenated, help=argparse.SUPPRESS, **common)
+    other = parser.add_argument_group("flags of the kits this one replaces")
+    other.add_argument("--scratch", dest="pretrained", action="store_const", const=False, default=argparse.SUPPRESS,
+                       help="train from random init (= --pretrained false)")
+    other.add_argument("--gpu", dest="device", type=_gpu, default=argparse.SUPPRESS, metavar="N",
+                       help="train on GPU N (= --device cuda:N)")
+    other.add_argument("--lr", type=float, default=argparse.SUPPRESS,
+                       help="one LR for backbone and head (= --lr_backbone LR --lr_fc LR)")
+    for flag, meaning in (("--freeze-backbone", "head"), ("--unfreeze-last", "layer4+head"),
+                          ("--unfreeze-all", "all")):
+        other.add_argument(flag, dest=flag[2:].replace("-", "_"), type=_bool, nargs="?", const=True,
+                           default=argparse.SUPPRESS, metavar="BOOL", help=f"= --trainable {meaning}")
+    other.add_argument("--print_model", "--print-model", type=_bool, nargs="?", const=True, default=False,
+                       metavar="BOOL", help="print the ImageNet-shaped model and the adapted one, what trains under "
+                                            "--freeze, the parameter counts; then exit")
     return parser
 
+
+def settings_from_args(args):
+    """(preset name or None, config file or None, {setting: value} given as flags, print_model) from parsed args."""
+    values = vars(args).copy()
+    exp, config, print_model = values.pop("exp", None), values.pop("config", None), values.pop("print_model")
+    lr = values.pop("lr", None)
+    if lr is not None:
+        values.setdefault("lr_backbone", lr)
+        values.setdefault("lr_fc", lr)
+    freeze = {k: values.pop(k) for k in ("freeze_backbone", "unfreeze_last", "unfreeze_all") if k in values}
+    if freeze:
+        trainable = "all" if freeze.get("unfreeze_all") else "layer4+head" if freeze.get("unfreeze_last") else \
+            "head" if freeze.get("freeze_backbone") else "all"
+        values.setdefault("trainable", trainable)
+    return exp, config, values, print_model
+
+
+# ---------------------------------------------------------------------------------------------
+# set-up
+
+def check_world(cfg, world, device):
+    """Per-rank (train, eval) batch sizes; one-line errors for what cannot run on this many processes."""
+    batch = cfg["batch_size"]
+    if batch % world:
+        valid = [w for w in range(1, batch + 1) if batch % w == 0]
+        raise presets.ConfigError(f"batch_size {batch} (the global batch) does not divide over {world} processes; "
+                                  f"valid world sizes: {', '.join(map(str, valid[:12]))}"
+                                  + (", ..." if len(valid) > 12 else "") + " (or change --batch_size)")
+    if cfg["sync_bn"] and (world == 1 or device.type != "cuda"):
+        raise presets.ConfigError("sync_bn needs several CUDA processes under torchrun (NCCL); it cannot run on the "
+                                  "CPU or in one process")
+    return batch // world, max(1, math.ceil(cfg["eval_batch_size"] / world))
+
+
+def find_resume(cfg):
+    """(path, checkpoint) to resume from, or (None, None) for a fresh run."""
+    if not cfg["resume"]:
+        return None, None
+    name = cfg["name"] or cfg["exp"]
+    path = checkpoint.auto_resume_path(cfg["out_dir"], name) if cfg["resume"] == "auto" else cfg["resume"]
+    if path is None:
+        if distributed.env()[0] == 0:
+            print(f"note: --resume auto: no last.pth of {name} in {cfg['out_dir']} yet, starting a fresh run")
+        return None, None
+    return path, checkpoint.read_training_checkpoint(path)
+
+
+def step_model_for(model, cfg, device, world):
+    """What the training step calls: the model, under DDP with several processes, compiled with --compile."""
+    wrapped = model
+    if world > 1:
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg["compile"]:
+        wrapped = torch.compile(wrapped, mode=None if cfg["compile_mode"] == "default" else cfg["compile_mode"])
+    return wrapped
+
+
+def build_schedule(optimizer, cfg, steps_per_epoch, frozen_stages):
+    """One LR lambda per group: warmup then decay; stages frozen for the first freeze_epochs start at 0 and get
+    their own warmup from the unfreeze step, then follow the schedule to the end of the run."""
+    total = steps_per_epoch * cfg["epochs"]
+    warmup = int(round(cfg["warmup_epochs"] * steps_per_epoch))
+    unfreeze_step = cfg["freeze_epochs"] * steps_per_epoch
+    lambdas = [engine.lr_lambda(total, warmup, cfg["schedule"], cfg["min_lr_ratio"],
+                                start_step=unfreeze_step if g["stage"] in frozen_stages else 0)
+               for g in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas), total, warmup
+
+
+def print_model(cfg, num_classes):
+    base = model_utils.torchvision.models.get_model(cfg["arch"], weights=None)
+    adapted = model_utils.get_model(num_classes, pretrained=False, arch=cfg["arch"])
+    model_utils.apply_freeze(adapted, cfg["trainable"])
+    print(f"base model ({cfg['arch']}, ImageNet-shaped):\n{base}\n")
+    print(f"adapted model: fc {base.fc.in_features} -> {base.fc.out_features} replaced by fc "
+          f"{adapted.fc.in_features} -> {adapted.fc.out_features} ({num_classes} classes)\n")
+    trains = sorted({model_utils.stage_of(n) for n, p in adapted.named_parameters() if p.requires_grad},
+                    key=model_utils.STAGES.index)
+    count = sum(p.numel() for p in adapted.parameters())
+    trainable = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+    print(f"trainable={cfg['trainable']}: {', '.join(trains)} train; {trainable:,} of {count:,} parameters "
+          f"({100 * trainable / count:.1f}%); base model {sum(p.numel() for p in base.parameters()):,} parameters")
+    return {"exit_code": 0}
 
 
 # ---------------------------------------------------------------------------------------------
 
-def main(cfg):
-    out_dir = os.path.join(cfg["out_dir"], cfg["exp"])
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        checkpoint.write_text_atomic(json.dumps(cfg, indent=2) + "\n", os.path.join(out_dir, "config.json"))
-    except OSError as e:
-        raise presets.ConfigError(f"cannot write to the output folder {out_dir}: {e.strerror}") from None
-    print("config: " + json.dumps(cfg))
-    device = engine.resolve_device(cfg["device"])
+def main(cfg, explicit=None):
+    """Train one run. `explicit`: the settings the user gave (flags, config file); on --resume the others come from
+    the checkpoint (None: every setting of cfg counts as given)."""
+    rank, world, local_rank = distributed.env()
+    device = engine.resolve_device(cfg["device"], local_rank if world > 1 else None)
+    resume_path, ckpt = find_resume(cfg)
+    notes = []
+    if ckpt is not None:
+        cfg, notes = checkpoint.resume_settings(ckpt, cfg, explicit, resume_path)
+        device = engine.resolve_device(cfg["device"], local_rank if world > 1 else None)
     amp_dtype, use_scaler = engine.resolve_amp(cfg["amp"], device)
+    batch, eval_batch = check_world(cfg, world, device)
+    distributed.init(device)
+    try:
+        return train(cfg, device, amp_dtype, use_scaler, batch, eval_batch, resume_path, ckpt, notes)
+    finally:
+        distributed.cleanup()
+
+
+def train(cfg, device, amp_dtype, use_scaler, batch, eval_batch, resume_path, ckpt, notes):
+    rank, world = distributed.rank(), distributed.world()
+    main_rank = rank == 0
+    log = print if main_rank else (lambda *a, **k: None)
     engine.seed_everything(cfg["seed"])
     if cfg["deterministic"]:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
@@ -82,125 +218,320 @@ def main(cfg):
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # autotuned kernels: fastest, not bit-reproducible
 
-    input_dtype = amp_dtype or torch.float32
+    # Everything that can fail at start-up is checked before the run folder is created or touched.
+    split_id = splits.split_identity(cfg["data_root"])
+    if ckpt is not None and ckpt.get("split") != split_id:
+        raise presets.ConfigError(f"--resume {resume_path}: the split lists in {cfg['data_root']} are not the ones "
+                                  f"this run was trained on (re-split since?); resume needs the same split")
+    drop_last = cfg["drop_last"] or cfg["compile"]  # static shapes for torch.compile
     train_loader, val_loader, classes = data_utils.build_loaders(
-        cfg["data_root"], cfg["img_size"], cfg["batch_size"], device, dtype=input_dtype, loader=cfg["loader"],
-        workers=cfg["workers"], seed=cfg["seed"], eval_batch_size=cfg["eval_batch_size"], drop_last=cfg["drop_last"],
-        crop_scale_min=cfg["crop_scale_min"], cache=cfg["cache"])
+        cfg["data_root"], cfg["img_size"], batch, device, dtype=amp_dtype or torch.float32, loader=cfg["loader"],
+        workers=cfg["workers"], seed=cfg["seed"], eval_batch_size=eval_batch, rank=rank, world=world,
+        drop_last=drop_last, crop_scale_min=cfg["crop_scale_min"], cache=cfg["cache"],
+        channels_last=cfg["channels_last"], hw_decoder_load=cfg["hw_decoder_load"])
     num_classes = len(classes)
-    if cfg["cache"]:
-        print(f"cache: {train_loader.num_images + val_loader.num_images} images decoded once in "
-              f"{train_loader.decode_seconds + val_loader.decode_seconds:.1f}s, "
-              f"{(train_loader.nbytes + val_loader.nbytes) / 2**20:.0f} MiB of uint8 on {device}")
-
-    model = model_utils.get_model(num_classes, pretrained=cfg["pretrained"], arch=cfg["arch"], weights=cfg["weights"])
-    model_utils.apply_freeze(model, cfg["freeze"])
+    model = model_utils.get_model(num_classes, pretrained=cfg["pretrained"] and not cfg["weights"],
+                                  arch=cfg["arch"], weights=cfg["weights"], quiet=not main_rank)
+    frozen_phase = cfg["freeze_epochs"] > 0
+    model_utils.apply_freeze(model, cfg["trainable"])
+    if cfg["sync_bn"]:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     memory_format = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
-    # The compiled wrapper shares the parameters; checkpoints are taken from `model`, so no _orig_mod. prefix.
-    step_model = torch.compile(model) if cfg["compile"] else model
-    groups = model_utils.param_groups(model, cfg["lr_backbone"], cfg["lr_fc"], cfg["weight_decay"])
+    groups = model_utils.param_groups(model, cfg["lr_backbone"], cfg["lr_fc"], cfg["weight_decay"],
+                                      cfg["layer_decay"], presets.parse_stage_lrs(cfg["stage_lrs"])
+                                      if cfg["stage_lrs"] else None, per_stage=frozen_phase or None,
+                                      include_frozen=frozen_phase)
+    frozen_stages = {g["stage"] for g in groups if not any(p.requires_grad for p in g["params"])}
     optimizer = engine.build_optimizer(groups, cfg)
     steps_per_epoch = len(train_loader)
-    total_steps = steps_per_epoch * cfg["epochs"]
-    warmup_steps = int(round(cfg["warmup_epochs"] * steps_per_epoch))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, engine.lr_lambda(total_steps, warmup_steps, cfg["schedule"], cfg["min_lr_ratio"]))
+    scheduler, total_steps, warmup_steps = build_schedule(optimizer, cfg, steps_per_epoch, frozen_stages)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     mixer = augment.MixupCutmix(num_classes, cfg["mixup_alpha"], cfg["cutmix_alpha"], cfg["mix_switch_prob"],
-                                cfg["label_smoothing"], seed=cfg["seed"])
+                                cfg["label_smoothing"], seed=[cfg["seed"], rank])
+    ema = engine.ModelEma(model, cfg["ema_decay"], cfg["ema_every"], cfg["ema_warmup"]) if cfg["ema_decay"] else None
+    stopper = engine.EarlyStopping(cfg["monitor"], cfg["early_stop_patience"], cfg["min_delta"])
+    state = {"next_epoch": 1, "next_step": 0, "rows": []}
+    if ckpt is not None:
+        state, restore_notes = checkpoint.restore(ckpt, resume_path, model, optimizer, scheduler, scaler, mixer,
+                                                  train_loader, ema, stopper, rank, world)
+        notes += restore_notes
 
-    state = {"next_epoch": 1, "next_step": 0, "best_top1": -1.0, "best_epoch": 0, "rows": []}
-    last_path, best_path = os.path.join(out_dir, "last.pth"), os.path.join(out_dir, "best.pth")
-    resume = last_path if cfg["resume"] == "auto" else cfg["resume"]
-    if resume:
-        state = checkpoint.load_checkpoint(resume, cfg, model, optimizer, scheduler, scaler, mixer, train_loader)
-        print(f"resumed from {resume}: continuing at epoch {state['next_epoch']} step {state['next_step']} "
-              f"(best val top-1 so far {state['best_top1']:.4f})")
+    run_dir = os.path.dirname(os.path.abspath(resume_path)) if resume_path else \
+        distributed.broadcast_object(checkpoint.new_run_dir(cfg["out_dir"], cfg["name"] or cfg["exp"])
+                                     if main_rank else None)
+    last_path, best_path = os.path.join(run_dir, "last.pth"), os.path.join(run_dir, "best.pth")
+    best_loss_path = os.path.join(run_dir, "best_loss.pth")
+    record = dict(cfg, split=split_id, world_size=world)
+    if main_rank:
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+            checkpoint.write_text_atomic(json.dumps(record, indent=2) + "\n", os.path.join(run_dir, "config.json"))
+        except OSError as e:
+            raise presets.ConfigError(f"cannot write to the output folder {run_dir}: {e.strerror}") from None
+        checkpoint.write_text_atomic("\n".join(classes) + "\n", os.path.join(run_dir, "classes.txt"))
+        checkpoint.copy_into_run(os.path.join(cfg["data_root"], "train.txt"), run_dir, "train_list.txt")
+    distributed.barrier()
 
-    def save_last(next_epoch, next_step):
-        checkpoint.save_atomic({"model": model_utils.export_state_dict(model), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                     "epoch": next_epoch - 1 if next_step == 0 else next_epoch, "next_epoch": next_epoch,
-                     "next_step": next_step, "best_top1": state["best_top1"], "best_epoch": state["best_epoch"],
-                     "rows": state["rows"], "rng": checkpoint.rng_state(), "mixer_rng": mixer.rng.bit_generator.state,
-                     "loader": train_loader.state_dict(), "loader_kind": train_loader.kind, "arch": cfg["arch"],
-                     "num_classes": num_classes,
-                     "config": cfg}, last_path)
+    log("config: " + json.dumps(cfg))
+    for note in notes:
+        log(f"note (resume): {note}")
+    if resume_path:
+        log(f"resumed from {resume_path}: continuing at epoch {state['next_epoch']} step {state['next_step']}")
+    describe(cfg, log, device, amp_dtype, use_scaler, train_loader, val_loader, model, optimizer, world, batch,
+             steps_per_epoch, total_steps, warmup_steps, ema, run_dir)
+    estimate_duration(cfg, log, model, device, amp_dtype, batch, steps_per_epoch, val_loader.num_images * world)
 
-    n_params = sum(p.numel() for p in model.parameters())
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"device {device}, amp {amp_dtype}, grad scaler {use_scaler}, channels_last {cfg['channels_last']}, "
-          f"loader {train_loader.kind}, torch.compile {cfg['compile']}")
-    print(f"data: {num_classes} classes, {train_loader.num_images} train / {val_loader.num_images} val images")
-    init = cfg["weights"] or ("ImageNet" if cfg["pretrained"] else "scratch")
-    print(f"model: {cfg['arch']} ({init} init), {n_params / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trainable "
-          f"(freeze={cfg['freeze']})")
-    print(f"schedule: {steps_per_epoch} steps/epoch, {total_steps} steps total, {warmup_steps} warmup steps, "
-          f"{cfg['schedule']} decay to {cfg['min_lr_ratio']} x peak")
-    for g in optimizer.param_groups:
-        print(f"  group {g['name']}: {len(g['params'])} tensors, peak lr {g['initial_lr']:.3g}, "
-              f"weight decay {g['weight_decay']:.3g}")
-
-    from torch.utils.tensorboard import SummaryWriter
-    writer = SummaryWriter(os.path.join(out_dir, "tb"))
-    run_start = time.perf_counter()
+    writer = None
+    if main_rank:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(os.path.join(run_dir, "tb"))
+    background = checkpoint.BackgroundWriter()
     rows = state["rows"]
     resumed_wall_time = rows[-1]["wall_time_s"] if rows else 0.0  # time spent before a resume
+    run_start, last_save = time.perf_counter(), time.perf_counter()
+    stop = checkpoint.GracefulStop(quiet=not main_rank)
+    unfrozen = not frozen_phase or state["next_epoch"] > cfg["freeze_epochs"]
+    if unfrozen:
+        model_utils.apply_freeze(model, "all")
+    step_model = step_model_for(model, cfg, device, world)
+    eval_model = torch.compile(model) if cfg["compile"] and world > 1 else (step_model if world == 1 else model)
+    static_eval = eval_batch if cfg["compile"] else None
+
+    def last_state(next_epoch, next_step):
+        ranks = distributed.gather_objects({"rng": checkpoint.rng_state(), "mixer_rng": mixer.rng.bit_generator.state})
+        distributed.broadcast_buffers(model)
+        if ema is not None:
+            distributed.broadcast_buffers(ema.module)
+        return {"model": model_utils.export_state_dict(model), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "ema": ema.state_dict() if ema is not None else None, "early_stopping": stopper.state_dict(),
+                "epoch": next_epoch - 1 if next_step == 0 else next_epoch, "next_epoch": next_epoch,
+                "next_step": next_step, "rows": rows, "ranks": ranks, "loader": train_loader.state_dict(),
+                "arch": cfg["arch"], "num_classes": num_classes, "config": cfg, "split": split_id,
+                "world_size": world}
+
+    def save_last(next_epoch, next_step, wait=False):
+        snapshot = last_state(next_epoch, next_step)  # every rank joins the gathers
+        if main_rank:
+            background.submit(snapshot, last_path)
+            if wait:
+                background.wait()
+
     save_every = cfg["save_every_steps"]
-    stop = checkpoint.GracefulStop()
     try:
         for epoch in range(state["next_epoch"], cfg["epochs"] + 1):
+            if not unfrozen and epoch > cfg["freeze_epochs"]:  # gradual unfreezing: everything trains from here
+                model_utils.apply_freeze(model, "all")
+                step_model = step_model_for(model, cfg, device, world)  # DDP must see the new trainable set
+                eval_model = step_model if world == 1 else eval_model
+                unfrozen = True
+                log(f"epoch {epoch}: unfreezing every stage (backbone LR warms up from here)")
             start_step = state["next_step"] if epoch == state["next_epoch"] else 0
             on_step = (lambda done, e=epoch: save_last(e, done) if done % save_every == 0 and done < steps_per_epoch
                        else None) if save_every else None
             stats = engine.train_one_epoch(step_model, train_loader, optimizer, scheduler, scaler, mixer, amp_dtype,
-                                           cfg, epoch, start_step=start_step, stop=stop, on_step=on_step)
+                                           cfg, epoch, start_step=start_step, stop=stop, on_step=on_step, ema=ema,
+                                           trainable="all" if unfrozen else cfg["trainable"])
             if not stats["completed"]:  # stopped by a signal mid-epoch: keep exactly where we are
-                save_last(epoch, stats["steps_done"])
-                return checkpoint.stopped(stop, cfg, epoch, stats["steps_done"], last_path)
+                save_last(epoch, stats["steps_done"], wait=True)
+                return checkpoint.stopped(stop.signum, cfg, epoch, stats["steps_done"], last_path)
             row = {"epoch": epoch, **{k: v for k, v in stats.items() if k not in ("steps_done", "completed")},
                    **{f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}}
+            stop_reason = None
             if epoch % cfg["eval_every"] == 0 or epoch == cfg["epochs"]:
-                metrics = engine.evaluate(step_model, val_loader, num_classes, amp_dtype)
-                row.update(metrics)
-                if math.isfinite(metrics["val_top1"]) and metrics["val_top1"] > state["best_top1"]:
-                    state["best_top1"], state["best_epoch"] = metrics["val_top1"], epoch
-                    checkpoint.save_atomic(model_utils.export_state_dict(model), best_path)
+                stop_reason = evaluate_epoch(cfg, epoch, row, model, eval_model, ema, val_loader, num_classes,
+                                             amp_dtype, stopper, static_eval, best_path, best_loss_path, rows,
+                                             main_rank)
             row["wall_time_s"] = resumed_wall_time + time.perf_counter() - run_start
             rows.append(row)
-            for key, value in row.items():  # train_loss -> train/loss, lr_head_decay -> lr/head_decay, ...
-                if key != "epoch":
-                    writer.add_scalar(key.replace("_", "/", 1), value, epoch)
-            writer.flush()
-            checkpoint.write_metrics(checkpoint.normalize_rows(rows), os.path.join(out_dir, "metrics.csv"))
-            save_last(epoch + 1, 0)
-            summary = f"epoch {epoch}/{cfg['epochs']}: train loss {stats['train_loss']:.4f} " \
-                      f"acc {stats['train_acc']:.4f} ({stats['train_images_per_s']:.0f} img/s)"
-            if "val_top1" in row:
-                summary += f" | val top1 {row['val_top1']:.4f} top5 {row['val_top5']:.4f} " \
-                           f"mean-class {row['val_mean_class_acc']:.4f} " \
-                           f"(best {state['best_top1']:.4f} @ {state['best_epoch']})"
-            print(summary + f" | {row['wall_time_s']:.0f}s", flush=True)
+            if main_rank:
+                for key, value in row.items():  # train_loss -> train/loss, lr_head_decay -> lr/head_decay, ...
+                    if key != "epoch" and isinstance(value, (int, float)):
+                        writer.add_scalar(key.replace("_", "/", 1), value, epoch)
+                writer.flush()
+                checkpoint.write_metrics(rows, os.path.join(run_dir, "metrics.csv"))
+            final = epoch == cfg["epochs"] or stop_reason is not None or stop.requested
+            if final or time.perf_counter() - last_save >= cfg["save_interval_s"]:
+                save_last(epoch + 1, 0, wait=final)
+                last_save = time.perf_counter()
+            log(epoch_line(cfg, epoch, stats, row, stopper, ema, run_start, resumed_wall_time, state), flush=True)
+            if stop_reason is not None:
+                log(f"early stop after epoch {epoch}: {stop_reason}")
+                break
             if stop.requested and epoch < cfg["epochs"]:
-                return checkpoint.stopped(stop, cfg, epoch + 1, 0, last_path)
+                return checkpoint.stopped(stop.signum, cfg, epoch + 1, 0, last_path)
     finally:
         stop.restore()
-        writer.close()
-    print(f"done: best val top-1 {state['best_top1']:.4f} at epoch {state['best_epoch']}; weights {best_path}; "
-          f"curves {plots.plot_curves(out_dir)}")
-    return {"best_top1": state["best_top1"], "best_epoch": state["best_epoch"], "rows": rows, "out_dir": out_dir,
-            "exit_code": 0}
+        if writer is not None:
+            writer.close()
+        if main_rank:
+            background.wait()
+    summary = finish(cfg, run_dir, rows, stopper, model, ema, device, amp_dtype, classes, eval_batch, rank, world,
+                     stop_reason)
+    log(f"done: best {cfg['monitor']} {stopper.best:.4f} at epoch {stopper.best_epoch}; weights {best_path}"
+        + (f"; curves {plots.plot_curves(run_dir)}" if main_rank else ""))
+    return {"best_top1": summary["best"]["val_top1"], "best_epoch": stopper.best_epoch, "rows": rows,
+            "out_dir": run_dir, "exit_code": 0, "summary": summary}
 
 
+def evaluate_epoch(cfg, epoch, row, model, eval_model, ema, val_loader, num_classes, amp_dtype, stopper,
+                   static_eval, best_path, best_loss_path, rows, main_rank):
+    """Evaluate (the EMA model when there is one, the raw model's top-1 beside it), keep best.pth by the monitor and
+    best_loss.pth by val loss; returns the early-stopping reason, or None."""
+    distributed.broadcast_buffers(model)  # rank 0's BatchNorm statistics: what the checkpoints hold
+    metrics = engine.evaluate(eval_model, val_loader, num_classes, amp_dtype, static_batch=static_eval)
+    judged = model
+    if ema is not None:
+        distributed.broadcast_buffers(ema.module)
+        row["raw_val_top1"] = metrics["val_top1"]
+        metrics = engine.evaluate(ema.module, val_loader, num_classes, amp_dtype)
+        judged = ema.module
+    row.update(metrics)
+    best_loss_so_far = min((r["val_loss"] for r in rows if r.get("val_loss") is not None), default=math.inf)
+    is_best, should_stop = stopper.step(metrics[cfg["monitor"]], epoch)
+    if main_rank:
+        if is_best:
+            checkpoint.save_atomic(model_utils.export_state_dict(judged), best_path)
+        if math.isfinite(metrics["val_loss"]) and metrics["val_loss"] < best_loss_so_far:
+            checkpoint.save_atomic(model_utils.export_state_dict(judged), best_loss_path)
+    row["best_epoch"] = stopper.best_epoch
+    if should_stop:
+        row["early_stop"] = stopper.reason
+    return stopper.reason if should_stop else None
 
-if __name__ == "__main__":
-    args = vars(get_args_parser().parse_args())
-    exp = args.pop("exp")
+
+def epoch_line(cfg, epoch, stats, row, stopper, ema, run_start, resumed_wall_time, state):
+    line = (f"epoch {epoch}/{cfg['epochs']}: train loss {stats['train_loss']:.4f} acc {stats['train_acc']:.4f} "
+            f"({stats['train_images_per_s']:.0f} img/s)")
+    if "gpu_peak_mem_gib" in stats:
+        line += f" peak mem {stats['gpu_peak_mem_gib']:.2f} GiB"
+    if "val_top1" in row:
+        line += (f" | val{' (EMA)' if ema is not None else ''} top1 {row['val_top1']:.4f} top5 {row['val_top5']:.4f} "
+                 f"mean-class {row['val_mean_class_acc']:.4f} loss {row['val_loss']:.4f}"
+                 + (f" (raw top1 {row['raw_val_top1']:.4f})" if "raw_val_top1" in row else "")
+                 + f" (best {cfg['monitor']} {stopper.best:.4f} @ {stopper.best_epoch})")
+    done = epoch - state["next_epoch"] + 1
+    per_epoch = (time.perf_counter() - run_start) / max(done, 1)
+    remaining = per_epoch * (cfg["epochs"] - epoch)
+    return line + f" | {row['wall_time_s']:.0f}s, ETA {format_duration(remaining)}"
+
+
+def format_duration(seconds):
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def describe(cfg, log, device, amp_dtype, use_scaler, train_loader, val_loader, model, optimizer, world, batch,
+             steps_per_epoch, total_steps, warmup_steps, ema, run_dir):
+    """The derived quantities of the run, printed once."""
+    n_params = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"run folder {run_dir}")
+    log(f"device {device}, amp {amp_dtype}, grad scaler {use_scaler}, channels_last {cfg['channels_last']}, "
+        f"loader {train_loader.kind}, torch.compile {cfg['compile']}"
+        + (f" ({cfg['compile_mode']}; the short last train step is dropped for static shapes)"
+           if cfg["compile"] else ""))
+    log(f"processes: world size {world}, per-rank batch {batch}, global batch {batch * world}")
+    log(f"data: {len(model_utils.unwrap(model).fc.weight)} classes, {train_loader.num_images * world} train "
+        f"({train_loader.num_images} per rank) / {val_loader.plan.num_images} val images")
+    init = cfg["weights"] or ("ImageNet" if cfg["pretrained"] else "scratch")
+    log(f"model: {cfg['arch']} ({init} init), {n_params / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trainable "
+        f"(trainable={cfg['trainable']}" + (f" for {cfg['freeze_epochs']} epochs, then all" if cfg["freeze_epochs"]
+                                           else "") + ")")
+    log(f"schedule: {steps_per_epoch} steps/epoch, {total_steps} steps total, {warmup_steps} warmup steps, "
+        f"{cfg['schedule']} decay to {cfg['min_lr_ratio']} x peak")
+    for g in optimizer.param_groups:
+        log(f"  group {g['name']}: {len(g['params'])} tensors, peak lr {g['initial_lr']:.3g}, "
+            f"weight decay {g['weight_decay']:.3g}")
+    if cfg["warmup_epochs"] > cfg["epochs"]:
+        log(f"warning: warmup_epochs {cfg['warmup_epochs']} is longer than the run ({cfg['epochs']} epochs): the LR "
+            f"never reaches its peak", file=sys.stderr)
+    if ema is not None:
+        window = ema.window_steps()
+        log(f"EMA: decay {cfg['ema_decay']} every {cfg['ema_every']} step(s): a window of about {window:.0f} steps "
+            f"= {window / steps_per_epoch:.1f} epochs")
+
+
+def estimate_duration(cfg, log, model, device, amp_dtype, batch, steps_per_epoch, val_images):
+    """Time one training step on a copy of the model with a synthetic batch, and print what the run will take."""
+    import copy
+
+    probe = copy.deepcopy(model_utils.unwrap(model)).train()
+    memory_format = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
+    images = torch.zeros(batch, 3, cfg["img_size"], cfg["img_size"], device=device).to(memory_format=memory_format)
+    timings = []
+    for _ in range(2):  # the first one pays for kernel selection
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            probe(images).float().sum().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        timings.append(time.perf_counter() - start)
+    del probe
+    step = timings[-1]
+    evals = math.ceil(cfg["epochs"] / cfg["eval_every"])
+    total = step * steps_per_epoch * cfg["epochs"] + step / batch / 3 * val_images * evals  # forward ~ 1/3 step
+    log(f"estimate: {step:.2f}s per step on {device} -> about {format_duration(total)} for {cfg['epochs']} epochs "
+        f"(model time only)")
+    if device.type == "cpu" and cfg["exp"] != "cpu_smoke" and total > 3600:
+        log(f"note: preset {cfg['exp']} is meant for a GPU; on this CPU it would take about {format_duration(total)}: "
+            f"try --exp cpu_smoke (about 12 minutes on 2 cores)")
+
+
+def finish(cfg, run_dir, rows, stopper, model, ema, device, amp_dtype, classes, eval_batch, rank, world, stop_reason):
+    """The train / val / test table of the best checkpoint (train through the val transform), in summary.json."""
+    best = {"epoch": stopper.best_epoch, "monitor": cfg["monitor"], "value": stopper.best}
+    evaluated = [r for r in rows if r.get("epoch") == stopper.best_epoch and "val_top1" in r]
+    best.update({k: evaluated[0][k] for k in ("val_top1", "val_mean_class_acc", "val_loss")} if evaluated
+                else {"val_top1": -1.0, "val_mean_class_acc": None, "val_loss": None})
+    table = {}
+    best_file = os.path.join(run_dir, "best.pth")
+    if os.path.isfile(best_file):
+        weights = model_utils.load_trained(best_file, len(classes), cfg["arch"])
+        weights = weights.to(device, memory_format=torch.channels_last if cfg["channels_last"]
+                             else torch.contiguous_format)
+        for split in ("train", "val", "test"):
+            if split == "test" and not os.path.isfile(os.path.join(cfg["data_root"], "test.txt")):
+                continue
+            loader = data_utils.build_loader(cfg["data_root"], split, cfg["img_size"], eval_batch, device,
+                                             dtype=amp_dtype or torch.float32, loader=cfg["loader"],
+                                             workers=cfg["workers"], seed=cfg["seed"], rank=rank, world=world,
+                                             train=False, channels_last=cfg["channels_last"])
+            m = engine.evaluate(weights, loader, len(classes), amp_dtype, prefix=split)
+            table[split] = {"top1": m[f"{split}_top1"], "mean_class_acc": m[f"{split}_mean_class_acc"],
+                            "loss": m[f"{split}_loss"], "images": m[f"{split}_images"]}
+    summary = {"best": best, "splits": table, "epochs_run": rows[-1]["epoch"] if rows else 0,
+               "early_stop": stop_reason, "wall_time_s": rows[-1]["wall_time_s"] if rows else 0.0,
+               "ema": bool(ema)}
+    if rank == 0:
+        checkpoint.write_text_atomic(json.dumps(summary, indent=1) + "\n", os.path.join(run_dir, "summary.json"))
+        print("| split | top-1 | mean per-class | images |\n|---|---|---|---|")
+        for split, m in table.items():
+            print(f"| {split} | {m['top1']:.4f} | {m['mean_class_acc']:.4f} | {m['images']} |")
+    return summary
+
+
+def cli(argv=None):
+    """The command line: parse, resolve settings, train; one-line errors."""
+    exp, config, overrides, show_model = settings_from_args(get_args_parser().parse_args(argv))
     try:
-        result = main(presets.resolve(exp, args))
-    except (presets.ConfigError, data_utils.DataError, model_utils.ModelError, engine.TrainingError) as e:
+        file_values = presets.load_config_file(config) if config else {}
+        cfg = presets.resolve(exp, overrides, config=file_values)
+        explicit = {presets.canonical(k, v)[0] for k, v in {**file_values, **overrides}.items()
+                    if k not in presets.RECORD_KEYS}
+        if show_model:
+            return print_model(cfg, len(splits.read_classes(cfg["data_root"]))
+                               if os.path.isfile(os.path.join(cfg["data_root"], "classes.txt")) else 101)["exit_code"]
+        return main(cfg, explicit)["exit_code"]
+    except KIT_ERRORS as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit("interrupted: stopped at once; the last checkpoint written is intact (--resume auto)")
-    sys.exit(result["exit_code"])
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,17 +1,23 @@
-"""data_utils: the DALI CPU pipeline (the same graph that runs with device='mixed' on a GPU) and the torch fallback."""
+"""The three loaders (DALI CPU pipeline: the same graph that runs with device='mixed' on a GPU; torch; --cache):
+model-ready batches, the same order and crops, sharding, exact resume, awkward images."""
 import collections
+import io
 import os
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import data_utils
+import splits
 from conftest import CLASS_COLOURS
 
 CPU = torch.device("cpu")
 MEAN = torch.tensor(data_utils.IMAGENET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(data_utils.IMAGENET_STD).view(1, 3, 1, 1)
 GRAY = "alpha/gray.jpg"
+KINDS = [("dali", False), ("torch", False), ("dali", True)]  # (loader, cache)
 
 
 def epoch_of(loader):
@@ -19,89 +25,146 @@ def epoch_of(loader):
     return torch.cat(images), torch.cat(labels)
 
 
+def build(root, split, kind, **kw):
+    loader, cache = kind
+    args = dict(img_size=32, batch_size=5, device=CPU, loader=loader, cache=cache, workers=1, seed=3)
+    args.update(kw)
+    return data_utils.build_loader(root, split, **args)
+
+
 @pytest.mark.parametrize("split", ["train", "val"])
-@pytest.mark.parametrize("loader", ["dali", "torch"])
-def test_batches_are_model_ready(prepared_root, loader, split):
-    ld = data_utils.build_loader(prepared_root, split, img_size=40, batch_size=5, device=CPU, loader=loader,
-                                 workers=1, dtype=torch.bfloat16)
-    images, labels = next(iter(ld))
+@pytest.mark.parametrize("kind", KINDS)
+def test_batches_are_model_ready(prepared_root, kind, split):
+    images, labels = next(iter(build(prepared_root, split, kind, img_size=40, dtype=torch.bfloat16)))
     assert images.shape == (5, 3, 40, 40) and images.dtype == torch.bfloat16
-    assert images.is_contiguous(memory_format=torch.channels_last)
+    assert images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
     assert labels.dtype == torch.int64 and labels.shape == (5,)
     pixels = images.float() * STD + MEAN  # undo the normalisation: back to [0, 1]
     assert pixels.min() >= -0.02 and pixels.max() <= 1.02 and pixels.std() > 0.05
+    plain, _ = next(iter(build(prepared_root, split, kind, img_size=40, channels_last=False)))
+    assert plain.is_contiguous()  # --channels_last false reaches the loaders too
+    assert torch.allclose(plain, images.float(), atol=0.05)  # the same batch (bf16 rounding apart)
 
 
-@pytest.mark.parametrize("loader", ["dali", "torch"])
-def test_epochs_are_exact_and_labels_match_pixels(prepared_root, loader):
+@pytest.mark.parametrize("kind", KINDS)
+def test_val_epochs_are_exact_and_labels_match_pixels(prepared_root, kind):
     files, labels = data_utils.read_split(prepared_root, "val")
-    ld = data_utils.build_loader(prepared_root, "val", img_size=32, batch_size=4, device=CPU, loader=loader,
-                                 workers=1)
+    ld = build(prepared_root, "val", kind, batch_size=4)
     assert len(ld) == -(-len(files) // 4)  # the short last batch is kept
-    for _ in range(2):  # two epochs: the iterator resets itself
+    for _ in range(2):  # two epochs: the stream goes on
         images, got = epoch_of(ld)
         assert got.tolist() == labels  # val order is the list order, every image exactly once
     colours = torch.tensor([CLASS_COLOURS[c] for c in sorted(CLASS_COLOURS)], dtype=torch.float32) / 255
     mean_rgb = (images * STD + MEAN).mean((2, 3))
     predicted = torch.cdist(mean_rgb, colours).argmin(1)
     keep = torch.tensor([f != GRAY for f in files])  # the grayscale image carries no colour evidence
-    assert (predicted[keep] == got[keep]).float().mean() == 1.0
+    assert (predicted[keep] == got[keep]).all()
 
 
-@pytest.mark.parametrize("loader", ["dali", "torch"])
-def test_train_epoch_sees_every_image_once(prepared_root, loader):
-    files, labels = data_utils.read_split(prepared_root, "train")
-    ld = data_utils.build_loader(prepared_root, "train", img_size=32, batch_size=5, device=CPU, loader=loader,
-                                 workers=1, seed=3)
-    orders = []
-    for _ in range(2):
-        _, got = epoch_of(ld)
-        assert collections.Counter(got.tolist()) == collections.Counter(labels)
-        orders.append(got.tolist())
-    assert orders[0] != sorted(orders[0]) or orders[1] != sorted(orders[1])  # shuffled
+def test_loaders_draw_the_same_order_crops_and_flips(prepared_root):
+    """One plan: the same labels in the same order every epoch, and crops that agree pixel for pixel up to the
+    resize filters. Observed on this data (mean abs difference per image, normalised units): torch vs DALI 0.0033
+    (worst image 0.0036), cache vs DALI 0.012 (worst 0.016), about 0.2 and 0.9 grey levels; bounds are twice
+    that. A mirrored crop differs by 0.46, another seed's crops by 1.48."""
+    epochs = {kind: [epoch_of(ld) for ld in [build(prepared_root, "train", kind, seed=7)] for _ in range(2)]
+              for kind in KINDS}
+    dali = epochs[("dali", False)]
+    assert not torch.equal(dali[0][1], dali[1][1])  # reshuffled between epochs
+    for kind, (first, second) in epochs.items():
+        assert torch.equal(first[1], dali[0][1]) and torch.equal(second[1], dali[1][1]), kind
+    torch_diff = (epochs[("torch", False)][0][0] - dali[0][0]).abs().mean((1, 2, 3))
+    cache_diff = (epochs[("dali", True)][0][0] - dali[0][0]).abs().mean((1, 2, 3))
+    assert torch_diff.mean() < 0.007 and torch_diff.max() < 0.008, torch_diff
+    assert cache_diff.mean() < 0.024 and cache_diff.max() < 0.032, cache_diff
+    other_seed = epoch_of(build(prepared_root, "train", ("dali", False), seed=8))[1]
+    assert not torch.equal(other_seed, dali[0][1])  # --seed changes the DALI order too
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_ranks_split_an_epoch_as_the_plan_says(prepared_root, kind):
+    files, labels = data_utils.read_split(prepared_root, "train")  # 12 images; 2 ranks x 5: steps of 5+5, 1+1
+    parts = [build(prepared_root, "train", kind, rank=r, world=2) for r in (0, 1)]
+    assert len(parts[0]) == len(parts[1]) == 2
+    seen = []
+    for ld in parts:
+        images, got = epoch_of(ld)
+        assert len(got) == ld.num_images == 6
+        seen += got.tolist()
+    assert collections.Counter(seen) == collections.Counter(labels)
+    val = [build(prepared_root, "val", kind, rank=r, world=2, batch_size=4) for r in (0, 1)]
+    assert torch.cat([epoch_of(ld)[1] for ld in val]).tolist() == data_utils.read_split(prepared_root, "val")[1]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_mid_epoch_resume_is_exact(prepared_root, kind):
+    first = build(prepared_root, "train", kind, batch_size=3)
+    epoch_of(first)  # epoch 0
+    stream = iter(first)
+    next(stream), next(stream)
+    state = first.state_dict()
+    assert state == {"epoch": 1, "batches_done": 2}
+    expected = list(stream) + list(first)  # the rest of epoch 1, then epoch 2
+    resumed = build(prepared_root, "train", kind, batch_size=3)
+    resumed.load_state_dict(state)
+    got = list(resumed) + list(resumed)
+    assert len(got) == len(expected) == 2 + 4
+    for (a, la), (b, lb) in zip(got, expected):
+        assert torch.equal(a, b) and torch.equal(la, lb)
 
 
 def test_drop_last_drops_the_train_remainder(prepared_root):
     files, _ = data_utils.read_split(prepared_root, "train")
-    ld = data_utils.build_loader(prepared_root, "train", img_size=32, batch_size=5, device=CPU, workers=1,
-                                 drop_last=True)
+    ld = build(prepared_root, "train", ("dali", False), drop_last=True)
     _, got = epoch_of(ld)
     assert len(ld) == len(files) // 5 and len(got) == len(files) // 5 * 5
 
 
 def test_loaders_agree_on_val(prepared_root):
-    dali = epoch_of(data_utils.build_loader(prepared_root, "val", 48, 8, CPU, loader="dali", workers=1))
-    torch_ = epoch_of(data_utils.build_loader(prepared_root, "val", 48, 8, CPU, loader="torch", workers=0))
+    dali = epoch_of(build(prepared_root, "val", ("dali", False), img_size=48, batch_size=8))
+    torch_ = epoch_of(build(prepared_root, "val", ("torch", False), img_size=48, batch_size=8, workers=0))
     assert torch.equal(dali[1], torch_[1])
     diff = (dali[0] - torch_[0]).abs()
-    # Same decoder (libjpeg-turbo), same resize rounding and crop; only the resampling filters differ slightly:
-    # 0.05 in normalised units is about 3 grey levels out of 255 (real photos agree to about 0.01); the
-    # saturated, noisy synthetic colours stress chroma upsampling, and CMYK has no one right RGB conversion.
-    assert diff.mean() < 0.05, diff.mean()
-    assert diff.mean((1, 2, 3)).max() < 0.25
+    # Same decoder (libjpeg-turbo), same resize rounding and crop; only the resampling filters differ slightly.
+    # Observed here: mean 0.0093, worst image 0.021 (CMYK has no one right RGB conversion); twice that allowed.
+    assert diff.mean() < 0.02, diff.mean()
+    assert diff.mean((1, 2, 3)).max() < 0.045
 
 
-def test_grayscale_and_cmyk_become_rgb(prepared_root):
+def exif_rotated_jpeg(path):
+    """A JPEG stored landscape (red left half) whose EXIF orientation 6 says: rotate 90 degrees clockwise."""
+    pixels = np.zeros((40, 80, 3), np.uint8)
+    pixels[:, :40, 0] = 255
+    pixels[:, 40:, 2] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=95, exif=exif.tobytes())
+    path.write_bytes(buf.getvalue())
+
+
+def test_awkward_images_become_upright_rgb(prepared_root, tmp_path):
+    root = os.path.join(prepared_root, data_utils.IMAGES_DIR)
     for name in ("alpha/gray.jpg", "bravo/cmyk.jpg", "charlie/png_named.jpg"):
-        ds = data_utils.ListDataset(os.path.join(prepared_root, data_utils.IMAGES_DIR), [name], [0],
-                                    data_utils.torch_transform(False, 32))
-        image, _ = ds[0]
+        image = data_utils.val_transform(32)(data_utils.load_rgb(os.path.join(root, name)))
         assert image.shape == (3, 32, 32)
-    gray, _ = data_utils.ListDataset(os.path.join(prepared_root, data_utils.IMAGES_DIR), [GRAY], [0],
-                                     data_utils.torch_transform(False, 32))[0]
-    raw = gray * STD[0] + MEAN[0]
-    assert torch.allclose(raw[0], raw[1], atol=1e-5) and torch.allclose(raw[1], raw[2], atol=1e-5)
+    gray = data_utils.val_transform(32)(data_utils.load_rgb(os.path.join(root, GRAY))) * STD[0] + MEAN[0]
+    assert torch.allclose(gray[0], gray[1], atol=1e-5) and torch.allclose(gray[1], gray[2], atol=1e-5)
+    exif_rotated_jpeg(tmp_path / "rotated.jpg")
+    assert data_utils.load_rgb(str(tmp_path / "rotated.jpg")).size == (40, 80)  # upright: portrait
+    heights, widths = splits.image_sizes(str(tmp_path), ["rotated.jpg"])
+    assert (int(heights[0]), int(widths[0])) == (80, 40)
+    for loader in ("dali", "torch"):  # both decoders rotate it: red on top after a clockwise turn
+        ld = data_utils.dali_loader.DaliLoader if loader == "dali" else data_utils.TorchLoader
+        plan = splits.SamplePlan(1, 1, False)
+        images, _ = next(iter(ld(str(tmp_path), ["rotated.jpg"], [0], plan, 32, CPU, workers=1)))
+        rgb = images * STD + MEAN
+        assert rgb[0, 0, :16].mean() > 0.8 and rgb[0, 2, :16].mean() < 0.2, loader
+        assert rgb[0, 2, 16:].mean() > 0.8, loader
 
 
-def test_sharding_splits_without_overlap(prepared_root):
-    files, labels = data_utils.read_split(prepared_root, "val")
-    seen = []
-    for shard in range(2):
-        ld = data_utils.build_loader(prepared_root, "val", 32, 4, CPU, workers=1, shard_id=shard, num_shards=2)
-        _, got = epoch_of(ld)
-        assert len(got) == ld.num_images and len(ld) == -(-ld.num_images // 4)
-        seen += got.tolist()
-    assert sorted(seen) == sorted(labels)
+def test_dali_needs_a_thread(prepared_root):
+    with pytest.raises(data_utils.DataError, match="at least 1 thread"):
+        build(prepared_root, "train", ("dali", False), workers=0)
 
 
 def test_missing_data_root_and_missing_files_are_clear(prepared_root, tmp_path):

@@ -1,0 +1,183 @@
+"""--cache: the split decoded once and kept as uint8 on the training device; every epoch's crops, flips and
+normalisation are tensor operations there, with no JPEG decode after the first pass.
+
+    loader = cache_loader.CacheLoader(image_root, files, labels, plan, img_size=224, device=torch.device("cuda"))
+
+Train images are kept at their original size (so a cached crop is the crop DALI cuts), downscaled only when their
+shorter side exceeds `train_cap(img_size, crop_scale_min)`: the size at which even the smallest crop is still
+larger than img_size, so the cap never makes a crop blurrier. A train batch is a fixed number of tensor
+operations whatever its size: one gather of the crop windows' rows, one bilinear grid_sample of every crop at
+once (the flip folded into the grid; k x k samples per output pixel when a crop shrinks, averaged: antialiasing),
+one normalisation. Val/test images are stored already resized and centre-cropped exactly as the DALI val pipeline
+cuts them, so a val batch is an index and a normalisation.
+Under torchrun each rank decodes only the images its plan can give it (splits.SamplePlan, fixed_shard=True).
+"""
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import dali_loader
+import splits
+
+MAX_SUPERSAMPLE = 4  # samples per output pixel and axis when a crop shrinks (antialiasing up to 4x downscaling)
+
+
+def train_cap(img_size, crop_scale_min):
+    """Largest shorter side kept: the smallest crop (area crop_scale_min, aspect 3/4) of an image this size is
+    still img_size pixels on its short side."""
+    return math.ceil(img_size / math.sqrt(crop_scale_min * splits.RRC_RATIO[0]))
+
+
+def shrink(array, cap):
+    """An HWC uint8 image whose shorter side is above `cap`, resized to it (antialiased, uint8 like DALI)."""
+    height, width = array.shape[:2]
+    scale = cap / min(height, width)
+    if scale >= 1:
+        return array
+    image = torch.from_numpy(array).permute(2, 0, 1)[None].contiguous(memory_format=torch.channels_last)
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    return F.interpolate(image, size=size, mode="bilinear", antialias=True)[0].permute(1, 2, 0).numpy()
+
+
+def decode_all(image_root, files, device, workers, use_dali, cap=None, img_size=None):
+    """uint8 HWC arrays of `files`: whole images (shorter side capped at `cap`) for train (img_size=None), or the
+    val transform's img_size crops (shorter side to img_size*256/224, centre crop) for val/test."""
+    if use_dali:
+        plan = splits.SamplePlan(len(files), 64, train=False)
+        shorter = splits.resize_size(img_size) if img_size else None
+        pipe = dali_loader.first_step_pipe(image_root, files, plan, device, max(1, workers), train=False,
+                                           shorter=shorter, img_size=img_size)
+        arrays = [a for batch in dali_loader.epoch_batches(pipe, plan.steps, image_root, files) for a in batch]
+        del pipe
+        if device.type == "cuda":
+            dali_loader.release_unused_memory()
+    else:
+        resize = splits.ResizeShorter(splits.resize_size(img_size)) if img_size else None
+        crop = splits.CentreCrop(img_size) if img_size else None
+        arrays = []
+        for name in files:
+            image = splits.load_rgb(os.path.join(image_root, name))
+            arrays.append(np.asarray(crop(resize(image)) if img_size else image))
+    return [shrink(a, cap) for a in arrays] if cap else arrays
+
+
+class CacheLoader:
+    """Yields (images, labels) like the other loaders, from pixels decoded once; follows `plan` like them."""
+    kind = "cache"
+
+    def __init__(self, image_root, files, labels, plan, img_size, device, dtype=torch.float32, workers=2,
+                 channels_last=True, use_dali=dali_loader.HAVE_DALI):
+        self.plan, self.img_size, self.device, self.dtype = plan, img_size, device, dtype
+        self.layout = torch.channels_last if channels_last else torch.contiguous_format
+        n = len(files)
+        # The images this rank can be given: its fixed shard for train, its contiguous part for val/test.
+        self.mine = np.arange(plan.rank, n, plan.world) if plan.train else np.arange(plan.lo, plan.hi)
+        self.local = np.full(n, -1, np.int64)
+        self.local[self.mine] = np.arange(len(self.mine))
+        self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64)).to(device)
+        start = time.perf_counter()
+        mine = [files[i] for i in self.mine]
+        std = torch.tensor([s * 255 for s in splits.IMAGENET_STD], device=device).view(1, 3, 1, 1)
+        self.norm_scale = 1 / std
+        self.norm_shift = -torch.tensor([m * 255 for m in splits.IMAGENET_MEAN], device=device).view(1, 3, 1, 1) / std
+        if plan.train:
+            self.cap = train_cap(img_size, plan.crop_scale[0])
+            arrays = decode_all(image_root, mine, device, workers, use_dali, cap=self.cap)
+            self.heights = np.array([a.shape[0] for a in arrays], np.int64)
+            self.widths = np.array([a.shape[1] for a in arrays], np.int64)
+            # Crop boxes come in original pixels; a capped image is smaller by these factors.
+            self.scale_y = self.heights / plan.heights[self.mine]
+            self.scale_x = self.widths / plan.widths[self.mine]
+            self.offsets = np.concatenate([[0], np.cumsum(self.heights * self.widths * 3)[:-1]]).astype(np.int64)
+            # Padding at the end: a row window that starts in the last image may run past its end (never sampled).
+            pad = np.zeros(int(self.widths.max()) * 3, np.uint8)
+            self.pixels = torch.from_numpy(np.concatenate([a.reshape(-1) for a in arrays] + [pad])).to(device)
+        else:
+            arrays = decode_all(image_root, mine, device, workers, use_dali, img_size=img_size)
+            self.pixels = torch.from_numpy(np.stack(arrays)).to(device)  # (n, S, S, 3): the val crops
+        self.decode_seconds = time.perf_counter() - start
+        self.num_images = plan.num_local
+        self.epoch, self.batches_done = 0, 0
+
+    @property
+    def nbytes(self):
+        return self.pixels.numel()
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "batches_done": self.batches_done}
+
+    def load_state_dict(self, state):
+        self.epoch, self.batches_done = state["epoch"], state["batches_done"]
+
+    def __len__(self):
+        return self.plan.steps
+
+    def to_device(self, array):
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, non_blocking=True)
+
+    def finish(self, images, index):
+        """(pixel - mean) / std in float32, then one cast to the batch dtype and layout; the labels."""
+        images = torch.addcmul(self.norm_shift, images, self.norm_scale)
+        return images.to(dtype=self.dtype, memory_format=self.layout), self.labels[self.to_device(index)]
+
+    def val_batch(self, index):
+        crops = self.pixels.index_select(0, self.to_device(self.local[index]))
+        return self.finish(crops.permute(0, 3, 1, 2).float(), index)
+
+    def train_batch(self, step):
+        """Every crop of the step resized to img_size at once: a fixed number of tensor operations."""
+        size, local = self.img_size, self.local[step["index"]]
+        heights, widths, offsets = self.heights[local], self.widths[local], self.offsets[local]
+        # The crop box in the cached image's pixels, and the whole-pixel window around it that is gathered.
+        y0, box_h = step["y"] * self.scale_y[local], step["h"] * self.scale_y[local]
+        x0, box_w = step["x"] * self.scale_x[local], step["w"] * self.scale_x[local]
+        row0, col0 = np.floor(y0).astype(np.int64), np.floor(x0).astype(np.int64)
+        rows = np.minimum(np.ceil(y0 + box_h).astype(np.int64), heights) - row0
+        cols = np.minimum(np.ceil(x0 + box_w).astype(np.int64), widths) - col0
+        max_rows, max_cols = int(rows.max()), int(cols.max())
+        # Row r of window i starts at this byte; rows past the window repeat its last row (never sampled).
+        row_index = np.minimum(np.arange(max_rows)[None], rows[:, None] - 1) + row0[:, None]
+        starts = offsets[:, None] + (row_index * widths[:, None] + col0[:, None]) * 3
+        # Antialiasing: a crop that shrinks f-fold is sampled k x k times per output pixel over a box whose width
+        # gives the same blur (variance) as DALI's triangle filter; a crop that grows is sampled once (bilinear).
+        shrink_y, shrink_x = box_h / size, box_w / size
+        capped = self.scale_y[local] < 1
+        k = int(np.clip(math.ceil(self.box_width(np.maximum(shrink_y, shrink_x), capped).max()), 1, MAX_SUPERSAMPLE))
+        grid_y = self.sample_positions(y0 - row0, box_h, rows, size, k, np.zeros(len(local), bool), capped)
+        grid_x = self.sample_positions(x0 - col0, box_w, cols, size, k, step["flip"], capped)
+        windows = self.pixels.unfold(0, max_cols * 3, 1)  # a view: every byte offset starts a row of max_cols
+        patches = windows.index_select(0, self.to_device(starts.reshape(-1)))
+        patches = patches.view(len(local), max_rows, max_cols, 3).permute(0, 3, 1, 2).float()
+        gy, gx = self.to_device(grid_y / max_rows * 2 - 1), self.to_device(grid_x / max_cols * 2 - 1)
+        grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), -1)
+        images = F.grid_sample(patches, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        return self.finish(F.avg_pool2d(images, k), step["index"])
+
+    @staticmethod
+    def box_width(shrink, capped):
+        """Width (cached pixels) of the box whose average over bilinear samples (variance 1/6) blurs a crop that
+        shrinks `shrink`-fold as much as DALI's triangle filter of half-width `shrink` (variance shrink**2 / 6); a
+        capped image already carries the cap's own resize (1/6); 0 when the crop grows (plain bilinear)."""
+        return np.sqrt(np.maximum(2 * shrink ** 2 - 2 - 2 * capped, 0))
+
+    @classmethod
+    def sample_positions(cls, start, length, limit, size, k, flip, capped):
+        """Sample positions (float32, shape (n, size * k)) of a resize of [start, start + length) to `size` pixels: k
+        per output pixel, spread over box_width() around its centre, clamped to the window's pixels as DALI and
+        torch clamp at a crop's edge, mirrored where `flip`; shifted by +0.5 for grid_sample's coordinates."""
+        centres = (np.arange(size) + 0.5)[None] * (length / size)[:, None] + start[:, None] - 0.5
+        spread = ((np.arange(k) + 0.5) / k - 0.5)[None] * cls.box_width(length / size, capped)[:, None]
+        samples = (centres[:, :, None] + spread[:, None, :]).reshape(len(start), size * k)
+        samples = np.clip(samples, 0, (limit - 1)[:, None])
+        samples = np.where(flip[:, None], samples[:, ::-1], samples)
+        return (samples + 0.5).astype(np.float32)
+
+    def __iter__(self):
+        for step in self.plan.epoch(self.epoch, self.batches_done):
+            self.batches_done += 1
+            yield self.train_batch(step) if self.plan.train else self.val_batch(step["index"])
+        self.epoch, self.batches_done = self.epoch + 1, 0

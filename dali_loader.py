@@ -1,0 +1,242 @@
+"""The DALI data path: JPEG decode, crop, resize, flip and normalise in one pipeline; on a GPU the decoder runs with
+device='mixed' (nvJPEG, and the A100/H100 hardware decoder) and every operator after it on the GPU, elsewhere the
+same graph runs on DALI's CPU operators (device_id=None).
+
+    loader = dali_loader.DaliLoader(image_root, files, labels, plan, img_size=224, device=torch.device("cuda"))
+    for images, labels in loader: ...      # NCHW (channels_last) in the AMP dtype, on the device; labels int64
+
+The pipeline does not choose images or crops itself: an external source feeds it, step by step, the encoded
+bytes the shared splits.SamplePlan names, with each image's crop box and flip. Train: decode only the crop box
+(decoders.image_slice), resize it to img_size (antialiased), flip, normalise. Val/test: decode, resize the shorter
+side to img_size*256/224, centre crop, normalise. The stream runs on across epochs (the next epoch's first
+batches are decoded while this one ends); its position is (epoch, batches done), so resuming is exact.
+"""
+import collections
+import os
+
+import numpy as np
+import torch
+
+import splits
+from splits import DataError
+
+try:
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator
+    HAVE_DALI = True
+except ImportError:  # macOS / Windows / no DALI wheel: the torch loader still works
+    HAVE_DALI = False
+
+PRELOAD_BYTES = 2 << 30  # keep a split's encoded files in memory up to this size (Caltech-101: 116 MB); else read
+HW_DECODER_LOAD = 0.65  # share of JPEGs for the A100/H100 hardware decoder (DALI's default); others ignore it
+
+
+def dali_device_id(device):
+    """The GPU the pipeline runs on: the device's own index, else the current CUDA device (set per rank by
+    torch.cuda.set_device); None runs the CPU operators."""
+    if device.type != "cuda":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def check_workers(workers):
+    if workers < 1:
+        raise DataError(f"--workers {workers}: the DALI loader needs at least 1 thread (use --workers 1 or more, or "
+                        f"--loader torch, where 0 loads in the main process)")
+
+
+class EncodedFiles:
+    """The split's files as bytes: read once into memory when they fit PRELOAD_BYTES, else read per batch."""
+
+    def __init__(self, root, files):
+        self.paths = [os.path.join(root, f) for f in files]
+        total = sum(os.path.getsize(p) for p in self.paths)
+        self.blobs = [np.fromfile(p, dtype=np.uint8) for p in self.paths] if total <= PRELOAD_BYTES else None
+
+    def __getitem__(self, i):
+        return self.blobs[i] if self.blobs is not None else np.fromfile(self.paths[i], dtype=np.uint8)
+
+
+class PlanSource:
+    """The pipeline's external source: each call returns the next step of the plan, epoch after epoch.
+
+    Train outputs: encoded bytes, crop anchor (x, y) and shape (w, h) in pixels, flip[, label]; val: bytes[, label]
+    (labels=None: no label output). `recent` keeps the last few batches, to name the file a decode error came from.
+    """
+
+    def __init__(self, plan, encoded, labels, epoch, step):
+        self.plan, self.encoded = plan, encoded
+        self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
+        self.epoch, self.steps = epoch, plan.epoch(epoch, step)
+        self.recent = collections.deque(maxlen=4)
+
+    def __call__(self):
+        batch = next(self.steps, None)
+        while batch is None:  # the epoch is over: the stream goes on with the next one
+            self.epoch += 1
+            self.steps = self.plan.epoch(self.epoch)
+            batch = next(self.steps, None)
+        index = batch["index"]
+        self.recent.append(index)
+        out = [[self.encoded[i] for i in index]]
+        if self.plan.train:
+            out += [np.stack([batch["x"], batch["y"]], 1).astype(np.float32),
+                    np.stack([batch["w"], batch["h"]], 1).astype(np.float32), batch["flip"].astype(np.int32)]
+        if self.labels is not None:
+            out.append(self.labels[index])
+        return tuple(out)
+
+
+if HAVE_DALI:
+    def decode(jpegs, decoder_device, anchor=None, shape=None, hw_decoder_load=HW_DECODER_LOAD):
+        """Decode to uint8 RGB, only the (anchor, shape) box when given. Fancy chroma upsampling on both devices, so
+        that the GPU decoder gives the CPU decoder's pixels (its default differs)."""
+        common = dict(device=decoder_device, output_type=types.RGB, jpeg_fancy_upsampling=True)
+        if decoder_device == "mixed":
+            common["hw_decoder_load"] = hw_decoder_load
+        if anchor is None:
+            return fn.decoders.image(jpegs, **common)
+        return fn.decoders.image_slice(jpegs, anchor, shape, normalized_anchor=False, normalized_shape=False,
+                                       axis_names="WH", **common)
+
+    def normalize(images, img_size, mirror, layout, crop=None):
+        return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout=layout, crop=crop,
+                                        mean=[m * 255 for m in splits.IMAGENET_MEAN],
+                                        std=[s * 255 for s in splits.IMAGENET_STD], mirror=mirror)
+
+    @pipeline_def
+    def caltech_pipeline(source, train, img_size, decoder_device, layout, hw_decoder_load):
+        if train:
+            jpegs, anchor, shape, mirror, labels = fn.external_source(source=source, num_outputs=5, batch=True)
+            images = decode(jpegs, decoder_device, anchor, shape, hw_decoder_load)
+            images = fn.resize(images, resize_x=img_size, resize_y=img_size, antialias=True)
+            return normalize(images, img_size, mirror, layout), labels
+        jpegs, labels = fn.external_source(source=source, num_outputs=2, batch=True)
+        images = fn.resize(decode(jpegs, decoder_device, hw_decoder_load=hw_decoder_load),
+                           resize_shorter=splits.resize_size(img_size), antialias=True)
+        return normalize(images, img_size, 0, layout, crop=(img_size, img_size)), labels
+
+    @pipeline_def
+    def first_step_pipeline(source, train, shorter, img_size, decoder_device):
+        """The pipeline's first step alone, as uint8: train decodes the plan's crop boxes (bench.py times it as the
+        pipeline's ceiling); val decodes, resizes the shorter side and centre-crops (the --cache decode pass of
+        val/test). `shorter=None` with train=False decodes whole images (the cache decode pass of train)."""
+        if train:
+            jpegs, anchor, shape, _ = fn.external_source(source=source, num_outputs=4, batch=True)
+            return decode(jpegs, decoder_device, anchor, shape)
+        (jpegs,) = fn.external_source(source=source, num_outputs=1, batch=True)
+        images = decode(jpegs, decoder_device)
+        if shorter is None:
+            return images
+        return fn.crop(fn.resize(images, resize_shorter=shorter, antialias=True), crop=(img_size, img_size))
+
+
+def decode_error(err, recent_files):
+    """A DataError naming the file DALI failed on: DALI's message names a sample of a batch in flight, so the files
+    of those batches are tried with PIL and the first one that does not decode is named."""
+    for batch in recent_files:
+        for path in batch:
+            try:
+                splits.load_rgb(path)
+            except DataError:
+                return DataError(f"cannot decode {path}: the file is corrupt; re-run download.py (it re-checks "
+                                 f"every image) or remove it from the split lists")
+    text = str(err).strip()
+    return DataError(f"the DALI pipeline failed: {text.splitlines()[-1] if text else repr(err)}")
+
+
+class DaliLoader:
+    """Iterates the DALI pipeline as (images, labels) model inputs, `len()` batches per epoch, following `plan`.
+
+    state_dict()/load_state_dict() hold the stream position (epoch, batches done) at any step.
+    """
+    kind = "dali"
+
+    def __init__(self, image_root, files, labels, plan, img_size, device, dtype=torch.float32, workers=2,
+                 channels_last=True, hw_decoder_load=HW_DECODER_LOAD):
+        if not HAVE_DALI:
+            raise DataError("DALI is not installed (pip install nvidia-dali-cuda120, Linux only): use --loader torch")
+        check_workers(workers)
+        self.image_root, self.files, self.labels, self.plan = image_root, files, labels, plan
+        self.img_size, self.device, self.dtype, self.workers = img_size, device, dtype, workers
+        self.channels_last, self.hw_decoder_load = channels_last, hw_decoder_load
+        self.encoded = EncodedFiles(image_root, files)
+        self.num_images = plan.num_local
+        self.epoch, self.batches_done = 0, 0
+        self.stream = None  # (pipeline, iterator, source) positioned at self.stream_at
+        self.stream_at = None
+
+    def _start(self):
+        """A pipeline whose stream starts at (epoch, batches_done)."""
+        source = PlanSource(self.plan, self.encoded, self.labels, self.epoch, self.batches_done)
+        on_gpu = self.device.type == "cuda"
+        pipe = caltech_pipeline(source, self.plan.train, self.img_size, "mixed" if on_gpu else "cpu",
+                                "HWC" if self.channels_last else "CHW", self.hw_decoder_load,
+                                batch_size=self.plan.batch_size, num_threads=self.workers,
+                                device_id=dali_device_id(self.device), seed=self.plan.seed, prefetch_queue_depth=2)
+        try:
+            pipe.build()
+            iterator = DALIGenericIterator([pipe], ["images", "labels"], size=-1, auto_reset=False)
+        except RuntimeError as e:
+            raise self._error(e, source) from None
+        self.stream, self.stream_at = (pipe, iterator, source), (self.epoch, self.batches_done)
+
+    def _error(self, err, source):
+        return decode_error(err, [[os.path.join(self.image_root, self.files[i]) for i in batch]
+                                  for batch in source.recent])
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "batches_done": self.batches_done}
+
+    def load_state_dict(self, state):
+        self.epoch, self.batches_done = state["epoch"], state["batches_done"]
+
+    def __len__(self):
+        return self.plan.steps
+
+    def __iter__(self):
+        if self.stream_at != (self.epoch, self.batches_done):  # first use, a resume, or an abandoned pass
+            self._start()
+        _, iterator, source = self.stream
+        for step in range(self.batches_done, self.plan.steps):
+            try:
+                batch = next(iterator)[0]
+            except RuntimeError as e:
+                self.stream_at = None
+                raise self._error(e, source) from None
+            self.batches_done = step + 1
+            self.stream_at = (self.epoch, self.batches_done)
+            yield splits.to_model_input(batch["images"], batch["labels"], self.device, self.dtype, self.channels_last)
+        self.epoch, self.batches_done = self.epoch + 1, 0
+        self.stream_at = (self.epoch, 0)
+
+
+def first_step_pipe(image_root, files, plan, device, workers, train, shorter=None, img_size=None):
+    """A built first_step_pipeline over `files` following `plan`; run it with epoch_batches()."""
+    check_workers(workers)
+    source = PlanSource(plan, EncodedFiles(image_root, files), None, 0, 0)
+    pipe = first_step_pipeline(source, train, shorter, img_size, "mixed" if device.type == "cuda" else "cpu",
+                               batch_size=plan.batch_size, num_threads=workers, device_id=dali_device_id(device),
+                               prefetch_queue_depth=2)
+    pipe.build()
+    pipe.source = source
+    return pipe
+
+
+def epoch_batches(pipe, steps, image_root, files):
+    """`steps` batches of a first-step pipeline, each a list of uint8 HWC numpy arrays (on the host)."""
+    try:
+        for _ in range(steps):
+            (out,) = pipe.run()
+            out = out.as_cpu() if hasattr(out, "as_cpu") else out  # GPU-decoded: to the host once
+            yield [np.array(out.at(i)) for i in range(len(out))]
+    except RuntimeError as e:
+        raise decode_error(e, [[os.path.join(image_root, files[i]) for i in b] for b in pipe.source.recent]) from None
+
+
+def release_unused_memory():
+    """Give DALI's cached device memory back after a one-off GPU decode pass (the cache keeps its own copy)."""
+    if HAVE_DALI:
+        from nvidia.dali.backend import ReleaseUnusedMemory
+
+        ReleaseUnusedMemory()

@@ -1,0 +1,316 @@
+"""What every loader agrees on: the split lists download.py writes, their identity, how an image is read, and the
+sampling plan that says which images each step of an epoch gives each rank, with each image's crop box and flip.
+
+    files, labels = splits.read_split("data/Caltech101", "train")
+    plan = splits.SamplePlan(len(files), batch_size=64, train=True, seed=0, sizes=splits.image_sizes(root, files))
+    for step in plan.epoch(3): ...          # (positions, image indices, y, x, h, w, flip) of each step
+
+The plan is a pure function of (seed, epoch, rank, world size), so the DALI, torch and cache loaders draw the very
+same order, crops and flips, a resumed run only needs (epoch, batches done), and `--seed` changes the order on
+every loader. RandomResizedCrop follows torchvision's rules (area uniform in [scale_min, 1], aspect ratio
+log-uniform in [3/4, 4/3], 10 attempts, then a central fallback).
+"""
+import hashlib
+import json
+import os
+
+import numpy as np
+import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RRC_SCALE = (0.08, 1.0)  # torchvision RandomResizedCrop defaults: fraction of the image area
+RRC_RATIO = (3 / 4, 4 / 3)  # and aspect-ratio range (width / height)
+IMAGES_DIR = "101_ObjectCategories"  # where download.py puts Caltech-101's images inside a data root
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".webp")
+
+
+class DataError(Exception):
+    """A user-facing data problem: the scripts print it as one line and exit non-zero."""
+
+
+def resize_size(img_size):
+    """Shorter side before the val centre crop: the 256/224 ratio of the ImageNet recipe."""
+    return int(img_size * 256 / 224)
+
+
+def read_split_meta(data_root):
+    """split.json of a prepared root ({} for roots prepared before it existed)."""
+    try:
+        with open(os.path.join(data_root, "split.json")) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return {}
+    except ValueError as e:
+        raise DataError(f"{os.path.join(data_root, 'split.json')} is not valid JSON ({e}): run download.py again") \
+            from None
+
+
+def image_root(data_root):
+    """The folder the split lists' paths are relative to: Caltech's images inside the root, or the user's own
+    image tree that `download.py --folder` recorded (absolute, or relative to the data root)."""
+    recorded = read_split_meta(data_root).get("image_root")
+    return os.path.join(data_root, recorded) if recorded else os.path.join(data_root, IMAGES_DIR)
+
+
+def read_classes(data_root):
+    path = os.path.join(data_root, "classes.txt")
+    if not os.path.isfile(path):
+        raise DataError(f"no prepared dataset at {data_root} (missing classes.txt): "
+                        f"run `python download.py --data_root {data_root}` first")
+    return read_class_file(path, hint=f"run `python download.py --data_root {data_root}` again")
+
+
+def read_class_file(path, hint="one class name per line"):
+    try:
+        with open(path) as f:
+            classes = [line.strip() for line in f if line.strip()]
+    except OSError as e:
+        raise DataError(f"cannot read the class list {path}: {e.strerror}") from None
+    if not classes:
+        raise DataError(f"{path} is empty: {hint}")
+    return classes
+
+
+def read_split_lines(path):
+    """(files, labels) of one list file, without checking that the files exist."""
+    files, labels = [], []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                name, label = line.rstrip("\n").rsplit(" ", 1)
+                labels.append(int(label))
+            except ValueError:
+                raise DataError(f"{path}:{lineno}: expected '<relative path> <label>', got {line.strip()!r}") from None
+            files.append(name)
+    return files, labels
+
+
+def read_split(data_root, split):
+    """(files, labels) of one split list; paths are relative to image_root(data_root)."""
+    path = os.path.join(data_root, f"{split}.txt")
+    if not os.path.isfile(path):
+        hint = " (prepare one with --test_per_class N)" if split == "test" else ""
+        raise DataError(f"no {split} split at {path}{hint}: run `python download.py --data_root {data_root}`")
+    files, labels = read_split_lines(path)
+    if not files:
+        raise DataError(f"{path} lists no images: run `python download.py --data_root {data_root}` again")
+    root = image_root(data_root)
+    missing = [p for p in files if not os.path.isfile(os.path.join(root, p))]
+    if missing:
+        raise DataError(f"{path} names {len(missing)} missing files (first: {os.path.join(root, missing[0])}): "
+                        f"re-run `python download.py --data_root {data_root}`")
+    return files, labels
+
+
+def file_digest(path):
+    """sha256 of a file's bytes (None if it does not exist): the identity of a split list."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except FileNotFoundError:
+        return None
+
+
+def split_identity(data_root):
+    """What a run records about the data it was trained on: a hash of each list and the split's parameters."""
+    meta = read_split_meta(data_root)
+    return {"classes": file_digest(os.path.join(data_root, "classes.txt")),
+            **{name: file_digest(os.path.join(data_root, f"{name}.txt")) for name in ("train", "val", "test")},
+            "params": {k: meta.get(k) for k in ("train_per_class", "test_per_class", "seed", "train_fraction",
+                                                "source") if k in meta}}
+
+
+# ---------------------------------------------------------------------------------------------
+# reading images
+
+def _exif_transposed(img):
+    """The image as it is meant to be seen: EXIF orientation applied (DALI's decoders do the same by default)."""
+    from PIL import ImageOps
+
+    return ImageOps.exif_transpose(img)
+
+
+def load_rgb(path):
+    """A file as a PIL RGB image (EXIF orientation applied; grayscale, palette and CMYK converted); DataError
+    naming the file otherwise."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return _exif_transposed(img).convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:  # PIL raises all three for broken or foreign files
+        raise DataError(f"cannot decode {path}: not a readable image ({e})") from None
+
+
+def image_sizes(root, files):
+    """(heights, widths) as int64 arrays, from the file headers (no decode), after EXIF orientation."""
+    from PIL import Image
+
+    heights, widths = np.empty(len(files), np.int64), np.empty(len(files), np.int64)
+    for i, name in enumerate(files):
+        path = os.path.join(root, name)
+        try:
+            with Image.open(path) as img:
+                width, height = img.size
+                orientation = img.getexif().get(0x0112, 1)  # 5-8: stored rotated by 90 degrees
+        except (OSError, SyntaxError, ValueError) as e:
+            raise DataError(f"cannot read {path}: not a readable image ({e})") from None
+        heights[i], widths[i] = (width, height) if orientation in (5, 6, 7, 8) else (height, width)
+    return heights, widths
+
+
+class ResizeShorter:
+    """Bilinear (antialiased) resize of the shorter side to `size`, rounding the longer side as DALI does
+    (torchvision truncates it), so that both loaders produce the same val tensors."""
+
+    def __init__(self, size):
+        self.size = size
+
+    def __call__(self, img):
+        from PIL import Image
+
+        w, h = img.size
+        scale = self.size / min(w, h)
+        return img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
+
+
+class CentreCrop:
+    """Centre crop placed as DALI places it (half-pixel margins round up; torchvision rounds half to even), so
+    that the DALI, torch and cache loaders cut the same window."""
+
+    def __init__(self, size):
+        self.size = size
+
+    def __call__(self, img):
+        w, h = img.size
+        left, top = int(centre_crop_offsets(w, self.size)), int(centre_crop_offsets(h, self.size))
+        return img.crop((left, top, left + self.size, top + self.size))
+
+
+def val_transform(img_size):
+    """The val/test preprocessing as a PIL -> normalized CHW tensor function (predict.py uses it too)."""
+    from torchvision import transforms as T
+
+    return T.Compose([ResizeShorter(resize_size(img_size)), CentreCrop(img_size), T.ToTensor(),
+                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def to_model_input(images, labels, device, dtype, channels_last=True):
+    """A batch (NHWC or NCHW, host or device) -> NCHW-shaped on `device` in `dtype`, in channels_last memory (or
+    contiguous NCHW); labels int64 on the same device."""
+    if images.shape[-1] == 3 and images.shape[1] != 3:  # NHWC: the permute is free and is channels_last memory
+        images = images.permute(0, 3, 1, 2)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    images = images.to(device, non_blocking=True).to(dtype=dtype, memory_format=layout)
+    labels = labels.reshape(-1).to(device, non_blocking=True).long()
+    return images, labels
+
+
+# ---------------------------------------------------------------------------------------------
+# the sampling plan
+
+def random_resized_crops(heights, widths, scale, ratio, rng, attempts=10):
+    """torchvision's RandomResizedCrop box sampling for many images at once: int arrays (y, x, h, w).
+
+    Area fraction uniform in `scale`, aspect ratio (w/h) log-uniform in `ratio`; the first of `attempts` draws
+    that fits wins; if none fits, the whole image cut centrally to the nearest allowed aspect ratio.
+    """
+    n = len(heights)
+    target = (heights * widths)[:, None] * rng.uniform(scale[0], scale[1], (n, attempts))
+    aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1]), (n, attempts)))
+    crop_w = np.round(np.sqrt(target * aspect)).astype(np.int64)
+    crop_h = np.round(np.sqrt(target / aspect)).astype(np.int64)
+    fits = (crop_w >= 1) & (crop_h >= 1) & (crop_w <= widths[:, None]) & (crop_h <= heights[:, None])
+    first, rows = fits.argmax(1), np.arange(n)
+    crop_w, crop_h = crop_w[rows, first], crop_h[rows, first]
+    fallback = ~fits.any(1)
+    image_ratio = widths / heights
+    fallback_w = np.where(image_ratio > ratio[1], np.round(heights * ratio[1]), widths).astype(np.int64)
+    fallback_h = np.where(image_ratio < ratio[0], np.round(widths / ratio[0]), heights).astype(np.int64)
+    crop_w, crop_h = np.where(fallback, fallback_w, crop_w), np.where(fallback, fallback_h, crop_h)
+    y = np.where(fallback, (heights - crop_h) // 2, (rng.random(n) * (heights - crop_h + 1)).astype(np.int64))
+    x = np.where(fallback, (widths - crop_w) // 2, (rng.random(n) * (widths - crop_w + 1)).astype(np.int64))
+    return y, x, crop_h, crop_w
+
+
+def centre_crop_offsets(size, crop):
+    """Where a centre crop of `crop` starts in `size` pixels (DALI's crop_mirror_normalize convention)."""
+    return np.round((size - crop) / 2.0 + 1e-9).astype(np.int64)
+
+
+def step_sizes(num_images, global_batch, world, drop_last):
+    """Images per rank in each step of an epoch, shape (steps, world).
+
+    Full steps give every rank global_batch / world images. The last, short step of r images gives rank k
+    r // world + (k < r % world) of them, unless that would leave a rank with none (r < world): then it is left
+    out, so every rank always takes the same number of steps. drop_last leaves out any short step.
+    """
+    full, rest = divmod(num_images, global_batch)
+    sizes = [[global_batch // world] * world] * full
+    if rest and not drop_last and rest >= world:
+        sizes.append([rest // world + (k < rest % world) for k in range(world)])
+    return np.array(sizes, dtype=np.int64).reshape(-1, world)
+
+
+class SamplePlan:
+    """Which images each step of an epoch gives this rank, and (train) the crop box and flip of each.
+
+    Train, `fixed_shard=False`: one permutation of the whole split per epoch, drawn from (seed, epoch); each
+    global batch of batch_size * world images is cut into `world` contiguous parts and rank k takes part k, so a
+    2-rank run sees the same global batches as a 1-process run. `fixed_shard=True` (the device cache, which holds
+    only its rank's images): rank k owns images k, k + world, ... and takes them in the order the same global
+    permutation puts them; with one process both are the same plan. Either way rank k gets the step sizes of
+    step_sizes(), so the ranks always take the same number of steps.
+    Val/test (train=False): rank k takes the contiguous part [N*k/world, N*(k+1)/world) of the list, in order,
+    in batches of batch_size (the last one short), so gathering the ranks' outputs restores the list order.
+    """
+
+    def __init__(self, num_images, batch_size, train, seed=0, rank=0, world=1, drop_last=False, sizes=None,
+                 crop_scale=RRC_SCALE, fixed_shard=False):
+        self.num_images, self.batch_size, self.train, self.seed = num_images, batch_size, train, seed
+        self.rank, self.world, self.fixed_shard = rank, world, fixed_shard
+        self.crop_scale = crop_scale
+        self.heights, self.widths = sizes if sizes is not None else (None, None)
+        if train:
+            if sizes is None:
+                raise ValueError("a train plan needs the image sizes for its crop boxes")
+            self.sizes = step_sizes(num_images, batch_size * world, world, drop_last)
+            self.steps = len(self.sizes)
+            self.num_local = int(self.sizes[:, rank].sum()) if self.steps else 0
+        else:
+            self.lo, self.hi = num_images * rank // world, num_images * (rank + 1) // world
+            self.num_local = self.hi - self.lo
+            self.steps = -(-self.num_local // batch_size)
+
+    def global_images(self, step):
+        """Images in one step across all ranks (the divisor of the step's mean loss)."""
+        return int(self.sizes[step].sum()) if self.train else None
+
+    def epoch(self, epoch, start_step=0):
+        """Yield, for each step from start_step, a dict of numpy arrays: `index` (positions in the split list) and,
+        for train, the crop box `y`, `x`, `h`, `w` and `flip` of each image."""
+        if not self.train:
+            for step in range(start_step, self.steps):
+                lo = self.lo + step * self.batch_size
+                yield {"index": np.arange(lo, min(lo + self.batch_size, self.hi))}
+            return
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(self.num_images)
+        y, x, h, w = random_resized_crops(self.heights[order], self.widths[order], self.crop_scale, RRC_RATIO, rng)
+        flip = rng.random(self.num_images) < 0.5
+        if self.fixed_shard:
+            mine = np.flatnonzero(order % self.world == self.rank)  # positions of this rank's images, in order
+            ends = np.cumsum(self.sizes[:, self.rank])
+            bounds = [(mine[e - s:e]) for s, e in zip(self.sizes[:, self.rank], ends)]
+        else:
+            global_batch = self.batch_size * self.world
+            bounds = []
+            for step, sizes in enumerate(self.sizes):
+                lo = step * global_batch + int(sizes[:self.rank].sum())
+                bounds.append(np.arange(lo, lo + sizes[self.rank]))
+        for step in range(start_step, self.steps):
+            pos = bounds[step]
+            yield {"index": order[pos], "y": y[pos], "x": x[pos], "h": h[pos], "w": w[pos], "flip": flip[pos]}
