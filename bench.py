@@ -35,10 +35,13 @@ import torch
 import torch.nn.functional as F
 
 import augment
+import cache_loader
+import dali_loader
 import data_utils
 import engine
 import model_utils
 import presets
+import splits
 
 SECTIONS = ("data", "step", "e2e", "eval")
 
@@ -71,11 +74,11 @@ class PlainLoader:
     """The reference scripts' way: torchvision ImageFolder (over a folder of links to the listed files) + PIL
     transforms + DataLoader. Use as a context manager; the links are removed at exit."""
 
-    def __init__(self, data_root, files, img_size, batch_size, workers, train):
+    def __init__(self, data_root, files, img_size, batch_size, workers, train, pin_memory=False):
         import torchvision
 
         self.link_root = tempfile.mkdtemp(prefix="bench-imagefolder-")
-        image_root = os.path.abspath(os.path.join(data_root, data_utils.IMAGES_DIR))
+        image_root = os.path.abspath(data_utils.image_root(data_root))
         for name in files:
             os.makedirs(os.path.join(self.link_root, os.path.dirname(name)), exist_ok=True)
             os.symlink(os.path.join(image_root, name), os.path.join(self.link_root, name))
@@ -84,8 +87,9 @@ class PlainLoader:
             [T.Resize(data_utils.resize_size(img_size), antialias=True), T.CenterCrop(img_size)]
         transform = T.Compose(spatial + [T.ToTensor(), T.Normalize(data_utils.IMAGENET_MEAN, data_utils.IMAGENET_STD)])
         dataset = torchvision.datasets.ImageFolder(self.link_root, transform)
+        # pin_memory: the reference scripts' setting, so the baseline's copies to a GPU do not block either.
         self.loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=train, num_workers=workers,
-                                                  persistent_workers=workers > 0)
+                                                  persistent_workers=workers > 0, pin_memory=pin_memory)
         self.num_images = len(dataset)
 
     def __iter__(self):
@@ -102,24 +106,59 @@ class PlainLoader:
 
 
 class DecodeOnly:
-    """The DALI train pipeline's first step alone (JPEG decode of a random crop, variable-size uint8, no resize,
-    flip or normalise): a ceiling for the whole pipeline on this device. Iterates one epoch of (images, None)."""
+    """The DALI train pipeline's first step alone (JPEG decode of the plan's crop boxes, variable-size uint8, no
+    resize, flip or normalise): a ceiling for the whole pipeline on this device. Iterates one epoch of (images,
+    None); the stream runs on into the next epoch, as the kit's does."""
 
     def __init__(self, data_root, files, batch_size, workers, device):
-        self.pipe = data_utils.first_step_pipe(os.path.join(data_root, data_utils.IMAGES_DIR), files, device,
-                                               workers, batch_size, train=True)
-        self.num_images = len(files)
+        root = data_utils.image_root(data_root)
+        plan = splits.SamplePlan(len(files), batch_size, True, sizes=splits.image_sizes(root, files))
+        self.pipe = dali_loader.first_step_pipe(root, files, plan, device, workers, train=True)
+        self.root, self.files, self.steps, self.num_images = root, files, plan.steps, len(files)
 
     def __iter__(self):
-        for images, real in data_utils.epoch_batches(self.pipe, self.num_images):
-            yield [images[i] for i in range(real)], None
+        for images in dali_loader.epoch_batches(self.pipe, self.steps, self.root, self.files):
+            yield images, None
 
 
 def kit_loader(args, device, files, labels, train_split, cache, batch_size):
+    """The kit's DALI or cache loader over a list of files (the data section uses the whole train split)."""
     amp_dtype, _ = engine.resolve_amp(args.amp, device)
-    loader_args = (os.path.join(args.data_root, data_utils.IMAGES_DIR), files, labels, train_split, args.img_size,
-                   batch_size, device, amp_dtype or torch.float32, args.workers, 0)
-    return data_utils.CacheLoader(*loader_args) if cache else data_utils.DaliLoader(*loader_args)
+    root = data_utils.image_root(args.data_root)
+    sizes = splits.image_sizes(root, files) if train_split else None
+    plan = splits.SamplePlan(len(files), batch_size, train_split, sizes=sizes, fixed_shard=cache)
+    common = dict(device=device, dtype=amp_dtype or torch.float32, workers=args.workers)
+    if cache:
+        return cache_loader.CacheLoader(root, files, labels, plan, args.img_size, **common)
+    return dali_loader.DaliLoader(root, files, labels, plan, args.img_size, **common)
+
+
+class PerImageCache:
+    """The previous --cache batch, as a reference row: the same cached pixels and the same plan's boxes, but one
+    crop, antialiased uint8 resize, flip and copy per image (about 11 tensor operations each)."""
+
+    def __init__(self, cache):
+        self.cache = cache
+        self.num_images = cache.num_images
+
+    def __iter__(self):
+        c, size = self.cache, self.cache.img_size
+        for step in c.plan.epoch(0):
+            local = c.local[step["index"]]
+            batch = torch.empty(len(local), size, size, 3, device=c.device)
+            for j, i in enumerate(local.tolist()):
+                height, width, offset = int(c.heights[i]), int(c.widths[i]), int(c.offsets[i])
+                image = c.pixels[offset:offset + height * width * 3].view(height, width, 3)
+                y0, x0 = int(step["y"][j] * c.scale_y[i]), int(step["x"][j] * c.scale_x[i])
+                h, w = max(1, int(step["h"][j] * c.scale_y[i])), max(1, int(step["w"][j] * c.scale_x[i]))
+                region = image[y0:y0 + h, x0:x0 + w].permute(2, 0, 1)[None]
+                region = region.contiguous(memory_format=torch.channels_last) if region.device.type == "cpu" \
+                    else region.float()
+                region = F.interpolate(region, size=(size, size), mode="bilinear", antialias=True)
+                if step["flip"][j]:
+                    region = region.flip(-1)
+                batch[j] = region[0].permute(1, 2, 0)
+            yield c.finish(batch.permute(0, 3, 1, 2), step["index"])
 
 
 def median_rounds(rounds, **variants):
@@ -140,19 +179,29 @@ def bench_data(args, device):
     files, labels = data_utils.read_split(args.data_root, "train")
     dali = kit_loader(args, device, files, labels, True, False, args.batch_size)
     cache = kit_loader(args, device, files, labels, True, True, args.batch_size)
+    per_image = PerImageCache(cache)
     decode = DecodeOnly(args.data_root, files, args.batch_size, args.workers, device)
-    with PlainLoader(args.data_root, files, args.img_size, args.batch_size, args.workers, True) as plain:
-        for loader in (dali, cache, decode, plain):  # warm-up pass: worker start-up, page cache, allocator
+    with PlainLoader(args.data_root, files, args.img_size, args.batch_size, args.workers, True,
+                     pin_memory=device.type == "cuda") as plain:
+        def plain_on_device():  # the reference loop's copy to the device, as a training loop makes it
+            return time_images(((x.to(device, non_blocking=True), y) for x, y in plain), device)
+
+        for loader in (dali, cache, per_image, decode):  # warm-up pass: worker start-up, page cache, allocator
             time_images(loader, device)
+        plain_on_device()
         rates = median_rounds(args.rounds, dali=lambda: time_images(dali, device),
-                              cache=lambda: time_images(cache, device), decode=lambda: time_images(decode, device),
-                              plain=lambda: time_images(plain, device))
+                              cache=lambda: time_images(cache, device),
+                              per_image=lambda: time_images(per_image, device),
+                              decode=lambda: time_images(decode, device), plain=plain_on_device)
     plain_name = f"ImageFolder + PIL DataLoader, {args.workers} workers"
     where = "mixed" if device.type == "cuda" else "CPU"
     return [row("data", f"DALI pipeline ({where}), {args.workers} threads", rates["dali"], plain_name, rates["plain"],
                 images=len(files)),
-            row("data", f"--cache (after a {cache.decode_seconds:.1f}s decode pass, {cache.nbytes / 2**20:.0f} MiB)",
-                rates["cache"], plain_name, rates["plain"], images=len(files), decode_seconds=cache.decode_seconds),
+            row("data", f"--cache, fixed ops per batch (after a {cache.decode_seconds:.1f}s decode pass, "
+                        f"{cache.nbytes / 2**20:.0f} MiB)", rates["cache"], plain_name, rates["plain"],
+                images=len(files), decode_seconds=cache.decode_seconds, cache_mib=cache.nbytes / 2 ** 20),
+            row("data", "--cache, the previous per-image loop (same pixels and boxes)", rates["per_image"],
+                plain_name, rates["plain"], images=len(files)),
             row("data", "ceiling: the DALI pipeline's decode step alone (no resize/flip/normalise)", rates["decode"],
                 plain_name, rates["plain"], images=len(files))]
 
@@ -188,7 +237,7 @@ def kit_trainer(args, device, compile_model=False):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     mixer = augment.MixupCutmix(101, 0.2, 1.0, seed=0)
-    cfg = dict(freeze="none", grad_clip=0.0, log_every=10 ** 9, progress=False)
+    cfg = dict(grad_clip=0.0, log_every=10 ** 9, progress=False)
     return lambda loader: engine.train_one_epoch(step_model, loader, optimizer, scheduler, scaler, mixer, amp_dtype,
                                                 cfg, epoch=0)
 
@@ -199,7 +248,7 @@ def reference_epoch(model, optimizer, loader, device):
     sync(device)
     start, seen = time.perf_counter(), 0
     for images, labels in loader:
-        images, labels = images.to(device), labels.to(device)
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         loss = F.cross_entropy(model(images), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -240,7 +289,8 @@ def bench_e2e(args, device):
     cache = kit_loader(args, device, files, labels, True, True, args.batch_size)
     kit_dali, kit_cache = kit_trainer(args, device), kit_trainer(args, device)
     plain_model, plain_opt = make_model(args, device, channels_last=False, fused=False)
-    with PlainLoader(args.data_root, files, args.img_size, args.batch_size, args.workers, True) as plain:
+    with PlainLoader(args.data_root, files, args.img_size, args.batch_size, args.workers, True,
+                     pin_memory=device.type == "cuda") as plain:
         rounds = dict(dali=lambda: kit_dali(dali)["train_images_per_s"],
                       cache=lambda: kit_cache(cache)["train_images_per_s"],
                       cache_data=lambda: time_images(cache, device),
@@ -268,12 +318,14 @@ def bench_eval(args, device):
         sync(device)
         start, seen = time.perf_counter(), 0
         for images, labels in loader:
-            plain_model(images.to(device)).argmax(1).eq(labels.to(device)).sum()
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            plain_model(images).argmax(1).eq(labels).sum()
             seen += images.shape[0]
         sync(device)
         return seen / (time.perf_counter() - start)
 
-    with PlainLoader(args.data_root, files, args.img_size, args.eval_batch_size, args.workers, False) as plain:
+    with PlainLoader(args.data_root, files, args.img_size, args.eval_batch_size, args.workers, False,
+                     pin_memory=device.type == "cuda") as plain:
         kit_eval = lambda: engine.evaluate(kit_model, val, 101, amp_dtype)["val_images_per_s"]  # noqa: E731
         rates = median_rounds(args.rounds, kit=kit_eval, plain=lambda: plain_eval(plain))
     return [row("eval", f"kit evaluate (DALI val, {amp_dtype}, channels_last)", rates["kit"],
@@ -289,9 +341,12 @@ def get_args_parser():
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"), help="the kit's AMP mode")
     p.add_argument("--arch", default="resnet18", choices=model_utils.ARCHS)
     p.add_argument("--img_size", type=int, default=224, help="pixels")
-    p.add_argument("--batch_size", type=int, default=32, help="images per training batch/step")
-    p.add_argument("--eval_batch_size", type=int, default=64, help="images per evaluation batch")
-    p.add_argument("--workers", type=int, default=2, help="DALI threads and DataLoader workers alike")
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="images per training batch/step (default: 32 on a CPU, 256 on a GPU)")
+    p.add_argument("--eval_batch_size", type=int, default=None, help="images per evaluation batch (default: twice "
+                                                                     "--batch_size)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="DALI threads and DataLoader workers alike (default: 2 on a CPU, up to 8 on a GPU)")
     p.add_argument("--steps", type=int, default=5, help="train steps per timed round of the step section")
     p.add_argument("--images", type=int, default=0,
                    help="e2e/eval: a fixed random subset of this many images per split (0: the whole split)")
@@ -303,6 +358,10 @@ def get_args_parser():
 
 def main(args):
     device = engine.resolve_device(args.device)
+    on_gpu = device.type == "cuda"  # defaults that feed a GPU: a big batch and more decoder threads
+    args.batch_size = args.batch_size or (256 if on_gpu else 32)
+    args.eval_batch_size = args.eval_batch_size or 2 * args.batch_size
+    args.workers = args.workers if args.workers is not None else (min(8, os.cpu_count() or 2) if on_gpu else 2)
     wanted = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in wanted if s not in SECTIONS]
     if unknown:

@@ -178,6 +178,6 @@ class CacheLoader:
 
     def __iter__(self):
         for step in self.plan.epoch(self.epoch, self.batches_done):
-            self.batches_done += 1
-            yield self.train_batch(step) if self.plan.train else self.val_batch(step["index"])
-        self.epoch, self.batches_done = self.epoch + 1, 0
+            batch = self.train_batch(step) if self.plan.train else self.val_batch(step["index"])
+            self.epoch, self.batches_done = splits.next_position(self.epoch, self.batches_done, self.plan.steps)
+            yield batch

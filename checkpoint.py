@@ -305,15 +305,78 @@ def read_run_config(run_dir, required=True):
         raise presets.ConfigError(f"{path} is not valid JSON: {e}") from None
 
 
+def _number(text):
+    if text in ("", None):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def read_metrics(run_dir):
     path = os.path.join(run_dir, "metrics.csv")
     try:
         with open(path) as f:
-            return [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()}
-                    for row in csv.DictReader(f)]
+            return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
     except FileNotFoundError:
         raise presets.ConfigError(f"no metrics.csv in {run_dir}: is it a training run folder?") from None
 
 
 def copy_into_run(src, run_dir, name):
     shutil.copyfile(src, os.path.join(run_dir, name))
+
+
+class Run:
+    """A trained model's context for evaluation and prediction: where its weights are, its settings, its class
+    names and (for a run folder) the identity of its split and its training list."""
+
+    def __init__(self, path, run_dir, cfg, classes, split=None, train_files=None):
+        self.path, self.run_dir, self.cfg, self.classes = path, run_dir, cfg, classes
+        self.split, self.train_files = split, train_files
+
+    @property
+    def arch(self):
+        return self.cfg["arch"]
+
+    @property
+    def img_size(self):
+        return self.cfg["img_size"]
+
+
+def open_run(path, arch=None, img_size=None, classes=None, data_root=None):
+    """A Run from a run folder, a .pth in one, or bare released weights (then arch, img_size and a class file are
+    needed, and the missing ones are named). The class names come from the run folder itself, so a copied run
+    folder predicts without its data root; an older run without classes.txt reads the data root's, and refuses
+    them if they are not the ones it was trained on."""
+    import splits
+
+    path, run_dir = resolve_checkpoint(path)
+    cfg = read_run_config(run_dir, required=False)
+    if cfg is None:
+        missing = [flag for flag, value in (("--arch", arch), ("--img_size", img_size), ("--classes", classes))
+                   if value is None]
+        if missing:
+            raise presets.ConfigError(f"{path} has no config.json beside it (bare weights): pass "
+                                      f"{', '.join(missing)}")
+        cfg = presets.resolve("r18_pretrain_main", {"arch": arch, "img_size": img_size, "pretrained": False,
+                                                    **({"data_root": data_root} if data_root else {})})
+        return Run(path, run_dir, cfg, splits.read_class_file(classes))
+    for key, value in (("arch", arch), ("img_size", img_size)):
+        if value is not None and value != cfg[key]:
+            raise presets.ConfigError(f"--{key} {value}: the run in {run_dir} is {key}={cfg[key]}")
+    split = cfg.get("split")
+    if classes:
+        names = splits.read_class_file(classes)
+    elif os.path.isfile(os.path.join(run_dir, "classes.txt")):
+        names = splits.read_class_file(os.path.join(run_dir, "classes.txt"))
+    else:
+        root = data_root or cfg["data_root"]
+        names = splits.read_classes(root)
+        recorded = (split or {}).get("classes")
+        if recorded and splits.file_digest(os.path.join(root, "classes.txt")) != recorded:
+            raise presets.ConfigError(f"{root}/classes.txt is not the class list {run_dir} was trained with; pass "
+                                      f"the right one with --classes FILE")
+    train_list = os.path.join(run_dir, "train_list.txt")
+    train_files = splits.read_split_lines(train_list)[0] if os.path.isfile(train_list) else None
+    return Run(path, run_dir, cfg, names, split, train_files)

@@ -198,17 +198,15 @@ class DaliLoader:
         if self.stream_at != (self.epoch, self.batches_done):  # first use, a resume, or an abandoned pass
             self._start()
         _, iterator, source = self.stream
-        for step in range(self.batches_done, self.plan.steps):
+        for _ in range(self.batches_done, self.plan.steps):
             try:
                 batch = next(iterator)[0]
             except RuntimeError as e:
                 self.stream_at = None
                 raise self._error(e, source) from None
-            self.batches_done = step + 1
+            self.epoch, self.batches_done = splits.next_position(self.epoch, self.batches_done, self.plan.steps)
             self.stream_at = (self.epoch, self.batches_done)
             yield splits.to_model_input(batch["images"], batch["labels"], self.device, self.dtype, self.channels_last)
-        self.epoch, self.batches_done = self.epoch + 1, 0
-        self.stream_at = (self.epoch, 0)
 
 
 def first_step_pipe(image_root, files, plan, device, workers, train, shorter=None, img_size=None):

@@ -115,11 +115,10 @@ class TorchLoader:
         self.batches.epoch, self.batches.start = self.epoch, self.batches_done
         try:
             for images, labels in self.loader:
-                self.batches_done += 1
+                self.epoch, self.batches_done = splits.next_position(self.epoch, self.batches_done, self.plan.steps)
                 yield splits.to_model_input(images, labels, self.device, self.dtype, self.channels_last)
         except DataError as e:  # from a worker, its message carries the worker's traceback: keep the last line
             raise DataError(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
-        self.epoch, self.batches_done = self.epoch + 1, 0
 
 
 def build_loader(data_root, split, img_size, batch_size, device, dtype=torch.float32, loader="dali", workers=4,

@@ -217,7 +217,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, mixer, amp_dtyp
     """One pass over the loader (the rest of it when resuming at start_step).
 
     Returns the epoch's statistics (summed over ranks) plus 'steps_done' (in this epoch, counting start_step) and
-    'completed' (False when `stop` asked to end early). `on_step(steps_done)` runs after every optimizer step.
+    'completed' (False when `stop` ended it before its last step). `on_step(steps_done)` runs after every
+    optimizer step.
     `trainable` (all | layer4+head | head) keeps frozen parts' BatchNorm as cfg["frozen_bn"] says.
     Nothing here waits on the device except at log points: sums, counts and the non-finite-loss streak live in
     device tensors until then. Under torchrun every rank skips the same non-finite steps and stops at the same
@@ -300,7 +301,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, mixer, amp_dtyp
     stats = {"train_loss": totals[0].item() / n_good, "train_acc": totals[1].item() / n_good,
              "train_images_per_s": seen * world / elapsed, "train_time_s": elapsed,
              "skipped_steps": int(totals[3].item()) // world, "steps_done": steps_done,
-             "completed": steps_done >= len(loader) and not stopping}
+             "completed": steps_done >= len(loader)}
     if device.type == "cuda":
         stats["gpu_peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
     return stats

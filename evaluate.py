@@ -19,12 +19,14 @@ import sys
 
 import torch
 
+import checkpoint
 import data_utils
 import engine
 import model_utils
 import plots
 import presets
-from checkpoint import read_metrics, read_run_config, resolve_checkpoint
+import splits
+from checkpoint import read_metrics, read_run_config
 
 
 def write_per_class(m, classes, path):
@@ -37,79 +39,147 @@ def write_per_class(m, classes, path):
         writer.writerows(rows)
 
 
+COMPARED = ("arch", "img_size", "pretrained", "weights", "trainable", "freeze_epochs", "lr_backbone", "lr_fc",
+            "layer_decay", "stage_lrs", "weight_decay", "epochs", "batch_size", "mixup_alpha", "cutmix_alpha",
+            "ema_decay", "label_smoothing", "data_root")
+
+
+def run_row(run_dir):
+    """One run's figures: from summary.json (best epoch; train/val/test of best.pth) and metrics.csv."""
+    if not os.path.isdir(run_dir) or not os.path.isfile(os.path.join(run_dir, "metrics.csv")):
+        raise presets.ConfigError(f"{run_dir} is not a training run folder (no metrics.csv)")
+    cfg = read_run_config(run_dir)
+    rows = read_metrics(run_dir)
+    try:
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            summary = json.load(f)
+    except FileNotFoundError:
+        summary = None
+    evaluated = [r for r in rows if r.get("val_top1") is not None]
+    best_epoch = summary["best"]["epoch"] if summary else (max(evaluated, key=lambda r: r["val_top1"])["epoch"]
+                                                            if evaluated else None)
+    figures = {}
+    for split in ("train", "val", "test"):
+        m = (summary or {}).get("splits", {}).get(split)
+        if m is None and split == "val" and best_epoch is not None:
+            row = next(r for r in rows if r["epoch"] == best_epoch)
+            m = {"top1": row["val_top1"], "mean_class_acc": row["val_mean_class_acc"]}
+        figures[split] = m
+    return {"run": run_dir, "cfg": cfg, "best_epoch": best_epoch, "figures": figures,
+            "epochs": f"{int(rows[-1]['epoch'])}/{cfg.get('epochs')}" if rows else "0",
+            "wall": (rows[-1].get("wall_time_s") or 0.0) if rows else 0.0,
+            "stopped": (summary or {}).get("early_stop")}
+
+
 def compare_runs(run_dirs):
-    """A markdown table of training runs: preset, init, epochs, best val top-1 and its mean per-class accuracy."""
-    lines = ["| run | preset | arch | init | epochs | best val top-1 | mean per-class | best epoch | wall time |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for run_dir in run_dirs:
-        if not os.path.isfile(os.path.join(run_dir, "metrics.csv")):
-            continue  # not a run folder (e.g. checkpoints/README.md)
-        cfg = read_run_config(run_dir)
-        rows = read_metrics(run_dir)
-        evaluated = [r for r in rows if r.get("val_top1") is not None]
-        best = max(evaluated, key=lambda r: r["val_top1"]) if evaluated else None
-        init = "local weights" if cfg.get("weights") else ("ImageNet" if cfg.get("pretrained") else "scratch")
-        wall = rows[-1].get("wall_time_s") or 0.0
-        lines.append(f"| {os.path.basename(os.path.normpath(run_dir))} | {cfg.get('exp')} | {cfg.get('arch')} | {init} "
-                     f"| {int(rows[-1]['epoch'])}/{cfg.get('epochs')} | "
-                     + (f"{best['val_top1']:.4f} | {best['val_mean_class_acc']:.4f} | {int(best['epoch'])}"
-                        if best else "- | - | -") + f" | {wall / 60:.1f} min |")
+    """A markdown table of runs, as the multi-architecture kit reports them: the best epoch, and the train (through
+    the val transform), val and test top-1 of best.pth, with mean per-class accuracy; rows are told apart by run
+    folder and the settings that differ between the runs. "-": no test split (or no figure)."""
+    runs = [run_row(d) for d in run_dirs]
+    if not runs:
+        raise presets.ConfigError("--compare needs at least one run folder")
+    differing = [k for k in COMPARED if len({json.dumps(r["cfg"].get(k)) for r in runs}) > 1]
+
+    def fmt(m, key):
+        return f"{m[key]:.4f}" if m and m.get(key) is not None else "-"
+
+    head = ["run", "preset", *differing, "best epoch", "epochs", "train top-1", "val top-1", "test top-1",
+            "val mean per-class", "test mean per-class", "wall time"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in runs:
+        f = r["figures"]
+        cells = [os.path.normpath(r["run"]), str(r["cfg"].get("exp")),
+                 *[str(r["cfg"].get(k)) for k in differing], str(int(r["best_epoch"])) if r["best_epoch"] else "-",
+                 r["epochs"] + (" (early stop)" if r["stopped"] else ""), fmt(f["train"], "top1"),
+                 fmt(f["val"], "top1"), fmt(f["test"], "top1"), fmt(f["val"], "mean_class_acc"),
+                 fmt(f["test"], "mean_class_acc"), f"{r['wall'] / 60:.1f} min"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(description="Evaluate a run, plot its curves, or compare runs.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", help="best.pth / last.pth, or a run folder (uses its best.pth)")
+    p.add_argument("--checkpoint", help="best.pth / last.pth / best_loss.pth, or a run folder (uses its best.pth)")
     p.add_argument("--split", default="val", choices=("val", "test"))
     p.add_argument("--tta", default="none", choices=("none", "flip"), help="flip: mean of image and mirror logits")
     p.add_argument("--data_root", default=None, help="override the run's data root")
     p.add_argument("--loader", default=None, choices=("dali", "torch"), help="override the run's loader")
-    p.add_argument("--device", default=None, choices=("auto", "cuda", "cpu"), help="override the run's device")
+    p.add_argument("--device", default=None, help="override the run's device (auto, cpu, cuda, cuda:N)")
     p.add_argument("--batch_size", type=int, default=None, help="images per step (default: the run's eval batch)")
     p.add_argument("--workers", type=int, default=None, help="loader threads (default: the run's)")
     p.add_argument("--out_dir", default=None, help="where reports go (default: <run>/eval_<split>[_flip])")
+    p.add_argument("--arch", default=None, choices=model_utils.ARCHS, help="bare weights: the architecture")
+    p.add_argument("--img_size", type=int, default=None, help="bare weights: the training image size")
+    p.add_argument("--classes", default=None, help="bare weights: class names, one per line (label order)")
+    p.add_argument("--allow_other_split", action="store_true",
+                   help="evaluate although the data root's split lists are not the ones the run was trained on "
+                        "(figures not comparable; never on images it trained on)")
     p.add_argument("--curves", metavar="RUN_DIR", help="only write RUN_DIR/curves.png")
     p.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="only print a markdown table of these runs")
     return p
 
 
+def check_split(run, data_root, split, allow_other):
+    """Refuse figures that would silently be wrong: a re-split data root (unless asked), evaluated images that the
+    run trained on (always), class lists that differ."""
+    if run.split is not None and splits.split_identity(data_root) != run.split:
+        if not allow_other:
+            raise presets.ConfigError(f"the split lists in {data_root} are not the ones {run.run_dir} was trained on "
+                                      f"(re-split since?); its training images may be among the {split} images: "
+                                      f"--allow_other_split evaluates anyway")
+        print(f"WARNING: {data_root} holds another split than the one this run was trained on: these figures are "
+              f"not comparable with the run's own", file=sys.stderr)
+    files, _ = data_utils.read_split(data_root, split)
+    if run.train_files is not None:
+        overlap = set(files) & set(run.train_files)
+        if overlap:
+            raise presets.ConfigError(f"{len(overlap)} of the {len(files)} {split} images in {data_root} are in the "
+                                      f"training list of {run.run_dir} (e.g. {sorted(overlap)[0]}): refused, the "
+                                      f"figures would count images it learned")
+    if data_utils.read_classes(data_root) != run.classes:
+        raise presets.ConfigError(f"{data_root}/classes.txt differs from the classes the run was trained on")
+    return files
+
+
 def evaluate_checkpoint(args):
-    path, run_dir = resolve_checkpoint(args.checkpoint)
-    cfg = read_run_config(run_dir)
+    run = checkpoint.open_run(args.checkpoint, args.arch, args.img_size, args.classes, args.data_root)
+    cfg = dict(run.cfg)
     for key in ("data_root", "loader", "device", "workers"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
+    if args.batch_size is not None and args.batch_size < 1:
+        raise presets.ConfigError(f"--batch_size must be at least 1, got {args.batch_size}")
+    files = check_split(run, cfg["data_root"], args.split, args.allow_other_split)
     device = engine.resolve_device(cfg["device"])
     amp_dtype, _ = engine.resolve_amp(cfg["amp"], device)
-    classes = data_utils.read_classes(cfg["data_root"])
-    model = model_utils.load_trained(path, len(classes), cfg["arch"])
+    classes = run.classes
+    model = model_utils.load_trained(run.path, len(classes), cfg["arch"])
     memory_format = torch.channels_last if cfg.get("channels_last", True) else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
     loader = data_utils.build_loader(cfg["data_root"], args.split, cfg["img_size"],
                                      args.batch_size or cfg["eval_batch_size"], device,
                                      dtype=amp_dtype or torch.float32, loader=cfg["loader"], workers=cfg["workers"],
-                                     seed=cfg["seed"])
-    files, _ = data_utils.read_split(cfg["data_root"], args.split)
+                                     seed=cfg["seed"], channels_last=cfg.get("channels_last", True))
     logits, labels = engine.collect_logits(model, loader, amp_dtype, args.tta)
     logits, labels = logits.cpu(), labels.cpu()
     m = engine.split_metrics(logits, labels, len(classes))
-    out_dir = args.out_dir or os.path.join(run_dir, f"eval_{args.split}" + ("_flip" if args.tta == "flip" else ""))
+    out_dir = args.out_dir or os.path.join(run.run_dir, f"eval_{args.split}" + ("_flip" if args.tta == "flip"
+                                                                                 else ""))
     os.makedirs(out_dir, exist_ok=True)
     write_per_class(m, classes, os.path.join(out_dir, "per_class.csv"))
     plots.plot_confusion(m["confusion"], classes, os.path.join(out_dir, "confusion.png"))
-    wrong = plots.plot_wrong(logits, m["pred"], labels, files, os.path.join(cfg["data_root"], data_utils.IMAGES_DIR),
-                       classes, os.path.join(out_dir, "wrong.png"))
-    report = {"checkpoint": os.path.abspath(path), "split": args.split, "tta": args.tta, "arch": cfg["arch"],
-              "img_size": cfg["img_size"], "amp": str(amp_dtype), **{k: m[k] for k in
-                                                                     ("top1", "top5", "mean_class_acc", "loss",
-                                                                      "images")},
+    wrong = plots.plot_wrong(logits, m["pred"], labels, files, data_utils.image_root(cfg["data_root"]), classes,
+                             os.path.join(out_dir, "wrong.png"))
+    report = {"checkpoint": os.path.abspath(run.path), "split": args.split, "tta": args.tta, "arch": cfg["arch"],
+              "img_size": cfg["img_size"], "amp": str(amp_dtype),
+              **{k: m[k] for k in ("top1", "top5", "mean_class_acc", "loss", "images")},
               "per_class": {c: {"support": m["support"][i], "accuracy": m["recall"][i],
                                 "precision": m["precision"][i]} for i, c in enumerate(classes)},
               "most_confident_wrong": wrong}
     with open(os.path.join(out_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
-    print(f"{path} on {args.split} ({m['images']} images, tta={args.tta}): top-1 {m['top1']:.4f}  "
+    print(f"{run.path} on {args.split} ({m['images']} images, tta={args.tta}): top-1 {m['top1']:.4f}  "
           f"top-5 {m['top5']:.4f}  mean per-class {m['mean_class_acc']:.4f}  loss {m['loss']:.4f}")
     worst = sorted((i for i in range(len(classes)) if m["support"][i]), key=lambda i: m["recall"][i])[:10]
     print("| worst classes | accuracy | precision | support |\n|---|---|---|---|")
@@ -130,8 +200,13 @@ def main(args):
         raise presets.ConfigError("give --checkpoint, --curves RUN_DIR or --compare RUN_DIR...")
 
 
-if __name__ == "__main__":
+def cli(argv=None):
     try:
-        main(get_args_parser().parse_args())
+        main(get_args_parser().parse_args(argv))
     except (presets.ConfigError, data_utils.DataError, model_utils.ModelError) as e:
         sys.exit(f"error: {e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 
 import data_utils
 
+LAYERS = ("conv1", "layer1", "layer2", "layer3", "layer4")  # ResNet layers with a spatial feature map
+
 
 def class_activation_map(model, images, class_idx, layer="layer4", method="gradcam"):
     """Heatmaps (N, H, W) at the input resolution, each scaled to [0, 1], for class_idx (int or (N,) tensor)."""
@@ -23,7 +25,7 @@ def class_activation_map(model, images, class_idx, layer="layer4", method="gradc
         raise ValueError(f"unknown CAM method '{method}': choose gradcam or gradcam++")
     module = dict(model.named_modules()).get(layer)
     if module is None:
-        raise ValueError(f"model has no layer '{layer}' (e.g. layer1 ... layer4)")
+        raise ValueError(f"model has no layer '{layer}'; choose from {', '.join(LAYERS)}")
     captured = {}
     handle = module.register_forward_hook(lambda m, inp, out: captured.update(features=out))
     was_training = model.training
@@ -33,6 +35,9 @@ def class_activation_map(model, images, class_idx, layer="layer4", method="gradc
             images = images.detach().requires_grad_(False)
             logits = model(images).float()
             features = captured["features"]
+            if features.dim() != 4:
+                raise ValueError(f"layer '{layer}' has no spatial map (output {tuple(features.shape)}); choose from "
+                                 f"{', '.join(LAYERS)}")
             idx = torch.as_tensor(class_idx, device=logits.device).expand(logits.shape[0])
             score = logits.gather(1, idx.view(-1, 1)).sum()
             grads = torch.autograd.grad(score, features)[0].float()

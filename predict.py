@@ -2,20 +2,25 @@
 
     python predict.py photo.jpg --checkpoint checkpoints/r18_pretrain_lowwd_mix02 --topk 5
     python predict.py my_folder/ --checkpoint checkpoints/cpu_smoke --json predictions.json
+    python predict.py data/val --checkpoint ... --random 5 --seed 1          # 5 random images of a folder
     python predict.py list.txt --checkpoint ... --gradcam --out_dir heatmaps/     # list.txt: one path per line
+    python predict.py photo.jpg --checkpoint best.pth --arch resnet18 --img_size 224 --classes classes.txt
 
 From Python:
     import predict
     predictor = predict.Predictor("checkpoints/cpu_smoke")          # run folder, best.pth or last.pth
     predictor.predict(["a.jpg", pil_image], topk=5)                 # [[(class name, probability), ...], ...]
 
-Accepts JPEG, PNG, BMP, TIFF (grayscale, palette and CMYK become RGB). A file that is not an image gets a
+Accepts JPEG, PNG, BMP, TIFF, WebP (grayscale, palette and CMYK become RGB; EXIF orientation applied). In folders,
+files that are not images by their extension are skipped and counted; a file that is not a readable image gets a
 one-line error naming it; the others are still predicted, and the exit code is 1 if any file failed.
-Preprocessing is the val transform of the run: shorter side to img_size*256/224, centre crop img_size.
+Preprocessing is the val transform of the run: shorter side to img_size*256/224, centre crop img_size. The class
+names come from the run folder, so a copied run folder predicts without its data root.
 """
 import argparse
 import json
 import os
+import random
 import sys
 
 import torch
@@ -25,19 +30,18 @@ import data_utils
 import gradcam
 import model_utils
 import presets
+import splits
 
 
 class Predictor:
     """A trained run ready to predict: model, class names and the run's val preprocessing."""
 
-    def __init__(self, run, device="cpu", data_root=None):
-        path, run_dir = checkpoint.resolve_checkpoint(run)
-        cfg = checkpoint.read_run_config(run_dir)
-        self.classes = data_utils.read_classes(data_root or cfg["data_root"])
-        self.img_size = cfg["img_size"]
+    def __init__(self, run, device="cpu", data_root=None, arch=None, img_size=None, classes=None):
+        self.run = checkpoint.open_run(run, arch, img_size, classes, data_root)
+        self.classes, self.img_size = self.run.classes, self.run.img_size
         self.device = torch.device(device)
-        self.model = model_utils.load_trained(path, len(self.classes), cfg["arch"]).to(self.device).eval()
-        self.transform = data_utils.torch_transform(False, self.img_size)
+        self.model = model_utils.load_trained(self.run.path, len(self.classes), self.run.arch).to(self.device).eval()
+        self.transform = data_utils.val_transform(self.img_size)
 
     def load(self, image):
         """A PIL RGB image from a path or a PIL image; DataError naming the file if it is not an image."""
@@ -51,12 +55,17 @@ class Predictor:
     @torch.inference_mode()
     def probabilities(self, images):
         """(N, num_classes) softmax probabilities for paths and/or PIL images."""
+        if not images:
+            return torch.empty(0, len(self.classes))
         pil = [self.load(img) for img in images]
         return self.model(self.batch(pil)).float().softmax(1).cpu()
 
     def predict(self, images, topk=5):
-        """For each image, the top-k (class name, probability) pairs, most probable first."""
-        probs = self.probabilities(images)
+        """For each image (a path, a PIL image, or a list of them), the top-k (class name, probability) pairs, most
+        probable first; one image gives a list of one."""
+        if isinstance(images, (str, os.PathLike)) or hasattr(images, "convert"):
+            images = [images]
+        probs = self.probabilities(list(images))
         top = probs.topk(min(topk, len(self.classes)), dim=1)
         return [[(self.classes[i], p) for p, i in zip(ps.tolist(), idx.tolist())]
                 for ps, idx in zip(top.values, top.indices)]
@@ -72,25 +81,44 @@ class Predictor:
             class_idx = self.classes.index(target)
         else:
             raise presets.ConfigError(f"unknown --target class '{target}'; see classes.txt")
-        heat = gradcam.class_activation_map(self.model, x, class_idx, layer=layer, method=method)[0]
+        try:
+            heat = gradcam.class_activation_map(self.model, x, class_idx, layer=layer, method=method)[0]
+        except ValueError as e:
+            raise presets.ConfigError(str(e)) from None
         box = gradcam.centre_crop_box(pil.width, pil.height, data_utils.resize_size(self.img_size), self.img_size)
         gradcam.save_overlay(pil, heat, out_path, box=box)
         return self.classes[class_idx]
 
 
 def expand_inputs(inputs):
-    """Files from image paths, folders (recursively) and list files (.txt: one path per line)."""
-    files = []
+    """(files, skipped): image paths from paths, folders (recursively; files that are not images by their extension
+    are skipped and counted) and list files (.txt: one path per line)."""
+    files, skipped = [], 0
     for item in inputs:
         if os.path.isdir(item):
             for dirpath, _, names in sorted(os.walk(item)):
-                files += [os.path.join(dirpath, n) for n in sorted(names) if not n.startswith(".")]
+                for name in sorted(names):
+                    if name.startswith("."):
+                        continue
+                    if name.lower().endswith(splits.IMAGE_EXTENSIONS):
+                        files.append(os.path.join(dirpath, name))
+                    else:
+                        skipped += 1
         elif item.endswith(".txt") and os.path.isfile(item):
             with open(item) as f:
                 files += [line.strip() for line in f if line.strip()]
         else:
             files.append(item)
-    return files
+    return files, skipped
+
+
+def overlay_path(out_dir, path, method, target, used):
+    """<folder>__<file>_<method>_<target class>.png: readable, unique for Caltech-style trees and per target; a
+    repeat gets a counter."""
+    parent = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    stem = f"{parent}__{os.path.splitext(os.path.basename(path))[0]}_{method}_{target}"
+    used[stem] = used.get(stem, 0) + 1
+    return os.path.join(out_dir, stem + (f"_{used[stem]}" if used[stem] > 1 else "") + ".png")
 
 
 def get_args_parser():
@@ -99,23 +127,42 @@ def get_args_parser():
     p.add_argument("inputs", nargs="+", help="images, folders (recursive) or .txt lists of paths")
     p.add_argument("--checkpoint", required=True, help="run folder, best.pth or last.pth")
     p.add_argument("--topk", type=int, default=5, help="classes listed per image")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--data_root", default=None, help="where classes.txt is (default: the run's data root)")
+    p.add_argument("--random", type=int, default=0, metavar="N", help="predict N randomly chosen images of the "
+                                                                      "inputs (0: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --random's choice")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--data_root", default=None, help="where classes.txt is, for runs that do not hold it")
+    p.add_argument("--arch", default=None, choices=model_utils.ARCHS, help="bare weights: the architecture")
+    p.add_argument("--img_size", type=int, default=None, help="bare weights: the training image size")
+    p.add_argument("--classes", default=None, help="bare weights: class names, one per line (label order)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--batch_size", type=int, default=32, help="images per forward pass")
     p.add_argument("--gradcam", action="store_true", help="write a heatmap overlay PNG per image")
     p.add_argument("--cam_method", default="gradcam", choices=("gradcam", "gradcam++"))
     p.add_argument("--target", default=None, help="class name to explain (default: the predicted class)")
-    p.add_argument("--layer", default="layer4", help="layer whose activations Grad-CAM uses")
+    p.add_argument("--layer", default="layer4", help="layer whose activations Grad-CAM uses (conv1, layer1-4)")
     p.add_argument("--out_dir", default="gradcam", help="where --gradcam overlays go")
     return p
 
 
 def main(args):
-    if args.topk < 1:
-        raise presets.ConfigError("--topk must be >= 1")
-    predictor = Predictor(args.checkpoint, device=args.device, data_root=args.data_root)
-    files = expand_inputs(args.inputs)
+    for name in ("topk", "batch_size"):
+        if getattr(args, name) < 1:
+            raise presets.ConfigError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.random < 0:
+        raise presets.ConfigError(f"--random must be >= 0, got {args.random}")
+    if args.gradcam and args.layer not in gradcam.LAYERS:
+        raise presets.ConfigError(f"--layer {args.layer}: Grad-CAM needs a layer with a spatial map: "
+                                  f"{', '.join(gradcam.LAYERS)}")
+    predictor = Predictor(args.checkpoint, device=args.device, data_root=args.data_root, arch=args.arch,
+                          img_size=args.img_size, classes=args.classes)
+    if args.gradcam and args.target is not None and args.target not in predictor.classes:
+        raise presets.ConfigError(f"unknown --target class '{args.target}'; see classes.txt")
+    files, skipped = expand_inputs(args.inputs)
+    if skipped:
+        print(f"skipped {skipped} file(s) that are not images by their extension", file=sys.stderr)
+    if args.random:
+        files = random.Random(args.seed).sample(files, min(args.random, len(files)))
     results, failures, used = [], [], {}
     for start in range(0, len(files), args.batch_size):
         chunk, images = [], []
@@ -133,14 +180,10 @@ def main(args):
             print(f"{path}: " + ", ".join(f"{c} {p:.3f}" for c, p in top))
             if args.gradcam:
                 os.makedirs(args.out_dir, exist_ok=True)
-                # <folder>__<file>: readable, and unique for Caltech-style trees; a repeat gets a counter.
-                parent = os.path.basename(os.path.dirname(os.path.abspath(path)))
-                stem = f"{parent}__{os.path.splitext(os.path.basename(path))[0]}_{args.cam_method}"
-                used[stem] = used.get(stem, 0) + 1
-                overlay = os.path.join(args.out_dir, stem + (f"_{used[stem]}" if used[stem] > 1 else "") + ".png")
+                target = args.target or top[0][0]
+                overlay = overlay_path(args.out_dir, path, args.cam_method, target, used)
                 # The decoded image and its prediction are at hand: no second decode, no extra forward pass.
-                entry["gradcam_class"] = predictor.heatmap(image, overlay, args.target or top[0][0], args.cam_method,
-                                                           args.layer)
+                entry["gradcam_class"] = predictor.heatmap(image, overlay, target, args.cam_method, args.layer)
                 entry["gradcam"] = overlay
             results.append(entry)
     if args.json:
@@ -150,8 +193,12 @@ def main(args):
     return 1 if failures else 0
 
 
-if __name__ == "__main__":
+def cli(argv=None):
     try:
-        sys.exit(main(get_args_parser().parse_args()))
+        return main(get_args_parser().parse_args(argv))
     except (presets.ConfigError, data_utils.DataError, model_utils.ModelError) as e:
         sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

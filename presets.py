@@ -158,6 +158,11 @@ def canonical(key, value, where="setting"):
 def check_type(key, value, where):
     default = DEFAULTS[key]
     kind = type(default)
+    if isinstance(value, str) and kind in (int, float):  # YAML reads 1e-3 (no dot) as a string
+        try:
+            value = kind(value) if kind is float or value.strip().lstrip("-").isdigit() else value
+        except ValueError:
+            pass
     if default is None:
         ok = value is None or isinstance(value, str)
     elif kind is bool:

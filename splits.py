@@ -15,7 +15,6 @@ import json
 import os
 
 import numpy as np
-import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -56,6 +55,9 @@ def image_root(data_root):
 def read_classes(data_root):
     path = os.path.join(data_root, "classes.txt")
     if not os.path.isfile(path):
+        if os.path.isdir(os.path.join(data_root, "train")):
+            raise DataError(f"{data_root} is an image-folder tree without split lists: run "
+                            f"`python download.py --folder {data_root}` first")
         raise DataError(f"no prepared dataset at {data_root} (missing classes.txt): "
                         f"run `python download.py --data_root {data_root}` first")
     return read_class_file(path, hint=f"run `python download.py --data_root {data_root}` again")
@@ -201,6 +203,8 @@ def val_transform(img_size):
 def to_model_input(images, labels, device, dtype, channels_last=True):
     """A batch (NHWC or NCHW, host or device) -> NCHW-shaped on `device` in `dtype`, in channels_last memory (or
     contiguous NCHW); labels int64 on the same device."""
+    import torch
+
     if images.shape[-1] == 3 and images.shape[1] != 3:  # NHWC: the permute is free and is channels_last memory
         images = images.permute(0, 3, 1, 2)
     layout = torch.channels_last if channels_last else torch.contiguous_format
@@ -253,6 +257,12 @@ def step_sizes(num_images, global_batch, world, drop_last):
     if rest and not drop_last and rest >= world:
         sizes.append([rest // world + (k < rest % world) for k in range(world)])
     return np.array(sizes, dtype=np.int64).reshape(-1, world)
+
+
+def next_position(epoch, batches_done, steps):
+    """The stream position after one more batch: a loader's state always names the next batch it will give, so a
+    checkpoint taken after the last step of an epoch resumes at the next epoch."""
+    return (epoch + 1, 0) if batches_done + 1 >= steps else (epoch, batches_done + 1)
 
 
 class SamplePlan:

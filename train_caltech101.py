@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import time
 
@@ -175,8 +176,9 @@ def print_model(cfg, num_classes):
     adapted = model_utils.get_model(num_classes, pretrained=False, arch=cfg["arch"])
     model_utils.apply_freeze(adapted, cfg["trainable"])
     print(f"base model ({cfg['arch']}, ImageNet-shaped):\n{base}\n")
-    print(f"adapted model: fc {base.fc.in_features} -> {base.fc.out_features} replaced by fc "
-          f"{adapted.fc.in_features} -> {adapted.fc.out_features} ({num_classes} classes)\n")
+    print(f"adapted model ({num_classes} classes):\n{adapted}\n")
+    print(f"the head: fc {base.fc.in_features} -> {base.fc.out_features} replaced by fc "
+          f"{adapted.fc.in_features} -> {adapted.fc.out_features}")
     trains = sorted({model_utils.stage_of(n) for n, p in adapted.named_parameters() if p.requires_grad},
                     key=model_utils.STAGES.index)
     count = sum(p.numel() for p in adapted.parameters())
@@ -291,9 +293,12 @@ def train(cfg, device, amp_dtype, use_scaler, batch, eval_batch, resume_path, ck
     resumed_wall_time = rows[-1]["wall_time_s"] if rows else 0.0  # time spent before a resume
     run_start, last_save = time.perf_counter(), time.perf_counter()
     stop = checkpoint.GracefulStop(quiet=not main_rank)
-    unfrozen = not frozen_phase or state["next_epoch"] > cfg["freeze_epochs"]
-    if unfrozen:
-        model_utils.apply_freeze(model, "all")
+
+    def phase(epoch):  # what trains in an epoch: `trainable`, or everything after freeze_epochs (unfreezing)
+        return "all" if frozen_phase and epoch > cfg["freeze_epochs"] else cfg["trainable"]
+
+    trainable = phase(state["next_epoch"])
+    model_utils.apply_freeze(model, trainable)
     step_model = step_model_for(model, cfg, device, world)
     eval_model = torch.compile(model) if cfg["compile"] and world > 1 else (step_model if world == 1 else model)
     static_eval = eval_batch if cfg["compile"] else None
@@ -321,21 +326,21 @@ def train(cfg, device, amp_dtype, use_scaler, batch, eval_batch, resume_path, ck
     save_every = cfg["save_every_steps"]
     try:
         for epoch in range(state["next_epoch"], cfg["epochs"] + 1):
-            if not unfrozen and epoch > cfg["freeze_epochs"]:  # gradual unfreezing: everything trains from here
-                model_utils.apply_freeze(model, "all")
+            if phase(epoch) != trainable:  # gradual unfreezing: everything trains from here
+                trainable = phase(epoch)
+                model_utils.apply_freeze(model, trainable)
                 step_model = step_model_for(model, cfg, device, world)  # DDP must see the new trainable set
                 eval_model = step_model if world == 1 else eval_model
-                unfrozen = True
-                log(f"epoch {epoch}: unfreezing every stage (backbone LR warms up from here)")
+                log(f"epoch {epoch}: unfreezing every stage (the backbone's LR warms up from here)")
             start_step = state["next_step"] if epoch == state["next_epoch"] else 0
             on_step = (lambda done, e=epoch: save_last(e, done) if done % save_every == 0 and done < steps_per_epoch
                        else None) if save_every else None
             stats = engine.train_one_epoch(step_model, train_loader, optimizer, scheduler, scaler, mixer, amp_dtype,
                                            cfg, epoch, start_step=start_step, stop=stop, on_step=on_step, ema=ema,
-                                           trainable="all" if unfrozen else cfg["trainable"])
+                                           trainable=trainable)
             if not stats["completed"]:  # stopped by a signal mid-epoch: keep exactly where we are
                 save_last(epoch, stats["steps_done"], wait=True)
-                return checkpoint.stopped(stop.signum, cfg, epoch, stats["steps_done"], last_path)
+                return checkpoint.stopped(stop.signum or signal.SIGTERM, cfg, epoch, stats["steps_done"], last_path)
             row = {"epoch": epoch, **{k: v for k, v in stats.items() if k not in ("steps_done", "completed")},
                    **{f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}}
             stop_reason = None
@@ -351,7 +356,8 @@ def train(cfg, device, amp_dtype, use_scaler, batch, eval_batch, resume_path, ck
                         writer.add_scalar(key.replace("_", "/", 1), value, epoch)
                 writer.flush()
                 checkpoint.write_metrics(rows, os.path.join(run_dir, "metrics.csv"))
-            final = epoch == cfg["epochs"] or stop_reason is not None or stop.requested
+            stopping = distributed.any_rank(stop.requested, device)  # the ranks agree once per epoch
+            final = epoch == cfg["epochs"] or stop_reason is not None or stopping
             if final or time.perf_counter() - last_save >= cfg["save_interval_s"]:
                 save_last(epoch + 1, 0, wait=final)
                 last_save = time.perf_counter()
@@ -359,8 +365,8 @@ def train(cfg, device, amp_dtype, use_scaler, batch, eval_batch, resume_path, ck
             if stop_reason is not None:
                 log(f"early stop after epoch {epoch}: {stop_reason}")
                 break
-            if stop.requested and epoch < cfg["epochs"]:
-                return checkpoint.stopped(stop.signum, cfg, epoch + 1, 0, last_path)
+            if stopping and epoch < cfg["epochs"]:
+                return checkpoint.stopped(stop.signum or signal.SIGTERM, cfg, epoch + 1, 0, last_path)
     finally:
         stop.restore()
         if writer is not None:
@@ -396,8 +402,6 @@ def evaluate_epoch(cfg, epoch, row, model, eval_model, ema, val_loader, num_clas
         if math.isfinite(metrics["val_loss"]) and metrics["val_loss"] < best_loss_so_far:
             checkpoint.save_atomic(model_utils.export_state_dict(judged), best_loss_path)
     row["best_epoch"] = stopper.best_epoch
-    if should_stop:
-        row["early_stop"] = stopper.reason
     return stopper.reason if should_stop else None
 
 

@@ -114,3 +114,61 @@ def seeded_torch_home(tmp_path, monkeypatch):
     reference = model_utils.torchvision.models.resnet18(num_classes=1000).state_dict()
     torch.save(reference, path)
     return reference
+
+
+@pytest.fixture(scope="session")
+def prepared_with_test(synthetic_tree, tmp_path_factory):
+    """A root with a test split too: 4 train, 2 test per class, the rest val."""
+    data_root = str(tmp_path_factory.mktemp("prepared_test"))
+    download.prepare(data_root, archive=os.path.join(synthetic_tree, download.IMAGES_DIR), train_per_class=4,
+                     test_per_class=2, seed=0, workers=1, quiet=True)
+    return data_root
+
+
+TINY = dict(img_size=32, batch_size=4, eval_batch_size=8, workers=1, warmup_epochs=0.5, eval_every=1,
+            log_every=2, progress=False)
+
+
+def tiny_cfg(data_root, out_dir, exp="cpu_smoke", **overrides):
+    """Settings of a run that trains in seconds on the synthetic data."""
+    import presets
+
+    settings = dict(TINY, data_root=data_root, out_dir=str(out_dir), epochs=2, pretrained=False)
+    settings.update(overrides)
+    return presets.resolve(exp, settings)
+
+
+def tiny_argv(data_root, out_dir, *extra, exp="cpu_smoke", epochs=2):
+    args = ["--exp", exp, "--data_root", data_root, "--out_dir", str(out_dir), "--epochs", str(epochs)]
+    for key, value in TINY.items():
+        args += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return args + list(extra)
+
+
+@pytest.fixture(scope="session")
+def trained_run(prepared_with_test, tmp_path_factory):
+    """One finished 3-epoch run (with a test split) that evaluation, prediction and export tests read, never
+    change."""
+    import train_caltech101 as train
+
+    return train.main(tiny_cfg(prepared_with_test, tmp_path_factory.mktemp("trained"), epochs=3))
+
+
+def run_cli(cli, argv, capfd):
+    """A script's cli(argv) in-process: (exit code, stdout, stderr), stderr captured at the file-descriptor level
+    (DALI's and worker processes' own writes included). A string exit is what the interpreter prints on stderr."""
+    capfd.readouterr()
+    try:
+        code = cli(argv)
+    except SystemExit as e:
+        code = e.code
+    out, err = capfd.readouterr()
+    if isinstance(code, str):
+        err, code = err + code + "\n", 1
+    return code or 0, out, err
+
+
+def one_line_error(code, err, expected):
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code not in (0, None), err
+    assert len(lines) == 1 and expected in lines[0] and "Traceback" not in err, err

@@ -36,18 +36,26 @@ def test_mixup_is_the_convex_combination_with_the_reversed_batch():
     assert torch.allclose(targets, lam * onehot + (1 - lam) * onehot.flip(0), atol=1e-6)
 
 
-def test_cutmix_lambda_equals_the_pasted_area():
-    mixer = augment.MixupCutmix(7, cutmix_alpha=1.0, seed=2)
+@pytest.mark.parametrize("n", [4, 5])
+def test_cutmix_pastes_from_the_sample_its_target_names(n):
+    """Known answer: image i is the constant i and has label i; wherever image i shows a pasted pixel, its value j
+    names the source, and the target gives label j exactly the pasted share of the area (plus i keeps lam)."""
+    mixer = augment.MixupCutmix(n, cutmix_alpha=1.0, seed=2)
+    labels = torch.arange(n)
     for _ in range(20):
-        images, labels = batch(4, h=24, w=30)
-        # Distinct constant images make every pasted pixel visible.
-        images = torch.arange(4, dtype=torch.float32).view(4, 1, 1, 1).expand(4, 3, 24, 30).clone()
+        images = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, 24, 30).clone()
         mixed, targets = mixer(images, labels)
         lam = mixer.last["lam"]
-        pasted = (mixed[0] != images[0]).float().mean().item()
-        assert abs((1 - lam) - pasted) < 1e-6
-        onehot = torch.nn.functional.one_hot(labels, 7).float()
-        assert torch.allclose(targets, lam * onehot + (1 - lam) * onehot.flip(0), atol=1e-6)
+        for i in range(n):
+            pasted = mixed[i] != i
+            share = pasted.float().mean().item()
+            assert abs(share - (1 - lam)) < 1e-6 or n - 1 - i == i  # an odd batch's middle mixes with itself
+            if share:
+                sources = mixed[i][pasted].unique().tolist()
+                assert sources == [n - 1 - i]  # one source, the one the soft target names
+                assert targets[i, n - 1 - i].item() == pytest.approx(1 - lam, abs=1e-6)
+                assert targets[i, i].item() == pytest.approx(lam, abs=1e-6)
+            assert targets[i].sum().item() == pytest.approx(1.0)
 
 
 def test_alpha_zero_is_the_identity():

@@ -59,16 +59,38 @@ def test_param_groups_lrs_and_no_decay_on_bn_and_bias():
     assert total == len(list(model.parameters()))
 
 
-@pytest.mark.parametrize("freeze,trainable", [("head", {"fc"}), ("layer4", {"fc", "layer4"}),
-                                              ("none", {"fc", "layer4", "layer1", "conv1", "bn1"})])
-def test_freeze_policies(freeze, trainable):
+@pytest.mark.parametrize("arch,blocks", [("resnet18", (2, 2, 2, 2)), ("resnet50", (3, 4, 6, 3))])
+def test_layer_wise_lrs_for_every_depth(arch, blocks):
+    model = model_utils.get_model(num_classes=10, arch=arch)
+    decayed = {g["name"]: g for g in model_utils.param_groups(model, 1e-3, 1e-2, 0.05, layer_decay=0.5)}
+    expected = {"head": 1e-2, "layer4": 1e-3, "layer3": 5e-4, "layer2": 2.5e-4, "layer1": 1.25e-4, "stem": 6.25e-5}
+    for stage, lr in expected.items():
+        assert decayed[f"{stage}_decay"]["lr"] == pytest.approx(lr)
+        assert decayed[f"{stage}_no_decay"]["lr"] == pytest.approx(lr)
+        assert decayed[f"{stage}_no_decay"]["weight_decay"] == 0.0
+    assert [p.shape for p in decayed["stem_decay"]["params"]] == [model.conv1.weight.shape]
+    convs_per_block = 3 if arch == "resnet50" else 2
+    # layer3: its blocks' convs plus the downsample conv
+    assert len(decayed["layer3_decay"]["params"]) == blocks[2] * convs_per_block + 1
+    listed = {g["name"]: g for g in model_utils.param_groups(model, 0, 0, 0.05, stage_lrs=[1e-3, 1e-4, 1e-5, 1e-6])}
+    # The example's list, head down; the last LR goes to every stage below it.
+    got = {g["stage"]: g["lr"] for g in listed.values()}
+    assert got == {"head": 1e-3, "layer4": 1e-4, "layer3": 1e-5, "layer2": 1e-6, "layer1": 1e-6, "stem": 1e-6}
+    assert sum(len(g["params"]) for g in listed.values()) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("trainable,expected", [("head", {"fc"}), ("layer4+head", {"fc", "layer4"}),
+                                                ("layer4", {"fc", "layer4"}), ("none", None), ("all", None)])
+def test_trainable_names_and_their_old_aliases(trainable, expected):
     model = model_utils.get_model(num_classes=10)
-    model_utils.apply_freeze(model, freeze)
+    model_utils.apply_freeze(model, trainable)
     names = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable <= names and (freeze == "none" or names == trainable)
-    model_utils.set_train_mode(model, freeze)
+    assert names == (expected or {"conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc"})
+    model_utils.set_train_mode(model, trainable)
     assert model.fc.training
-    assert model.bn1.training == (freeze == "none")  # frozen BatchNorm keeps its running statistics
+    assert model.bn1.training == (expected is None)  # frozen BatchNorm keeps its running statistics
+    model_utils.set_train_mode(model, trainable, frozen_bn="train")
+    assert model.bn1.training
 
 
 def test_export_state_dict_is_plain_and_nchw_contiguous():

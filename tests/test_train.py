@@ -1,206 +1,316 @@
-"""train_caltech101: end-to-end runs on the synthetic split, outputs, the user snippet, the CLI, AMP + layout."""
+"""train_caltech101, in-process: a run's outputs, the user snippet, the run-folder rules, resuming (settings from the
+checkpoint, exact with every loader), the other kits' interfaces, and the fine-tuning tools end to end."""
 import csv
 import json
 import os
+import shutil
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 
-import augment
 import checkpoint
-import data_utils
 import engine
 import model_utils
 import presets
 import train_caltech101 as train
-from conftest import ROOT
-
-CPU = torch.device("cpu")
+from conftest import one_line_error, run_cli, tiny_argv, tiny_cfg
 
 
-def tiny_cfg(data_root, out_dir, **overrides):
-    base = dict(data_root=data_root, out_dir=str(out_dir), img_size=32, epochs=2, batch_size=4, eval_batch_size=8,
-                workers=1, device="cpu", amp="bf16", warmup_epochs=0.5, pretrained=False, log_every=2)
-    base.update(overrides)
-    return presets.resolve("r18_pretrain_lowwd_mix02", base)
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
-@pytest.fixture(scope="module")
-def finished_run(prepared_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    cfg = tiny_cfg(prepared_root, out)
-    result = train.main(cfg)
-    return cfg, result
+def same_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_two_epoch_run_writes_every_output(finished_run):
-    cfg, result = finished_run
-    run_dir = result["out_dir"]
-    assert sorted(os.listdir(run_dir)) == ["best.pth", "config.json", "curves.png", "last.pth", "metrics.csv", "tb"]
-    assert json.load(open(os.path.join(run_dir, "config.json"))) == cfg
+def test_a_run_writes_every_output(trained_run, prepared_with_test):
+    run_dir = trained_run["out_dir"]
+    assert sorted(os.listdir(run_dir)) == ["best.pth", "best_loss.pth", "classes.txt", "config.json", "curves.png",
+                                           "last.pth", "metrics.csv", "summary.json", "tb", "train_list.txt"]
+    config = json.load(open(os.path.join(run_dir, "config.json")))
+    assert config["split"]["train"] and config["world_size"] == 1 and config["epochs"] == 3
+    assert open(os.path.join(run_dir, "train_list.txt")).read() == \
+        open(os.path.join(prepared_with_test, "train.txt")).read()
     rows = list(csv.DictReader(open(os.path.join(run_dir, "metrics.csv"))))
-    assert [int(r["epoch"]) for r in rows] == [1, 2]
-    for col in ("train_loss", "train_acc", "train_images_per_s", "val_top1", "val_top5", "val_mean_class_acc"):
-        assert all(float(r[col]) >= 0 for r in rows), col
-    assert float(rows[1]["val_top5"]) == 1.0  # 3 classes: the top-5 always holds the answer
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(run_dir, "tb")))
-    best = torch.load(os.path.join(run_dir, "best.pth"), map_location="cpu", weights_only=True)
+    best = load(os.path.join(run_dir, "best.pth"))
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in best)
     assert all(v.is_contiguous() for v in best.values())
-    last = torch.load(os.path.join(run_dir, "last.pth"), map_location="cpu", weights_only=True)
-    assert {"model", "optimizer", "scheduler", "scaler", "epoch", "best_top1", "rng"} <= set(last)
-    assert last["epoch"] == 2 and not [f for f in os.listdir(run_dir) if ".tmp" in f]
+    last = load(os.path.join(run_dir, "last.pth"))
+    assert {"model", "optimizer", "scheduler", "scaler", "early_stopping", "ranks", "loader", "config",
+            "split"} <= set(last)
+    assert last["next_epoch"] == 4 and not [f for f in os.listdir(run_dir) if ".tmp" in f]
 
 
-def test_user_snippet_reproduces_the_saved_model(finished_run, prepared_root):
-    cfg, result = finished_run
-    path = os.path.join(result["out_dir"], "best.pth")
-    # Verbatim user code (with our class count), in a fresh interpreter.
-    code = ("import sys, torch; sys.path.insert(0, %r); import model_utils; "
-            "model = model_utils.get_model(num_classes=3, pretrained=False); "
-            "model.load_state_dict(torch.load(%r, map_location='cpu')); model.eval(); print('ok')") % (ROOT, path)
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "ok"
-    model = model_utils.get_model(num_classes=3)
-    model.load_state_dict(torch.load(path, map_location="cpu"))
-    model = model.to(memory_format=torch.channels_last)
-    val = data_utils.build_loader(prepared_root, "val", 32, 8, CPU, dtype=torch.bfloat16, workers=1)
-    metrics = engine.evaluate(model, val, 3, torch.bfloat16)
-    best_row = result["rows"][result["best_epoch"] - 1]
-    assert metrics["val_top1"] == best_row["val_top1"]
-    assert metrics["val_loss"] == pytest.approx(best_row["val_loss"], rel=1e-6)
+def test_best_checkpoints_are_the_best_epochs(trained_run, prepared_with_test):
+    """best.pth is the epoch with the highest val top-1, best_loss.pth the one with the lowest val loss: each file,
+    evaluated again, gives that epoch's logged figures exactly."""
+    import data_utils
+
+    rows = trained_run["rows"]
+    by_top1 = max(rows, key=lambda r: r["val_top1"])  # first of equals, as the monitor keeps it
+    by_loss = min(rows, key=lambda r: r["val_loss"])
+    val = data_utils.build_loader(prepared_with_test, "val", 32, 8, torch.device("cpu"), dtype=torch.bfloat16,
+                                  workers=1)
+    for name, row in (("best.pth", by_top1), ("best_loss.pth", by_loss)):
+        model = model_utils.load_trained(os.path.join(trained_run["out_dir"], name), 3)
+        m = engine.evaluate(model.to(memory_format=torch.channels_last), val, 3, torch.bfloat16)
+        assert m["val_loss"] == row["val_loss"] and m["val_top1"] == row["val_top1"], name
+    summary = json.load(open(os.path.join(trained_run["out_dir"], "summary.json")))
+    assert summary["best"]["epoch"] == by_top1["epoch"]
 
 
-def test_resume_continues_from_last(finished_run):
-    cfg, result = finished_run
-    more = dict(cfg, epochs=3, resume="auto")
-    more.pop("exp")
-    resumed = train.main(presets.resolve("r18_pretrain_lowwd_mix02", more))
-    assert [r["epoch"] for r in resumed["rows"]] == [1, 2, 3]
-    assert resumed["rows"][0] == result["rows"][0]
+def test_user_snippet_loads_the_released_weights(trained_run):
+    path = os.path.join(trained_run["out_dir"], "best.pth")
+    scope = {}
+    exec("import torch, model_utils\n"  # the README's snippet, verbatim apart from the path and class count
+         "model = model_utils.get_model(num_classes=3, pretrained=False)\n"
+         f"model.load_state_dict(torch.load({path!r}, map_location='cpu'))\n"
+         "model.eval()\n", scope)
+    assert torch.equal(scope["model"].fc.weight, load(path)["fc.weight"])
+
+
+def test_train_val_test_table(trained_run, prepared_with_test):
+    """summary.json holds best.pth's figures on train (through the val transform), val and test; each equals
+    evaluate.py's evaluation of the same file."""
+    import evaluate
+
+    summary = json.load(open(os.path.join(trained_run["out_dir"], "summary.json")))
+    assert set(summary["splits"]) == {"train", "val", "test"}
+    assert summary["splits"]["train"]["images"] == 12 and summary["splits"]["test"]["images"] == 6
+    for split in ("val", "test"):
+        report = evaluate.main(evaluate.get_args_parser().parse_args(
+            ["--checkpoint", trained_run["out_dir"], "--split", split, "--out_dir",
+             os.path.join(trained_run["out_dir"], "..", f"check_{split}")]))
+        assert report["top1"] == summary["splits"][split]["top1"]
+        assert report["mean_class_acc"] == summary["splits"][split]["mean_class_acc"]
+    table = evaluate.compare_runs([trained_run["out_dir"]]).splitlines()
+    assert "train top-1" in table[0] and "test top-1" in table[0] and "best epoch" in table[0]
+    assert f"{summary['splits']['test']['top1']:.4f}" in table[2]
+
+
+def test_a_new_run_never_reuses_a_run_folder(prepared_root, tmp_path):
+    first = train.main(tiny_cfg(prepared_root, tmp_path, epochs=1))
+    config = os.path.join(first["out_dir"], "config.json")
+    before = open(config, "rb").read()
+    second = train.main(tiny_cfg(prepared_root, tmp_path, epochs=1))
+    assert first["out_dir"].endswith("cpu_smoke") and second["out_dir"].endswith("cpu_smoke_2")
+    assert open(config, "rb").read() == before
+
+
+@pytest.mark.parametrize("argv,expected", [(("--data_root", "/nonexistent/root"), "download.py"),
+                                           (("--amp", "fp16", "--device", "cpu"), "fp16 needs CUDA"),
+                                           (("--weights", "/nonexistent.pth"), "does not exist"),
+                                           (("--loader", "dali", "--workers", "0"), "at least 1 thread"),
+                                           (("--batch_size", "0"), "batch_size must be > 0")])
+def test_a_run_that_fails_at_start_up_writes_nothing(prepared_root, tmp_path, capfd, argv, expected):
+    train.main(tiny_cfg(prepared_root, tmp_path, epochs=1))
+    run_dir = tmp_path / "cpu_smoke"
+    before = {name: (run_dir / name).read_bytes() for name in ("config.json", "last.pth", "metrics.csv")}
+    code, _, err = run_cli(train.cli, tiny_argv(prepared_root, tmp_path, *argv), capfd)
+    one_line_error(code, err, expected)
+    assert sorted(os.listdir(tmp_path)) == ["cpu_smoke"]  # no cpu_smoke_2 either
+    assert all((run_dir / name).read_bytes() == data for name, data in before.items())
+
+
+class StopAfter(checkpoint.GracefulStop):
+    """As if SIGTERM arrived during optimizer step `at` (counted from this process's start)."""
+    at, steps = 1, 0
+
+    @property
+    def requested(self):
+        if StopAfter.steps >= self.at and self.signum is None:
+            self.signum = signal.SIGTERM
+        return self.signum is not None
+
+
+def counting_step(real):
+    def step(*args, **kwargs):
+        StopAfter.steps += 1
+        return real(*args, **kwargs)
+    return step
+
+
+def stop_at(at, monkeypatch):
+    StopAfter.at, StopAfter.steps = at, 0
+    monkeypatch.setattr(checkpoint, "GracefulStop", StopAfter)
+    monkeypatch.setattr(engine, "optimizer_step", counting_step(engine.optimizer_step))
+
+
+def stopped_run(cfg, at, monkeypatch):
+    stop_at(at, monkeypatch)
+    result = train.main(cfg)
+    monkeypatch.undo()
+    return result
+
+
+@pytest.mark.parametrize("loader,cache", [("torch", False), ("dali", False), ("dali", True)])
+def test_a_mid_epoch_stop_resumes_to_the_same_weights(prepared_root, tmp_path, monkeypatch, loader, cache):
+    """Every loader: stop inside epoch 2, resume, end bit-identical to an uninterrupted run (deterministic). The
+    torch loader's crops come from the plan, not from worker RNGs, so this holds for it too."""
+    kw = dict(epochs=2, loader=loader, cache=cache, deterministic=True, workers=2 if loader == "torch" else 1)
+    straight = train.main(tiny_cfg(prepared_root, tmp_path / "straight", **kw))
+    stopped = stopped_run(tiny_cfg(prepared_root, tmp_path / "halves", **kw), at=5, monkeypatch=monkeypatch)
+    assert stopped["exit_code"] == 128 + signal.SIGTERM
+    state = load(os.path.join(stopped["out_dir"], "last.pth"))
+    assert (state["next_epoch"], state["next_step"]) == (2, 2)  # 3 steps per epoch: stopped after step 5
+    resumed = train.main(tiny_cfg(prepared_root, tmp_path / "halves", resume="auto", **kw))
+    assert resumed["out_dir"] == stopped["out_dir"]
+    assert same_weights(load(os.path.join(straight["out_dir"], "last.pth"))["model"],
+                        load(os.path.join(resumed["out_dir"], "last.pth"))["model"])
+
+
+def test_resume_takes_the_runs_settings_from_its_checkpoint(prepared_root, tmp_path, monkeypatch, capfd):
+    """A run started with --img_size 48 --epochs 3, then resumed with --resume auto alone, goes on at 48 px for 3
+    epochs; a run-defining flag that differs is refused; an operational one is applied with a note."""
+    first = tiny_argv(prepared_root, tmp_path, "--img_size", "48", epochs=3)
+    stop_at(4, monkeypatch)
+    code, out, _ = run_cli(train.cli, first, capfd)
+    monkeypatch.undo()
+    assert code == 128 + signal.SIGTERM
+    command = next(line.strip() for line in out.splitlines() if line.strip().startswith("python train_caltech101"))
+    assert "--img_size 48" in command and f"--out_dir {tmp_path}" in command and "--epochs 3" in command
+    bare = ["--exp", "cpu_smoke", "--out_dir", str(tmp_path), "--resume", "auto"]
+    code, _, err = run_cli(train.cli, bare + ["--img_size", "64"], capfd)
+    one_line_error(code, err, "img_size was 48 in this run")
+    code, out, _ = run_cli(train.cli, bare + ["--eval_every", "2"], capfd)
+    assert code == 0 and "note (resume): eval_every 1 -> 2" in out
+    saved = json.load(open(tmp_path / "cpu_smoke" / "config.json"))
+    assert (saved["img_size"], saved["epochs"], saved["eval_every"]) == (48, 3, 2)
+    rows = list(csv.DictReader(open(tmp_path / "cpu_smoke" / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+
+
+def test_resume_refuses_a_changed_split(prepared_root, tmp_path, capfd):
+    root = tmp_path / "root"
+    shutil.copytree(prepared_root, root)
+    train.main(tiny_cfg(str(root), tmp_path / "runs", epochs=1))
+    lines = (root / "train.txt").read_text().splitlines()
+    (root / "train.txt").write_text("\n".join(lines[1:]) + "\n")  # a re-split, as download.py --force would
+    code, _, err = run_cli(train.cli, ["--out_dir", str(tmp_path / "runs"), "--exp", "cpu_smoke", "--resume", "auto"],
+                           capfd)
+    one_line_error(code, err, "not the ones this run was trained on")
+
+
+def test_resume_auto_without_a_checkpoint_starts_fresh(prepared_root, tmp_path, capfd):
+    code, out, _ = run_cli(train.cli, tiny_argv(prepared_root, tmp_path, "--resume", "auto", epochs=1), capfd)
+    assert code == 0 and "no last.pth of cpu_smoke" in out and "starting a fresh run" in out
+    assert os.path.isfile(tmp_path / "cpu_smoke" / "best.pth")
+
+
+def test_warmup_longer_than_the_run_is_flagged(prepared_root, tmp_path, capfd):
+    code, out, err = run_cli(train.cli, tiny_argv(prepared_root, tmp_path, "--warmup_epochs", "2", epochs=1), capfd)
+    assert code == 0 and "never reaches its peak" in err
+
+
+def test_the_report_kits_readme_command(prepared_root, tmp_path, capfd):
+    """Its quick start, verbatim (trailing slashes, --output_dir), plus --scratch and size flags for a CPU."""
+    argv = ["--exp", "r18_pretrain_main", "--data_root", prepared_root + "/", "--output_dir", str(tmp_path) + "/",
+            "--scratch", "--epochs", "1", "--img_size", "32", "--batch_size", "4", "--workers", "1",
+            "--progress", "false", "--eval_batch_size", "8", "--device", "cpu"]
+    code, out, _ = run_cli(train.cli, argv, capfd)
+    assert code == 0, out
+    config = json.load(open(tmp_path / "r18_pretrain_main" / "config.json"))
+    assert config["pretrained"] is False and config["out_dir"] == str(tmp_path) + "/"
+
+
+def test_print_model_shows_both_heads_and_what_trains(prepared_root, capfd):
+    code, out, _ = run_cli(train.cli, ["--data_root", prepared_root, "--print-model", "1", "--freeze", "layer4"],
+                           capfd)
+    assert code == 0
+    assert "Linear(in_features=512, out_features=1000" in out and "Linear(in_features=512, out_features=3" in out
+    assert "head, layer4 train" in out and "trainable=layer4+head" in out
+
+
+def test_compiled_run_releases_plain_weights(prepared_root, tmp_path, monkeypatch):
+    # The kit's job is what happens around torch.compile (prefix-free checkpoints, static shapes); the backend is
+    # swapped for the eager one so the test does not pay for Inductor's code generation.
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real(model, backend="eager"))
+    result = train.main(tiny_cfg(prepared_root, tmp_path, compile=True, epochs=1))
+    for name in ("best.pth", "last.pth"):
+        state = load(os.path.join(result["out_dir"], name))
+        state = state.get("model", state)
+        assert not any(k.startswith("_orig_mod.") for k in state)
+        model_utils.get_model(num_classes=3).load_state_dict(state)
+    assert result["rows"][0]["train_time_s"] > 0
+    assert len(list(csv.DictReader(open(os.path.join(result["out_dir"], "metrics.csv"))))) == 1
 
 
 def test_pretrained_path_runs_offline(prepared_root, tmp_path, seeded_torch_home):
-    cfg = tiny_cfg(prepared_root, tmp_path, pretrained=True, epochs=1, freeze="layer4", amp="off")
-    result = train.main(cfg)
-    best = torch.load(os.path.join(result["out_dir"], "best.pth"), weights_only=True)
+    result = train.main(tiny_cfg(prepared_root, tmp_path, pretrained=True, epochs=1, trainable="layer4+head",
+                                 amp="off"))
+    best = load(os.path.join(result["out_dir"], "best.pth"))
     assert torch.equal(best["conv1.weight"], seeded_torch_home["conv1.weight"])  # frozen and ImageNet-initialised
     assert torch.equal(best["bn1.running_mean"], seeded_torch_home["bn1.running_mean"])
     assert not torch.equal(best["layer4.0.conv1.weight"], seeded_torch_home["layer4.0.conv1.weight"])
 
 
-def test_step_runs_channels_last_under_bf16_autocast(prepared_root):
-    cfg = tiny_cfg(prepared_root, "unused")
-    model = model_utils.get_model(num_classes=3).to(memory_format=torch.channels_last)
-    seen = []
-    model.conv1.register_forward_hook(lambda m, inp, out: seen.append(
-        (inp[0].is_contiguous(memory_format=torch.channels_last), torch.is_autocast_enabled("cpu"),
-         torch.get_autocast_dtype("cpu"), out.dtype)))
-    groups = model_utils.param_groups(model, 1e-3, 1e-3, 0.0)
-    optimizer = torch.optim.AdamW(groups)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    loader = data_utils.build_loader(prepared_root, "train", 32, 4, CPU, dtype=torch.bfloat16, workers=1)
-    stats = engine.train_one_epoch(model, loader, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False),
-                                  augment.MixupCutmix(3, 0.2, 1.0, seed=0), torch.bfloat16, cfg, 1)
-    assert seen and all(s == (True, True, torch.bfloat16, torch.bfloat16) for s in seen)
-    assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
-    assert stats["train_images_per_s"] > 0 and torch.isfinite(torch.tensor(stats["train_loss"]))
+def test_ema_run_reports_and_releases_the_average(prepared_root, tmp_path, monkeypatch):
+    cfg = tiny_cfg(prepared_root, tmp_path / "a", epochs=2, ema_decay=0.5, deterministic=True)
+    result = train.main(cfg)
+    rows = result["rows"]
+    assert all("raw_val_top1" in r for r in rows)
+    last = load(os.path.join(result["out_dir"], "last.pth"))
+    assert last["ema"]["updates"] == 6  # 3 steps per epoch
+    best = load(os.path.join(result["out_dir"], "best.pth"))
+    assert same_weights(best, last["ema"]["module"]) or result["best_epoch"] == 1
+    stopped = stopped_run(tiny_cfg(prepared_root, tmp_path / "b", epochs=2, ema_decay=0.5, deterministic=True), 4,
+                          monkeypatch)
+    assert stopped["exit_code"] == 128 + signal.SIGTERM
+    resumed = train.main(tiny_cfg(prepared_root, tmp_path / "b", epochs=2, ema_decay=0.5, deterministic=True,
+                                  resume="auto"))
+    again = load(os.path.join(resumed["out_dir"], "last.pth"))
+    assert same_weights(again["ema"]["module"], last["ema"]["module"])
 
 
-def test_schedule_warms_up_then_decays():
-    f = engine.lr_lambda(total_steps=100, warmup_steps=10, schedule="cosine", min_lr_ratio=0.0)
-    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
-    assert f(55) == pytest.approx(0.5) and f(100) == pytest.approx(0.0, abs=1e-12)
-    assert all(f(s) >= f(s + 1) for s in range(10, 100))
+def test_early_stopping_stops_where_an_uninterrupted_run_stops(prepared_root, tmp_path, monkeypatch):
+    """monitor val_loss with a min_delta no epoch can beat: the first evaluation is the best, patience 2 stops
+    after epoch 3, also across a resume after epoch 2."""
+    kw = dict(epochs=6, monitor="val_loss", early_stop_patience=2, min_delta=100.0, deterministic=True)
+    straight = train.main(tiny_cfg(prepared_root, tmp_path / "a", **kw))
+    assert [r["epoch"] for r in straight["rows"]] == [1, 2, 3] and straight["best_epoch"] == 1
+    summary = straight["summary"]
+    assert "did not improve by more than 100.0 for 2 evaluations" in summary["early_stop"]
+    stopped = stopped_run(tiny_cfg(prepared_root, tmp_path / "b", **kw), 6, monkeypatch)
+    assert load(os.path.join(stopped["out_dir"], "last.pth"))["early_stopping"]["wait"] == 1
+    resumed = train.main(tiny_cfg(prepared_root, tmp_path / "b", resume="auto", **kw))
+    assert [r["epoch"] for r in resumed["rows"]] == [1, 2, 3]
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "train_caltech101.py"), *args],
-                          capture_output=True, text=True, cwd=ROOT)
+def test_gradual_unfreezing_switches_and_resumes_exactly(prepared_root, tmp_path, monkeypatch, capfd):
+    kw = dict(epochs=3, trainable="head", freeze_epochs=1, deterministic=True)
+    code, out, _ = run_cli(train.cli, tiny_argv(prepared_root, tmp_path / "c", "--freeze", "head", "--freeze_epochs",
+                                                "1", epochs=2), capfd)
+    assert code == 0 and "epoch 2: unfreezing every stage" in out
+    straight = train.main(tiny_cfg(prepared_root, tmp_path / "a", **kw))
+    # The logged LR is the next step's: after epoch 1 the backbone takes its first warmup step (2 warmup steps,
+    # peak 0.002), while the head is past its own warmup.
+    assert straight["rows"][0]["lr_layer1_decay"] == pytest.approx(0.001)
+    assert straight["rows"][1]["lr_layer1_decay"] < 0.002 and straight["rows"][0]["lr_head_decay"] > 0.001
+    stopped = stopped_run(tiny_cfg(prepared_root, tmp_path / "b", **kw), 3, monkeypatch)  # at the unfreeze point
+    assert load(os.path.join(stopped["out_dir"], "last.pth"))["next_epoch"] == 2
+    resumed = train.main(tiny_cfg(prepared_root, tmp_path / "b", resume="auto", **kw))
+    assert same_weights(load(os.path.join(straight["out_dir"], "last.pth"))["model"],
+                        load(os.path.join(resumed["out_dir"], "last.pth"))["model"])
+    first = load(os.path.join(straight["out_dir"], "best.pth"))
+    assert not torch.equal(first["conv1.weight"], model_utils.get_model(3).conv1.weight)  # trained after unfreeze
 
 
-def test_cli_flags_beat_the_preset(prepared_root, tmp_path):
-    result = run_cli("--exp", "cpu_smoke", "--data_root", prepared_root, "--out_dir", str(tmp_path),
-                     "--epochs", "1", "--img_size", "32", "--batch_size", "4", "--workers", "1", "--lr_fc", "0.05",
-                     "--loader", "torch", "--channels_last", "false")
-    assert result.returncode == 0, result.stderr
-    cfg = json.load(open(tmp_path / "cpu_smoke" / "config.json"))
-    assert (cfg["epochs"], cfg["lr_fc"], cfg["loader"], cfg["channels_last"]) == (1, 0.05, "torch", False)
-    assert cfg["lr_backbone"] == presets.PRESETS["cpu_smoke"]["lr_backbone"]
-    assert "steps/epoch" in result.stdout and "peak lr 0.05" in result.stdout
+def test_layer_wise_lrs_are_printed_per_group(prepared_root, tmp_path, capfd):
+    code, out, _ = run_cli(train.cli, tiny_argv(prepared_root, tmp_path, "--stage_lrs", "1e-3,1e-4,1e-5,1e-6",
+                                                epochs=1), capfd)
+    assert code == 0
+    for name, lr in (("head_decay", "0.001"), ("layer4_decay", "0.0001"), ("layer3_decay", "1e-05"),
+                     ("layer2_decay", "1e-06"), ("stem_decay", "1e-06")):
+        assert f"group {name}:" in out and f"peak lr {lr}" in out.split(f"group {name}:")[1].splitlines()[0]
 
 
-@pytest.mark.parametrize("args,expected", [
-    (("--exp", "nope"), "r18_pretrain_lowwd_mix02"), (("--epochs", "0"), "epochs must be > 0"),
-    (("--amp", "fp8"), "choose from"), (("--img_size", "8"), "img_size must be >= 32"),
-    (("--data_root", "/nonexistent/root"), "download.py"),
-])
-def test_cli_errors_are_one_line(args, expected, tmp_path):
-    result = run_cli("--exp", "cpu_smoke", "--out_dir", str(tmp_path), *args) if args[0] != "--exp" else run_cli(*args)
-    assert result.returncode != 0
-    assert expected in result.stderr and "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-
-
-def test_help_lists_flags_defaults_and_presets():
-    out = run_cli("--help").stdout
-    assert "--lr_backbone" in out and "(default: 0.0002)" in out
+def test_help_lists_settings_with_meanings(capfd):
+    code, out, _ = run_cli(train.cli, ["--help"], capfd)
+    assert code == 0 and "--lr_backbone" in out and "(default: 0.0002)" in out
     for name in presets.PRESETS:
         assert name in out
-
-
-def test_cached_run_evaluates_as_dali_does_and_resumes_exactly(prepared_root, tmp_path):
-    import evaluate
-
-    straight = train.main(tiny_cfg(prepared_root, tmp_path / "straight", cache=True, deterministic=True))
-    # evaluate.py reads val through DALI: the cache's val tensors are DALI's, so the top-1 is the run's own.
-    report = evaluate.main(evaluate.get_args_parser().parse_args(
-        ["--checkpoint", os.path.join(straight["out_dir"], "last.pth")]))
-    assert report["top1"] == straight["rows"][-1]["val_top1"]
-
-    class StopAtOnce(checkpoint.GracefulStop):  # as if SIGTERM arrived during the first step
-        signum = property(lambda self: signal.SIGTERM, lambda self, value: None)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(checkpoint, "GracefulStop", StopAtOnce)
-        stopped = train.main(tiny_cfg(prepared_root, tmp_path / "halves", cache=True, deterministic=True))
-    assert stopped["exit_code"] == 128 + signal.SIGTERM  # stopped after epoch 1, step 1
-    resumed = train.main(tiny_cfg(prepared_root, tmp_path / "halves", cache=True, deterministic=True, resume="auto"))
-    a = torch.load(os.path.join(straight["out_dir"], "last.pth"), weights_only=True)["model"]
-    b = torch.load(os.path.join(resumed["out_dir"], "last.pth"), weights_only=True)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_no_device_reads_between_log_points(prepared_root, monkeypatch):
-    # Every way a tensor's value can reach the host, counted: the count must not grow with the number of steps.
-    cfg = tiny_cfg(prepared_root, "unused", log_every=10 ** 6, progress=False)
-    batches = list(data_utils.build_loader(prepared_root, "train", 32, 4, CPU, dtype=torch.bfloat16, workers=1))
-    reads = []
-    for name in ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__"):
-        original = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name, **k: (
-            reads.append(_n), _o(self, *a, **k))[1])
-
-    def count(steps):
-        model = model_utils.get_model(num_classes=3).to(memory_format=torch.channels_last)
-        optimizer = engine.build_optimizer(model_utils.param_groups(model, 1e-3, 1e-3, 0.0), cfg)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-        loader = (batches * 4)[:steps]
-        reads.clear()
-        engine.train_one_epoch(model, loader, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False),
-                              augment.MixupCutmix(3, 0.2, 1.0, seed=0), torch.bfloat16, cfg, 1)
-        return list(reads)
-
-    assert count(2) == count(7)  # only the end-of-epoch reads (one log point in both)
-
-
-def test_compiled_run_releases_plain_weights(prepared_root, tmp_path):
-    result = train.main(tiny_cfg(prepared_root, tmp_path, compile=True, epochs=1, amp="off"))
-    best = torch.load(os.path.join(result["out_dir"], "best.pth"), weights_only=True)
-    last = torch.load(os.path.join(result["out_dir"], "last.pth"), weights_only=True)
-    assert not any("_orig_mod" in k for k in list(best) + list(last["model"]))
-    model = model_utils.get_model(num_classes=3)
-    model.load_state_dict(best)
-    assert torch.equal(model.fc.weight, last["model"]["fc.weight"])

@@ -1,0 +1,246 @@
+"""engine: known-answer metrics, the LR schedule, EMA, early stopping, AMP choice, non-finite steps, the hot loop."""
+import math
+
+import pytest
+import torch
+
+import augment
+import data_utils
+import engine
+import model_utils
+import presets
+
+CPU = torch.device("cpu")
+
+
+def test_split_metrics_known_answer():
+    """Seven images over six classes, every figure computed by hand."""
+    labels = torch.tensor([0, 0, 1, 2, 3, 3, 5])
+    # Row i: the class order of image i's logits, most likely first (logits 6, 5, 4, ... down the order).
+    orders = [[0, 1, 2, 3, 4, 5],   # correct
+              [1, 0, 2, 3, 4, 5],   # top-1 wrong (1), top-5 right
+              [1, 2, 3, 4, 5, 0],   # correct
+              [0, 1, 3, 4, 5, 2],   # top-1 wrong (0); 2 is last: top-5 wrong
+              [3, 0, 1, 2, 4, 5],   # correct
+              [4, 3, 0, 1, 2, 5],   # top-1 wrong (4), top-5 right
+              [5, 0, 1, 2, 3, 4]]   # correct
+    logits = torch.zeros(7, 6)
+    for i, order in enumerate(orders):
+        logits[i, order] = torch.arange(6, 0, -1, dtype=torch.float32)
+    m = engine.split_metrics(logits, labels, 6)
+    assert m["top1"] == pytest.approx(4 / 7)
+    assert m["top5"] == pytest.approx(6 / 7)
+    # support 2,1,1,2,0,1; correct 1,1,0,1,0,1 -> recall 1/2, 1, 0, 1/2, -, 1 (class 4 has no images: left out)
+    assert m["support"] == [2, 1, 1, 2, 0, 1] and m["correct"] == [1, 1, 0, 1, 0, 1]
+    assert m["recall"] == pytest.approx([0.5, 1.0, 0.0, 0.5, 0.0, 1.0])
+    assert m["mean_class_acc"] == pytest.approx((0.5 + 1 + 0 + 0.5 + 1) / 5)
+    # predicted 0: images 0,3 -> 2 predictions, 1 right; 1: images 1,2 -> 1 right; 3: image 4; 4: image 5; 5: image 6
+    assert m["predicted"] == [2, 2, 0, 1, 1, 1]
+    assert m["precision"] == pytest.approx([0.5, 0.5, 0.0, 1.0, 0.0, 1.0])
+    expected = torch.zeros(6, 6, dtype=torch.long)
+    for true, pred in [(0, 0), (0, 1), (1, 1), (2, 0), (3, 3), (3, 4), (5, 5)]:
+        expected[true, pred] += 1
+    assert torch.equal(m["confusion"], expected)
+    log_softmax = torch.log_softmax(logits, 1)
+    assert m["loss"] == pytest.approx(-log_softmax[torch.arange(7), labels].mean().item(), abs=1e-6)
+
+
+def test_schedule_warms_up_then_decays():
+    f = engine.lr_lambda(total_steps=100, warmup_steps=10, schedule="cosine", min_lr_ratio=0.0)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(55) == pytest.approx(0.5) and f(100) == pytest.approx(0.0, abs=1e-12)
+    assert all(f(s) >= f(s + 1) for s in range(10, 100))
+    late = engine.lr_lambda(100, 10, "cosine", 0.1, start_step=40)  # a stage unfrozen at step 40
+    assert late(39) == 0.0 and late(40) == pytest.approx(0.1) and late(49) == pytest.approx(1.0)
+    assert late(75) == pytest.approx(0.1 + 0.9 * 0.5) and late(100) == pytest.approx(0.1)
+    linear = engine.lr_lambda(20, 0, "linear", 0.0)
+    assert linear(10) == pytest.approx(0.5)
+
+
+class FakeCuda:
+    def __init__(self, capability):
+        self.capability = capability
+
+    def get_device_capability(self, device=None):
+        return self.capability
+
+
+@pytest.mark.parametrize("capability,expected", [((7, 5), (torch.float16, True)), ((7, 0), (torch.float16, True)),
+                                                 ((8, 0), (torch.bfloat16, False)), ((9, 0), (torch.bfloat16, False))])
+def test_amp_auto_picks_bf16_only_where_it_is_native(monkeypatch, capability, expected):
+    # T4 (7.5) and V100 (7.0) report bf16 support (emulated): auto must choose fp16 with a GradScaler there.
+    monkeypatch.setattr(torch.cuda, "get_device_capability", FakeCuda(capability).get_device_capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert engine.resolve_amp("auto", torch.device("cuda", 0)) == expected
+    with pytest.raises(presets.ConfigError, match="fp16 needs CUDA"):
+        engine.resolve_amp("fp16", CPU)
+
+
+def test_ema_is_the_hand_computed_average_including_batchnorm():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    ema = engine.ModelEma(model, decay=0.9, every=1, warmup=True)
+    expected = {k: v.clone().double() for k, v in model.state_dict().items()}
+    for n in range(4):
+        model.train()
+        model(torch.randn(8, 3))  # BatchNorm statistics move
+        with torch.no_grad():
+            model[0].weight.add_(1.0)
+        ema.update(model)
+        decay = min(0.9, (1 + n) / (10 + n))  # 0.1, 0.1818, 0.25, 0.3077: the warm-up copies the model at first
+        for k, v in model.state_dict().items():
+            if v.is_floating_point():
+                expected[k] = decay * expected[k] + (1 - decay) * v.double()
+            else:
+                expected[k] = v.clone()
+    for k, v in ema.module.state_dict().items():
+        if v.is_floating_point():
+            assert torch.allclose(v.double(), expected[k], atol=1e-6), k
+    assert ema.module.state_dict()["1.num_batches_tracked"] == 4
+    plain = engine.ModelEma(model, decay=0.99, every=4, warmup=False)
+    assert plain.current_decay() == pytest.approx(0.99 ** 4)
+    assert plain.window_steps() == pytest.approx(4 / (1 - 0.99 ** 4))
+
+
+def test_ema_state_round_trips():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    ema = engine.ModelEma(model, 0.9)
+    with torch.no_grad():
+        model[0].weight.add_(2.0)
+    ema.update(model)
+    copy = engine.ModelEma(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)), 0.9)
+    copy.load_state_dict(ema.state_dict())
+    assert copy.updates == 1 and all(torch.equal(a, b) for a, b in zip(copy.module.state_dict().values(),
+                                                                        ema.module.state_dict().values()))
+
+
+def stop_epoch(values, monitor="val_top1", patience=3, min_delta=0.0):
+    stopper = engine.EarlyStopping(monitor, patience, min_delta)
+    for epoch, value in enumerate(values, 1):
+        _, stop = stopper.step(value, epoch)
+        if stop:
+            return epoch, stopper
+    return None, stopper
+
+
+def test_early_stopping_scripted_sequences():
+    epoch, s = stop_epoch([0.5, 0.6, 0.6, 0.59, 0.58])  # patience 3: three evaluations without a new best
+    assert epoch == 5 and s.best_epoch == 2 and "did not improve" in s.reason
+    epoch, s = stop_epoch([0.5, 0.6, 0.6, 0.59, 0.61, 0.55])  # 0.61 arrives after two misses: the count restarts
+    assert epoch is None and s.best_epoch == 5 and s.wait == 1
+    epoch, s = stop_epoch([0.5, 0.505, 0.509, 0.52], min_delta=0.01)  # 0.505 and 0.509 are not enough
+    assert epoch is None and s.best == 0.52 and s.best_epoch == 4
+    epoch, _ = stop_epoch([0.5, 0.505, 0.509, 0.51], min_delta=0.01)
+    assert epoch == 4
+    epoch, s = stop_epoch([1.0, 0.8, 0.9, 0.85, 0.81], monitor="val_loss")  # loss: lower is better
+    assert epoch == 5 and s.best == 0.8
+    epoch, s = stop_epoch([0.5, float("nan")])
+    assert epoch == 2 and "nan" in s.reason
+    epoch, s = stop_epoch([0.5, float("nan"), 0.6], patience=0)  # no early stopping: NaN is only never best
+    assert epoch is None and s.best == 0.6
+
+
+def test_early_stopping_resumes_where_it_was():
+    full, _ = stop_epoch([0.5, 0.6, 0.55, 0.58, 0.57])
+    first = engine.EarlyStopping("val_top1", 3)
+    for epoch, value in enumerate([0.5, 0.6, 0.55], 1):
+        first.step(value, epoch)
+    second = engine.EarlyStopping("val_top1", 3)
+    second.load_state_dict(first.state_dict())
+    assert second.step(0.58, 4) == (False, False) and second.step(0.57, 5) == (False, True)
+    assert full == 5
+
+
+def nan_steps_cfg(**kw):
+    cfg = dict(grad_clip=0.0, log_every=1, progress=False, max_bad_steps=2, frozen_bn="eval")
+    cfg.update(kw)
+    return cfg
+
+
+class PoisonedLoader:
+    """Batches whose images turn the loss non-finite at the given steps (1-based)."""
+
+    def __init__(self, bad, steps=6):
+        self.bad, self.steps = bad, steps
+        g = torch.Generator().manual_seed(0)
+        self.images = torch.randn(steps, 4, 3, 32, 32, generator=g)
+
+    def __len__(self):
+        return self.steps
+
+    def __iter__(self):
+        for i in range(self.steps):
+            images = self.images[i].clone()
+            if i + 1 in self.bad:
+                images[0, 0, 0, 0] = float("inf")
+            yield images.contiguous(memory_format=torch.channels_last), torch.tensor([0, 1, 2, 0])
+
+
+def run_poisoned(bad):
+    torch.manual_seed(0)
+    model = model_utils.get_model(num_classes=3).to(memory_format=torch.channels_last)
+    optimizer = engine.build_optimizer(model_utils.param_groups(model, 1e-3, 1e-3, 0.0), {"optimizer": "adamw",
+                                                                                        "momentum": 0.9})
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    return engine.train_one_epoch(model, PoisonedLoader(bad), optimizer, scheduler,
+                                  torch.amp.GradScaler("cpu", enabled=False), augment.MixupCutmix(3, seed=0), None,
+                                  nan_steps_cfg(), 1), model
+
+
+def test_interleaved_non_finite_steps_do_not_stop_but_consecutive_ones_do():
+    stats, model = run_poisoned({1, 3, 5})  # max_bad_steps 2: never two in a row
+    assert stats["skipped_steps"] == 3 and stats["completed"]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    with pytest.raises(engine.TrainingError, match="2 non-finite losses in a row"):
+        run_poisoned({3, 4})
+
+
+def test_step_runs_channels_last_under_bf16_autocast(prepared_root):
+    model = model_utils.get_model(num_classes=3).to(memory_format=torch.channels_last)
+    seen = []
+    model.conv1.register_forward_hook(lambda m, inp, out: seen.append(
+        (inp[0].is_contiguous(memory_format=torch.channels_last), torch.is_autocast_enabled("cpu"),
+         torch.get_autocast_dtype("cpu"), out.dtype)))
+    optimizer = torch.optim.AdamW(model_utils.param_groups(model, 1e-3, 1e-3, 0.0))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    loader = data_utils.build_loader(prepared_root, "train", 32, 4, CPU, dtype=torch.bfloat16, workers=1)
+    stats = engine.train_one_epoch(model, loader, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False),
+                                   augment.MixupCutmix(3, 0.2, 1.0, seed=0), torch.bfloat16, nan_steps_cfg(), 1)
+    assert seen and all(s == (True, True, torch.bfloat16, torch.bfloat16) for s in seen)
+    assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert stats["train_images_per_s"] > 0 and math.isfinite(stats["train_loss"])
+
+
+def test_no_device_reads_between_log_points(prepared_root, monkeypatch):
+    # Every way a tensor's value can reach the host, counted: the count must not grow with the number of steps.
+    cfg = nan_steps_cfg(log_every=10 ** 6)
+    batches = list(data_utils.build_loader(prepared_root, "train", 32, 4, CPU, dtype=torch.bfloat16, workers=1))
+    reads = []
+    for name in ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name, **k: (
+            reads.append(_n), _o(self, *a, **k))[1])
+
+    class Fixed:
+        def __init__(self, steps):
+            self.steps = steps
+
+        def __len__(self):
+            return self.steps
+
+        def __iter__(self):
+            for i in range(self.steps):
+                yield batches[i % len(batches)]
+
+    def count(steps):
+        model = model_utils.get_model(num_classes=3).to(memory_format=torch.channels_last)
+        optimizer = engine.build_optimizer(model_utils.param_groups(model, 1e-3, 1e-3, 0.0),
+                                           {"optimizer": "adamw", "momentum": 0.9})
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+        ema = engine.ModelEma(model, 0.9)
+        reads.clear()
+        engine.train_one_epoch(model, Fixed(steps), optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False),
+                               augment.MixupCutmix(3, 0.2, 1.0, seed=0), torch.bfloat16, cfg, 1, ema=ema)
+        return len(reads)
+
+    assert count(2) == count(6)  # reads happen at the (single, final) log point only
