@@ -218,11 +218,12 @@ def resume_command(cfg, last_path):
     return " ".join(["python train_caltech101.py", f"--exp {cfg['exp']}", *flags, f"--resume {last_path}"])
 
 
-def stopped(signum, cfg, next_epoch, next_step, last_path):
+def stopped(signum, cfg, next_epoch, next_step, last_path, main_rank=True):
     name = signal.Signals(signum).name
-    print(f"{name}: state saved to {last_path} (next: epoch {next_epoch}, step {next_step}). Resume with:\n"
-          f"  {resume_command(cfg, last_path)}\n  (under torchrun: the same torchrun command with these flags)",
-          flush=True)
+    if main_rank:
+        print(f"{name}: state saved to {last_path} (next: epoch {next_epoch}, step {next_step}). Resume with:\n"
+              f"  {resume_command(cfg, last_path)}\n  (under torchrun: the same torchrun command with these flags)",
+              flush=True)
     return {"exit_code": 128 + signum, "out_dir": os.path.dirname(last_path)}
 
 

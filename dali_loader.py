@@ -13,6 +13,7 @@ batches are decoded while this one ends); its position is (epoch, batches done),
 """
 import collections
 import os
+import sys
 
 import numpy as np
 import torch
@@ -64,8 +65,8 @@ class PlanSource:
     (labels=None: no label output). `recent` keeps the last few batches, to name the file a decode error came from.
     """
 
-    def __init__(self, plan, encoded, labels, epoch, step):
-        self.plan, self.encoded = plan, encoded
+    def __init__(self, plan, encoded, labels, epoch, step, flips=True):
+        self.plan, self.encoded, self.flips = plan, encoded, flips
         self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
         self.epoch, self.steps = epoch, plan.epoch(epoch, step)
         self.recent = collections.deque(maxlen=4)
@@ -81,7 +82,9 @@ class PlanSource:
         out = [[self.encoded[i] for i in index]]
         if self.plan.train:
             out += [np.stack([batch["x"], batch["y"]], 1).astype(np.float32),
-                    np.stack([batch["w"], batch["h"]], 1).astype(np.float32), batch["flip"].astype(np.int32)]
+                    np.stack([batch["w"], batch["h"]], 1).astype(np.float32)]
+            if self.flips:
+                out.append(batch["flip"].astype(np.int32))
         if self.labels is not None:
             out.append(self.labels[index])
         return tuple(out)
@@ -122,7 +125,7 @@ if HAVE_DALI:
         pipeline's ceiling); val decodes, resizes the shorter side and centre-crops (the --cache decode pass of
         val/test). `shorter=None` with train=False decodes whole images (the cache decode pass of train)."""
         if train:
-            jpegs, anchor, shape, _ = fn.external_source(source=source, num_outputs=4, batch=True)
+            jpegs, anchor, shape = fn.external_source(source=source, num_outputs=3, batch=True)
             return decode(jpegs, decoder_device, anchor, shape)
         (jpegs,) = fn.external_source(source=source, num_outputs=1, batch=True)
         images = decode(jpegs, decoder_device)
@@ -212,7 +215,7 @@ class DaliLoader:
 def first_step_pipe(image_root, files, plan, device, workers, train, shorter=None, img_size=None):
     """A built first_step_pipeline over `files` following `plan`; run it with epoch_batches()."""
     check_workers(workers)
-    source = PlanSource(plan, EncodedFiles(image_root, files), None, 0, 0)
+    source = PlanSource(plan, EncodedFiles(image_root, files), None, 0, 0, flips=False)
     pipe = first_step_pipeline(source, train, shorter, img_size, "mixed" if device.type == "cuda" else "cpu",
                                batch_size=plan.batch_size, num_threads=workers, device_id=dali_device_id(device),
                                prefetch_queue_depth=2)
@@ -238,3 +241,51 @@ def release_unused_memory():
         from nvidia.dali.backend import ReleaseUnusedMemory
 
         ReleaseUnusedMemory()
+
+
+class QuietDecoderErrors:
+    """Drops the lines DALI's image decoders write to stderr themselves when a file does not decode ("[ERROR]
+    [libjpeg_turbo_decoder] ..."): the loader then raises one DataError naming the file, and a user error stays
+    one line. Everything else written to stderr passes through unchanged and in order. The decoders write from
+    DALI's own threads, so this filters file descriptor 2 through a pipe for as long as it is active."""
+
+    MARKERS = ("_decoder] ", "[nvimgcodec]")
+
+    def __enter__(self):
+        import threading
+
+        sys.stderr.flush()
+        self.saved = os.dup(2)
+        read_end, write_end = os.pipe()
+        os.dup2(write_end, 2)
+        os.close(write_end)
+        self.thread = threading.Thread(target=self._copy, args=(read_end,), daemon=True)
+        self.thread.start()
+        return self
+
+    def _copy(self, read_end):
+        with os.fdopen(read_end, "rb", buffering=0) as pipe:
+            pending = b""
+            while True:
+                chunk = pipe.read(65536)
+                if not chunk:
+                    break
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    self._forward(line + b"\n")
+            if pending:
+                self._forward(pending)
+
+    def _forward(self, data):
+        text = data.decode("utf-8", "replace")
+        if "[ERROR]" in text and any(marker in text for marker in self.MARKERS):
+            return
+        os.write(self.saved, data)
+
+    def __exit__(self, *exc):
+        sys.stderr.flush()
+        os.dup2(self.saved, 2)  # closes the pipe's last write end: the copier sees the end and stops
+        self.thread.join(timeout=5)
+        os.close(self.saved)
+        return False

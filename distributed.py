@@ -24,7 +24,12 @@ def init(device):
     rank, world, _ = env()
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30),
+        timeout = datetime.timedelta(minutes=30)
+        store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+        # A relaunch after a failure (torchrun --max_restarts) meets in the same store: its own key prefix keeps
+        # the new ranks from reading the dead ones' addresses (seen with torch 2.14: "connectFullMesh failed").
+        store = dist.PrefixStore(f"caltech-kit/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout,
                                 device_id=device if device.type == "cuda" else None)
     return rank, world
 

@@ -131,7 +131,8 @@ def _safe_extract_tar(fileobj, archive, dest):
                     raise PrepareError(f"refusing {archive}: member '{m.name}' is a link or special file")
             tar.extractall(dest, members=members, filter="data")
     except (tarfile.TarError, EOFError, OSError, zipfile.BadZipFile) as e:
-        raise PrepareError(f"{archive} is not a readable tar archive: {e}") from None
+        reason = str(e).strip().splitlines()[0].rstrip(":") if str(e).strip() else type(e).__name__
+        raise PrepareError(f"{archive} is not a readable tar or zip archive ({reason})") from None
 
 
 def _extract_zip(path, dest):
@@ -228,7 +229,8 @@ def decode_check(root, candidates, workers=None, quiet=False):
 
     with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
         reasons = list(tqdm(pool.map(check_image, [os.path.join(root, p) for p in candidates], chunksize=32),
-                            total=len(candidates), desc="decode check", unit="img", disable=quiet))
+                            total=len(candidates), desc="decode check", unit="img",
+                            disable=quiet or not sys.stderr.isatty()))
     bad = [(p, r) for p, r in zip(candidates, reasons) if r is not None]
     return [p for p, r in zip(candidates, reasons) if r is None], bad
 

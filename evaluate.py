@@ -20,6 +20,7 @@ import sys
 import torch
 
 import checkpoint
+import dali_loader
 import data_utils
 import engine
 import model_utils
@@ -123,13 +124,6 @@ def get_args_parser():
 def check_split(run, data_root, split, allow_other):
     """Refuse figures that would silently be wrong: a re-split data root (unless asked), evaluated images that the
     run trained on (always), class lists that differ."""
-    if run.split is not None and splits.split_identity(data_root) != run.split:
-        if not allow_other:
-            raise presets.ConfigError(f"the split lists in {data_root} are not the ones {run.run_dir} was trained on "
-                                      f"(re-split since?); its training images may be among the {split} images: "
-                                      f"--allow_other_split evaluates anyway")
-        print(f"WARNING: {data_root} holds another split than the one this run was trained on: these figures are "
-              f"not comparable with the run's own", file=sys.stderr)
     files, _ = data_utils.read_split(data_root, split)
     if run.train_files is not None:
         overlap = set(files) & set(run.train_files)
@@ -137,6 +131,13 @@ def check_split(run, data_root, split, allow_other):
             raise presets.ConfigError(f"{len(overlap)} of the {len(files)} {split} images in {data_root} are in the "
                                       f"training list of {run.run_dir} (e.g. {sorted(overlap)[0]}): refused, the "
                                       f"figures would count images it learned")
+    if run.split is not None and splits.split_identity(data_root) != run.split:
+        if not allow_other:
+            raise presets.ConfigError(f"the split lists in {data_root} are not the ones {run.run_dir} was trained on "
+                                      f"(re-split since?); its training images may be among the {split} images: "
+                                      f"--allow_other_split evaluates anyway")
+        print(f"WARNING: {data_root} holds another split than the one this run was trained on: these figures are "
+              f"not comparable with the run's own", file=sys.stderr)
     if data_utils.read_classes(data_root) != run.classes:
         raise presets.ConfigError(f"{data_root}/classes.txt differs from the classes the run was trained on")
     return files
@@ -202,7 +203,8 @@ def main(args):
 
 def cli(argv=None):
     try:
-        main(get_args_parser().parse_args(argv))
+        with dali_loader.QuietDecoderErrors():
+            main(get_args_parser().parse_args(argv))
     except (presets.ConfigError, data_utils.DataError, model_utils.ModelError) as e:
         sys.exit(f"error: {e}")
     return 0

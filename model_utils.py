@@ -10,6 +10,7 @@ the class count differs). Every load is `weights_only=True`.
 """
 import os
 import pickle
+import re
 
 import torch
 import torch.nn as nn
@@ -47,7 +48,8 @@ def safe_load(path):
     except FileNotFoundError:
         raise ModelError(f"{path} does not exist") from None
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # torch colours parts of its message
+        first = text.splitlines()[0] if text else type(e).__name__
         raise ModelError(f"refused to load {path}: it holds more than tensors and plain data ({first[:200]})") from None
     except Exception as e:  # noqa: BLE001 - a corrupt archive surfaces as KeyError, RuntimeError, EOFError, ...
         raise ModelError(f"cannot read {path} as a checkpoint (truncated or not a .pth file): "

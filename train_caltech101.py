@@ -24,6 +24,7 @@ import torch
 
 import augment
 import checkpoint
+import dali_loader
 import data_utils
 import distributed
 import engine
@@ -340,7 +341,8 @@ def train(cfg, device, amp_dtype, use_scaler, batch, eval_batch, resume_path, ck
                                            trainable=trainable)
             if not stats["completed"]:  # stopped by a signal mid-epoch: keep exactly where we are
                 save_last(epoch, stats["steps_done"], wait=True)
-                return checkpoint.stopped(stop.signum or signal.SIGTERM, cfg, epoch, stats["steps_done"], last_path)
+                return checkpoint.stopped(stop.signum or signal.SIGTERM, cfg, epoch, stats["steps_done"], last_path,
+                                          main_rank)
             row = {"epoch": epoch, **{k: v for k, v in stats.items() if k not in ("steps_done", "completed")},
                    **{f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}}
             stop_reason = None
@@ -366,7 +368,7 @@ def train(cfg, device, amp_dtype, use_scaler, batch, eval_batch, resume_path, ck
                 log(f"early stop after epoch {epoch}: {stop_reason}")
                 break
             if stopping and epoch < cfg["epochs"]:
-                return checkpoint.stopped(stop.signum or signal.SIGTERM, cfg, epoch + 1, 0, last_path)
+                return checkpoint.stopped(stop.signum or signal.SIGTERM, cfg, epoch + 1, 0, last_path, main_rank)
     finally:
         stop.restore()
         if writer is not None:
@@ -530,7 +532,8 @@ def cli(argv=None):
         if show_model:
             return print_model(cfg, len(splits.read_classes(cfg["data_root"]))
                                if os.path.isfile(os.path.join(cfg["data_root"], "classes.txt")) else 101)["exit_code"]
-        return main(cfg, explicit)["exit_code"]
+        with dali_loader.QuietDecoderErrors():
+            return main(cfg, explicit)["exit_code"]
     except KIT_ERRORS as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:

@@ -7,6 +7,7 @@ file and a non-image file (like the real BACKGROUND_Google/tmp).
 """
 import io
 import os
+import signal
 import sys
 import tarfile
 
@@ -18,6 +19,7 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import checkpoint  # noqa: E402
 import download  # noqa: E402
 import model_utils  # noqa: E402
 
@@ -172,3 +174,39 @@ def one_line_error(code, err, expected):
     lines = [line for line in err.splitlines() if line.strip()]
     assert code not in (0, None), err
     assert len(lines) == 1 and expected in lines[0] and "Traceback" not in err, err
+
+
+class StopAfter(checkpoint.GracefulStop):
+    """As if SIGTERM arrived during optimizer step `at` (counted from this process's start)."""
+    at, steps = 1, 0
+
+    @property
+    def requested(self):
+        if StopAfter.steps >= self.at and self.signum is None:
+            self.signum = signal.SIGTERM
+        return self.signum is not None
+
+
+def counting_step(real):
+    def step(*args, **kwargs):
+        StopAfter.steps += 1
+        return real(*args, **kwargs)
+    return step
+
+
+def stop_at(at, monkeypatch):
+    import checkpoint
+    import engine
+
+    StopAfter.at, StopAfter.steps = at, 0
+    monkeypatch.setattr(checkpoint, "GracefulStop", StopAfter)
+    monkeypatch.setattr(engine, "optimizer_step", counting_step(engine.optimizer_step))
+
+
+def stopped_run(cfg, at, monkeypatch):
+    import train_caltech101 as train
+
+    stop_at(at, monkeypatch)
+    result = train.main(cfg)
+    monkeypatch.undo()
+    return result

@@ -14,12 +14,11 @@ def test_bench_reports_both_sides_and_their_ratio(prepared_root, tmp_path):
          "--workers", "1", "--steps", "1", "--rounds", "1", "--images", "8", "--device", "cpu", "--amp", "bf16",
          "--json", str(out)])
     results = bench.main(args)
-    assert [r["section"] for r in results] == ["data", "data", "data", "step", "e2e", "e2e", "eval"]
-    assert results[0]["images"] == results[2]["images"] == 12 and results[4]["images"] == 8
-    assert results[6]["images"] == 8
-    for r in results:
-        assert r["kit"] > 0 and r["plain"] > 0 and abs(r["ratio"] - r["kit"] / r["plain"]) < 1e-9
-    assert 0 < results[5]["cache_data_share"] < 1
+    assert [r["section"] for r in results] == ["data"] * 4 + ["step", "e2e", "e2e", "eval"]
+    assert [r["images"] for r in results if "images" in r] == [12, 12, 12, 12, 8, 8, 8]
+    assert all(r["kit"] > 0 and r["plain"] > 0 for r in results)  # speed is measured by running bench.py
+    assert 0 < results[6]["cache_data_share"] < 1
+    assert 0 < results[1]["cache_mib"] < 1  # 12 small synthetic images
     saved = json.load(open(out))["results"]
     assert [r["kit"] for r in saved] == [r["kit"] for r in results]
 
@@ -38,9 +37,10 @@ def test_decode_only_ceiling_yields_each_epoch_exactly(prepared_root):
 
     files, _ = bench.data_utils.read_split(prepared_root, "train")
     decode = bench.DecodeOnly(prepared_root, files, 5, 1, torch.device("cpu"))
+    assert decode.steps == 3
     for _ in range(2):
         sizes = [len(images) for images, _ in decode]
         assert sizes == [5, 5, 2]
     images, _ = next(iter(decode))
-    shapes = [tuple(image.shape()) for image in images]
+    shapes = [image.shape for image in images]
     assert all(len(s) == 3 and s[2] == 3 and s[0] >= 1 and s[1] >= 1 for s in shapes)

@@ -11,7 +11,7 @@ import zipfile
 import pytest
 
 import download
-from conftest import BAD_FILES, CLASS_COLOURS, IMAGES_PER_CLASS, ROOT, make_targz
+from conftest import BAD_FILES, CLASS_COLOURS, IMAGES_PER_CLASS, ROOT, make_targz, one_line_error, run_cli
 
 GOOD_PER_CLASS = IMAGES_PER_CLASS + 1  # + the grayscale / CMYK / PNG-named-.jpg file of each class
 
@@ -73,11 +73,104 @@ def test_second_run_does_nothing_and_says_so(synthetic_tree, tmp_path, capsys):
     stamp = os.path.getmtime(os.path.join(root, "train.txt"))
     capsys.readouterr()
     download.prepare(root, archive="/nonexistent/archive.tar.gz", train_per_class=4, workers=1, quiet=True)
-    assert "nothing to do" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "nothing to do" in out and "--archive /nonexistent/archive.tar.gz not used" in out
     assert os.path.getmtime(os.path.join(root, "train.txt")) == stamp
-    # A different split request re-splits without re-extracting.
-    download.prepare(root, archive="/nonexistent/archive.tar.gz", train_per_class=3, workers=1, quiet=True)
-    assert len(read_list(os.path.join(root, "train.txt"))) == 9
+
+
+def test_split_is_pinned_and_each_class_draws_alone(prepared_root, synthetic_tree, tmp_path):
+    """A known answer (this file's hash, from the generated tree, seed 0, 4 per class), so a shared RNG across
+    classes or an unsorted listing fails; and a class that gains an image leaves the others' draws alone."""
+    data = open(os.path.join(prepared_root, "train.txt"), "rb").read()
+    assert download.hashlib.sha256(data).hexdigest() == \
+        "70c864fc93d89549d4309623066c375ee4ea59fb7785a7029a84b11c874f7ba4"
+    src = tmp_path / "src"
+    shutil.copytree(synthetic_tree, src)
+    alpha = src / download.IMAGES_DIR / "alpha"
+    shutil.copy(alpha / "image_0000.jpg", alpha / "extra.jpg")
+    root = str(tmp_path / "root")
+    download.prepare(root, archive=str(src / download.IMAGES_DIR), train_per_class=4, workers=1, quiet=True)
+    old = [line for line in data.decode().splitlines() if not line.startswith("alpha/")]
+    new = [line for line in open(os.path.join(root, "train.txt")).read().splitlines() if not line.startswith("alpha/")]
+    assert old == new
+
+
+def test_an_existing_split_is_not_rewritten_with_other_parameters(synthetic_tree, tmp_path, capfd):
+    root = str(tmp_path / "root")
+    archive = os.path.join(synthetic_tree, download.IMAGES_DIR)
+    download.prepare(root, archive=archive, train_per_class=4, workers=1, quiet=True)
+    before = open(os.path.join(root, "train.txt")).read()
+    code, _, err = run_cli(download.cli, ["--data_root", root, "--train_per_class", "4", "--seed", "1"], capfd)
+    one_line_error(code, err, "seed 0 -> 1")
+    assert "--force" in err and f"--data_root {root}_2" in err
+    assert open(os.path.join(root, "train.txt")).read() == before
+    code, _, _ = run_cli(download.cli, ["--data_root", root, "--train_per_class", "4", "--seed", "1", "--force"],
+                         capfd)
+    assert code == 0 and open(os.path.join(root, "train.txt")).read() != before
+
+
+def test_the_limiting_class_is_named_with_what_fits(synthetic_tree, tmp_path, capfd):
+    src = tmp_path / "src"
+    shutil.copytree(synthetic_tree, src)
+    for name in sorted(os.listdir(src / download.IMAGES_DIR / "charlie"))[:5]:  # charlie: 15 -> 10 usable images
+        os.remove(src / download.IMAGES_DIR / "charlie" / name)
+    root = str(tmp_path / "root")
+    argv = ["--data_root", root, "--archive", str(src / download.IMAGES_DIR), "--train_per_class", "4",
+            "--test_per_class", "6"]
+    code, _, err = run_cli(download.cli, argv, capfd)
+    one_line_error(code, err, "class 'charlie' has 10 usable images, the limiting class")
+    assert "largest --test_per_class that fits every class is 5" in err
+    code, out, _ = run_cli(download.cli, argv + ["--small_classes", "shrink_test"], capfd)
+    assert code == 0
+    test = read_list(os.path.join(root, "test.txt"))
+    counts = {cls: sum(p.startswith(cls + "/") for p, _ in test) for cls in CLASS_COLOURS}
+    assert counts == {"alpha": 6, "bravo": 6, "charlie": 5}  # charlie keeps 4 train + 1 val
+
+
+def test_own_image_folders_pre_split_and_single(tmp_path, capfd):
+    from conftest import jpeg_bytes, make_image
+
+    rng = __import__("numpy").random.default_rng(0)
+    pre = tmp_path / "data"
+    for part, count in (("train", 5), ("val", 3)):
+        for cls, colour in (("cat", (200, 60, 60)), ("fish", (60, 60, 200))):
+            (pre / part / cls).mkdir(parents=True)
+            for i in range(count):
+                make_image(colour, rng).save(pre / part / cls / f"{cls}-{i}.png")
+    (pre / "train" / "cat" / "broken.jpg").write_bytes(jpeg_bytes(make_image((0, 0, 0), rng))[:100])
+    (pre / "train" / "cat" / "notes.txt").write_text("not an image")
+    code, out, _ = run_cli(download.cli, ["--folder", str(pre)], capfd)
+    assert code == 0 and "train: 10  val: 6" in out and "excluded (undecodable): 1" in out
+    assert "ignored 1 file(s) that are not images" in out
+    assert open(pre / "classes.txt").read().split() == ["cat", "fish"]
+    assert "train/cat/broken.jpg" in open(pre / "bad_files.txt").read()
+    import data_utils
+
+    files, labels = data_utils.read_split(str(pre), "train")
+    assert len(files) == 10 and files[0].startswith("train/cat/") and labels.count(1) == 5
+    single = tmp_path / "flat"
+    for cls in ("a", "b", "c"):
+        (single / cls).mkdir(parents=True)
+        for i in range(7):
+            make_image((40 * i, 100, 100), rng).save(single / cls / f"{i}.jpg")
+    code, out, _ = run_cli(download.cli, ["--folder", str(single), "--data_root", str(tmp_path / "lists"),
+                                          "--train_fraction", "0.6"], capfd)
+    assert code == 0 and "train: 12  val: 9" in out  # round(0.6 * 7) = 4 per class
+    assert data_utils.image_root(str(tmp_path / "lists")) == os.path.join(str(tmp_path / "lists"),
+                                                                           os.path.relpath(single, tmp_path / "lists"))
+    code, _, err = run_cli(download.cli, ["--folder", str(single), "--data_root", str(tmp_path / "x")], capfd)
+    one_line_error(code, err, "--train_per_class N or --train_fraction F")
+
+
+def test_real_images_as_a_folder_give_the_archives_split(real_root, tmp_path):
+    """download.py --folder on the extracted real images (a single class-per-folder tree): the same 101 classes
+    and the same split counts as the archive path (BACKGROUND_Google aside, which --folder takes as a class)."""
+    src = tmp_path / "tree"
+    shutil.copytree(os.path.join(real_root, download.IMAGES_DIR), src,
+                    ignore=shutil.ignore_patterns("BACKGROUND_Google"))
+    meta = download.prepare_folder(str(src), str(tmp_path / "lists"), train_per_class=30, quiet=True, workers=2)
+    assert meta["num_classes"] == 101 and meta["counts"] == {"train": 3030, "val": 5647, "test": 0}
+    assert open(tmp_path / "lists" / "train.txt").read() == open(os.path.join(real_root, "train.txt")).read()
 
 
 def test_interrupted_extraction_is_detected_and_redone(synthetic_tree, tmp_path, capsys):
@@ -100,7 +193,7 @@ def test_corrupted_archive_is_refused_and_leaves_nothing(synthetic_tree, tmp_pat
     broken = tmp_path / "broken.tar.gz"
     broken.write_bytes(data[: len(data) // 2])
     root = str(tmp_path / "root")
-    with pytest.raises(download.PrepareError, match="not a readable tar archive"):
+    with pytest.raises(download.PrepareError, match="not a readable tar or zip archive"):
         download.prepare(root, archive=str(broken), workers=1, quiet=True)
     assert not os.path.exists(os.path.join(root, download.IMAGES_DIR))
     assert os.listdir(root) == []

@@ -1,10 +1,11 @@
-"""evaluate.py, predict.py, gradcam.py: reports that agree with training, predictions, known-answer Grad-CAM."""
+"""evaluate.py, predict.py, gradcam.py: figures equal training's own, refusals of wrong splits, the comparison
+table, predictions (also from a copied run folder and from bare weights), known-answer Grad-CAM."""
 import csv
 import json
 import os
-import subprocess
-import sys
+import shutil
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -14,41 +15,36 @@ import engine
 import evaluate
 import gradcam
 import model_utils
-import plots
 import predict
 import presets
+import splits
 import train_caltech101 as train
-from conftest import CLASS_COLOURS, ROOT, make_image
+from conftest import CLASS_COLOURS, make_image, one_line_error, run_cli, tiny_cfg
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def trained_run(prepared_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("eval_runs")
-    cfg = presets.resolve("cpu_smoke", dict(data_root=prepared_root, out_dir=str(out), img_size=32, batch_size=4,
-                                            eval_batch_size=8, workers=1, epochs=3, eval_every=1,
-                                            warmup_epochs=0.5, progress=False))
-    return train.main(cfg)
 
 
 def eval_args(*argv):
     return evaluate.get_args_parser().parse_args(list(argv))
 
 
-def test_evaluate_reproduces_the_training_evaluation(trained_run):
+def test_evaluate_equals_the_training_evaluation(trained_run, tmp_path):
+    """The same loader, precision and layout as training: every figure, the loss included, is bit-identical. On 33
+    val images of a barely trained model the loss moves in its 4th decimal with any change of pipeline (fp32
+    instead of bf16, the torch loader instead of DALI), which the second half shows."""
     run_dir = trained_run["out_dir"]
-    report = evaluate.main(eval_args("--checkpoint", os.path.join(run_dir, "last.pth")))
+    report = evaluate.main(eval_args("--checkpoint", os.path.join(run_dir, "last.pth"), "--out_dir",
+                                     str(tmp_path / "a")))
     last = trained_run["rows"][-1]
-    assert report["top1"] == last["val_top1"] and report["images"] == last["val_images"]
-    assert report["top5"] == last["val_top5"]
-    assert report["mean_class_acc"] == pytest.approx(last["val_mean_class_acc"], abs=1e-12)
-    best = evaluate.main(eval_args("--checkpoint", run_dir, "--out_dir", os.path.join(run_dir, "eval_best")))
-    assert best["top1"] == trained_run["best_top1"]
+    assert (report["top1"], report["top5"], report["mean_class_acc"], report["loss"], report["images"]) == \
+        (last["val_top1"], last["val_top5"], last["val_mean_class_acc"], last["val_loss"], last["val_images"])
+    other = evaluate.main(eval_args("--checkpoint", os.path.join(run_dir, "last.pth"), "--loader", "torch",
+                                    "--out_dir", str(tmp_path / "b")))
+    assert other["loss"] != report["loss"]
 
 
-def test_reports_exist_parse_and_add_up(trained_run):
-    out = os.path.join(trained_run["out_dir"], "eval_val")
+def test_reports_exist_parse_and_add_up(trained_run, tmp_path):
+    out = str(tmp_path / "eval")
     evaluate.main(eval_args("--checkpoint", trained_run["out_dir"], "--out_dir", out))
     report = json.load(open(os.path.join(out, "report.json")))
     rows = list(csv.DictReader(open(os.path.join(out, "per_class.csv"))))
@@ -61,12 +57,12 @@ def test_reports_exist_parse_and_add_up(trained_run):
     for name in ("confusion.png", "wrong.png"):
         with Image.open(os.path.join(out, name)) as img:
             assert img.format == "PNG" and img.width > 300
-    assert len(report["most_confident_wrong"]) == support - correct or len(report["most_confident_wrong"]) == 16
+    assert len(report["most_confident_wrong"]) == min(support - correct, 16)
 
 
-def test_tta_flip_is_the_mean_of_both_logits(trained_run, prepared_root):
+def test_tta_flip_is_the_mean_of_both_logits(trained_run, prepared_with_test):
     model = model_utils.load_trained(os.path.join(trained_run["out_dir"], "best.pth"), 3)
-    loader = data_utils.build_loader(prepared_root, "val", 32, 8, CPU, workers=1)
+    loader = data_utils.build_loader(prepared_with_test, "val", 32, 8, CPU, workers=1)
     plain, labels = engine.collect_logits(model, loader, None)
     flipped_logits = torch.cat([model(images.flip(3)).detach() for images, _ in loader])
     tta, tta_labels = engine.collect_logits(model, loader, None, tta="flip")
@@ -74,26 +70,61 @@ def test_tta_flip_is_the_mean_of_both_logits(trained_run, prepared_root):
     assert torch.allclose(tta, (plain + flipped_logits) / 2, atol=1e-5)
 
 
-def test_curves_and_comparison_table(trained_run, prepared_root, tmp_path):
+def test_a_re_split_root_or_training_images_are_refused(trained_run, prepared_with_test, tmp_path, capfd):
+    root = tmp_path / "root"
+    shutil.copytree(prepared_with_test, root)
+    run = tmp_path / "run"
+    shutil.copytree(trained_run["out_dir"], run)
+    train_files = (root / "train.txt").read_text().splitlines()
+    val_files = (root / "val.txt").read_text().splitlines()
+    argv = ["--checkpoint", str(run), "--data_root", str(root), "--out_dir", str(tmp_path / "eval")]
+    # Another split, without overlap: refused, or evaluated with a loud warning when asked.
+    (root / "train.txt").write_text("\n".join(train_files[1:]) + "\n")
+    code, _, err = run_cli(evaluate.cli, argv, capfd)
+    one_line_error(code, err, "not the ones")
+    code, out, err = run_cli(evaluate.cli, argv + ["--allow_other_split"], capfd)
+    assert code == 0 and "WARNING" in err and "top-1" in out
+    # A re-split root, as `download.py --seed 1 --force` writes it: its val list now holds training images.
+    (root / "train.txt").write_text("\n".join(val_files[:4] + train_files[4:]) + "\n")
+    (root / "val.txt").write_text("\n".join(train_files[:4] + val_files[4:]) + "\n")
+    code, _, err = run_cli(evaluate.cli, argv + ["--allow_other_split"], capfd)
+    one_line_error(code, err, "4 of the 27 val images")  # even when asked: never on images it trained on
+    # A new root whose test split was cut from this run's training images (the same per-class order).
+    (root / "val.txt").write_text("\n".join(val_files) + "\n")
+    (root / "test.txt").write_text("\n".join(train_files[:5]) + "\n")
+    code, _, err = run_cli(evaluate.cli, argv + ["--split", "test", "--allow_other_split"], capfd)
+    one_line_error(code, err, "5 of the 5 test images")
+
+
+def test_comparison_table(trained_run, prepared_root, tmp_path, capfd):
     assert os.path.isfile(os.path.join(trained_run["out_dir"], "curves.png"))  # written at the end of training
-    path = plots.plot_curves(trained_run["out_dir"], str(tmp_path / "c.png"))
-    with Image.open(path) as img:
+    from plots import plot_curves
+
+    with Image.open(plot_curves(trained_run["out_dir"], str(tmp_path / "c.png"))) as img:
         assert img.width > 800
-    other = presets.resolve("r18_pretrain_lowwd_mix02", dict(data_root=prepared_root, out_dir=str(tmp_path), epochs=1,
-                                                             img_size=32, batch_size=4, workers=1, pretrained=False,
-                                                             progress=False))
-    second = train.main(other)
-    table = evaluate.compare_runs([trained_run["out_dir"], second["out_dir"], str(tmp_path / "not_a_run")])
-    lines = table.splitlines()
-    assert len(lines) == 4
-    assert "| cpu_smoke | cpu_smoke | resnet18 | scratch | 3/3 |" in lines[2]
-    assert f"{trained_run['best_top1']:.4f}" in lines[2] and "r18_pretrain_lowwd_mix02" in lines[3]
+    second = train.main(tiny_cfg(prepared_root, tmp_path, epochs=1, img_size=48))
+    table = evaluate.compare_runs([trained_run["out_dir"], second["out_dir"]]).splitlines()
+    head = [c.strip() for c in table[0].strip("|").split("|")]
+    assert head[:4] == ["run", "preset", "img_size", "epochs"]  # the settings that differ, by name
+    first = [c.strip() for c in table[2].strip("|").split("|")]
+    summary = trained_run["summary"]
+    assert first[0] == os.path.normpath(trained_run["out_dir"]) and first[2] == "32"
+    assert first[head.index("test top-1")] == f"{summary['splits']['test']['top1']:.4f}"
+    assert first[head.index("train top-1")] == f"{summary['splits']['train']['top1']:.4f}"
+    assert first[head.index("best epoch")] == str(summary["best"]["epoch"])
+    assert [c.strip() for c in table[3].strip("|").split("|")][head.index("test top-1")] == "-"  # no test split
+    code, _, err = run_cli(evaluate.cli, ["--compare", trained_run["out_dir"], str(tmp_path / "nothing")], capfd)
+    one_line_error(code, err, "not a training run folder")
 
 
-def test_predictor_from_python(trained_run, prepared_root):
+def val_paths(root, count=4):
+    files, labels = data_utils.read_split(root, "val")
+    return [os.path.join(data_utils.image_root(root), f) for f in files[:count]], labels[:count]
+
+
+def test_predictor_from_python(trained_run, prepared_with_test):
     predictor = predict.Predictor(trained_run["out_dir"])
-    files, labels = data_utils.read_split(prepared_root, "val")
-    paths = [os.path.join(prepared_root, data_utils.IMAGES_DIR, f) for f in files[:4]]
+    paths, _ = val_paths(prepared_with_test)
     pil = Image.open(paths[0])
     results = predictor.predict(paths + [pil], topk=2)
     assert len(results) == 5 and all(len(r) == 2 for r in results)
@@ -105,52 +136,97 @@ def test_predictor_from_python(trained_run, prepared_root):
     assert results[1][0][1] == pytest.approx(model(x).softmax(1).max().item(), abs=1e-6)
 
 
-def test_predict_cli_on_a_folder_with_a_broken_file(trained_run, tmp_path):
+def test_a_copied_run_folder_and_bare_weights_predict(trained_run, prepared_with_test, tmp_path, capfd):
+    paths, _ = val_paths(prepared_with_test)
+    expected = predict.Predictor(trained_run["out_dir"]).predict(paths)
+    copied = tmp_path / "copied"
+    shutil.copytree(trained_run["out_dir"], copied)
+    config = json.load(open(copied / "config.json"))
+    config["data_root"] = str(tmp_path / "gone")  # the data root is not needed for the class names
+    (copied / "config.json").write_text(json.dumps(config))
+    assert predict.Predictor(str(copied)).predict(paths) == expected
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(os.path.join(trained_run["out_dir"], "best.pth"), bare / "best.pth")
+    shutil.copy(os.path.join(trained_run["out_dir"], "classes.txt"), bare / "names.txt")
+    code, _, err = run_cli(predict.cli, [paths[0], "--checkpoint", str(bare / "best.pth")], capfd)
+    one_line_error(code, err, "pass --arch, --img_size, --classes")
+    code, _, err = run_cli(predict.cli, [paths[0], "--checkpoint", str(bare / "best.pth"), "--arch", "resnet18"],
+                           capfd)
+    one_line_error(code, err, "pass --img_size, --classes")
+    got = predict.Predictor(str(bare / "best.pth"), arch="resnet18", img_size=32, classes=str(bare / "names.txt"))
+    assert got.predict(paths) == expected
+
+
+def test_predict_cli_on_a_folder(trained_run, tmp_path, capfd):
     folder = tmp_path / "mine" / "nested"
     folder.mkdir(parents=True)
-    import numpy as np
     rng = np.random.default_rng(0)
     make_image(CLASS_COLOURS["alpha"], rng).save(folder / "red.jpg")
     make_image(CLASS_COLOURS["charlie"], rng).convert("L").save(tmp_path / "mine" / "gray.png")
     make_image(CLASS_COLOURS["bravo"], rng).convert("CMYK").save(tmp_path / "mine" / "cmyk.jpg")
     (folder / "broken.jpg").write_text("not an image")
+    (tmp_path / "mine" / "README.md").write_text("notes")  # not an image by its extension: skipped, counted
     out_json = tmp_path / "pred.json"
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "predict.py"), str(tmp_path / "mine"),
-                             "--checkpoint", trained_run["out_dir"], "--topk", "3", "--json", str(out_json),
-                             "--gradcam", "--out_dir", str(tmp_path / "cams")], capture_output=True, text=True)
-    assert result.returncode == 1  # one file failed, the rest were predicted
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    argv = [str(tmp_path / "mine"), "--checkpoint", trained_run["out_dir"], "--topk", "3", "--json", str(out_json),
+            "--gradcam", "--out_dir", str(tmp_path / "cams")]
+    code, out, err = run_cli(predict.cli, argv, capfd)
+    assert code == 1  # one file failed, the rest were predicted
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "broken.jpg" in errors[0]
+    assert "skipped 1 file(s) that are not images" in err
     data = json.load(open(out_json))
     assert len(data["results"]) == 3 and data["failed"][0].endswith("broken.jpg")
-    assert all(len(r["topk"]) == 3 for r in data["results"])
     for r in data["results"]:
+        assert len(r["topk"]) == 3 and r["gradcam"].endswith(f"_gradcam_{r['topk'][0]['class']}.png")
         with Image.open(r["gradcam"]) as overlay, Image.open(r["file"]) as original:
             assert overlay.size == original.size  # the overlay is at the original image's size
+    code, _, _ = run_cli(predict.cli, argv + ["--target", "bravo"], capfd)  # another target: other files
+    assert len([f for f in os.listdir(tmp_path / "cams") if f.endswith("_bravo.png")]) >= 3
 
 
-def patch_batch(n, generator, size=64, quadrant_only=False, patch=16):
-    """Class 0: a red patch, class 1: a blue patch, on faint noise. Anywhere in the image for training (so the
-    model learns local detectors), or inside the top-left quadrant for the known-answer check."""
+def test_random_sample_is_reproducible(trained_run, prepared_with_test, tmp_path, capfd):
+    paths, _ = val_paths(prepared_with_test, count=20)
+    listing = tmp_path / "images.txt"
+    listing.write_text("\n".join(paths) + "\n")
+    argv = [str(listing), "--checkpoint", trained_run["out_dir"], "--random", "5", "--topk", "1"]
+
+    def picked(seed):
+        code, out, _ = run_cli(predict.cli, argv + ["--seed", str(seed)], capfd)
+        assert code == 0
+        return [line.split(":")[0] for line in out.splitlines() if ": " in line]
+
+    first = picked(1)
+    assert len(first) == 5 and first == picked(1) and first != picked(2)
+
+
+def patch_batch(n, generator, size=128, patch=16, quadrant=None):
+    """Class 0: a red patch, class 1: a blue patch, on faint noise; anywhere (training, so the model learns local
+    detectors), or inside one quadrant (row, col) for the known-answer check."""
     images = torch.randn(n, 3, size, size, generator=generator) * 0.1
     labels = torch.randint(0, 2, (n,), generator=generator)
-    limit = size // 2 - patch if quadrant_only else size - patch
+    half = size // 2
     for i in range(n):
-        y, x = torch.randint(0, limit, (2,), generator=generator).tolist()
+        if quadrant is None:
+            y, x = torch.randint(0, size - patch, (2,), generator=generator).tolist()
+        else:
+            y, x = (torch.randint(0, half - patch, (2,), generator=generator) + torch.tensor(quadrant) * half).tolist()
         images[i, 0 if labels[i] == 0 else 2, y:y + patch, x:x + patch] += 3.0
     return images, labels
 
 
 @pytest.fixture(scope="module")
 def patch_model():
-    """A ResNet-18 trained in the test to tell a red patch from a blue one, wherever the patch is."""
+    """A ResNet-18 trained in the test to tell a red patch from a blue one, wherever the patch is. At 128 px (layer4:
+    a 4x4 grid) 31 of 32 top-right and 30 of 32 bottom-left known answers put their heat there; at 64 or 96 px
+    the maps localise too coarsely for the check (about half land in the opposite quadrant)."""
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     model = model_utils.get_model(num_classes=2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model.train()
     for _ in range(40):
-        images, labels = patch_batch(16, generator, size=128)
+        images, labels = patch_batch(16, generator)
         loss = torch.nn.functional.cross_entropy(model(images), labels)
         optimizer.zero_grad()
         loss.backward()
@@ -160,32 +236,33 @@ def patch_model():
 
 @pytest.mark.parametrize("method", ["gradcam", "gradcam++"])
 def test_gradcam_heat_sits_in_the_evidence_quadrant(patch_model, method):
+    """Evidence in the top-right quadrant (an off-diagonal one: a map with rows and columns swapped would put the
+    heat bottom-left)."""
     model, generator = patch_model
-    images, labels = patch_batch(32, generator, size=128, quadrant_only=True)
+    images, labels = patch_batch(32, generator, quadrant=(0, 1))
     with torch.no_grad():
         assert (model(images).argmax(1) == labels).float().mean() > 0.9  # it learned to see the patch
     heat = gradcam.class_activation_map(model, images, labels, method=method)
     assert heat.shape == (32, 128, 128) and heat.min() >= 0 and heat.max() <= 1 + 1e-6
     quadrants = torch.stack([heat[:, :64, :64], heat[:, :64, 64:], heat[:, 64:, :64], heat[:, 64:, 64:]], 1)
     mass = quadrants.sum((2, 3))
-    # layer4 is a 4x4 grid here, upsampled: heat leaks, so "most" means more than any other quadrant gets.
-    assert (mass.argmax(1) == 0).float().mean() >= 0.9  # chance would be 0.25
-    assert (mass[:, 0] / mass.sum(1)).mean() >= 0.35  # a quarter if the map ignored the patch
+    assert (mass.argmax(1) == 1).float().mean() >= 0.9  # top-right; chance would be 0.25
+    assert (mass[:, 1] / mass.sum(1)).mean() >= 0.4
+    # The single hottest pixel may sit in the neighbouring 32-px cell across the border (observed: 66% for Grad-CAM,
+    # over 80% for Grad-CAM++, against 25% by chance).
     peak = heat.flatten(1).argmax(1)
-    assert ((peak // 128 < 64) & (peak % 128 < 64)).float().mean() >= 0.8
-    # The same heat for the other class is elsewhere: the map depends on the class asked about.
+    assert ((peak // 128 < 64) & (peak % 128 >= 64)).float().mean() >= 0.55
     other = gradcam.class_activation_map(model, images, 1 - labels, method=method)
-    assert not torch.allclose(other, heat, atol=0.05)
+    assert not torch.allclose(other, heat, atol=0.05)  # the map depends on the class asked about
 
 
 def test_centre_crop_box_matches_the_val_transform():
     # Pixels encode their own coordinates (R = x, G = y); after the real val transform the first and last kept
     # pixels must sit where centre_crop_box says the crop starts and ends, within a pixel of resampling blur.
-    import numpy as np
     width, height, img_size = 240, 180, 64
     xs, ys = np.meshgrid(np.arange(width), np.arange(height))
     coords = np.stack([xs, ys, np.zeros_like(xs)], axis=-1).astype(np.uint8)
-    tensor = data_utils.torch_transform(train=False, img_size=img_size)(Image.fromarray(coords))
+    tensor = data_utils.val_transform(img_size)(Image.fromarray(coords))
     mean = torch.tensor(data_utils.IMAGENET_MEAN).view(3, 1, 1) * 255
     std = torch.tensor(data_utils.IMAGENET_STD).view(3, 1, 1) * 255
     kept = tensor * std + mean
@@ -193,3 +270,13 @@ def test_centre_crop_box_matches_the_val_transform():
     assert abs(kept[0, :, 0].mean() - x0) <= 1.5 and abs(kept[0, :, -1].mean() - (x1 - 1)) <= 1.5
     assert abs(kept[1, 0, :].mean() - y0) <= 1.5 and abs(kept[1, -1, :].mean() - (y1 - 1)) <= 1.5
     assert 0 < y0 < y1 < height and 0 < x0 < x1 < width  # 64/73 of the shorter side is kept, centred
+
+
+def test_real_run_folder_classes_are_the_data_roots(real_root, tmp_path):
+    """On the real split: a run records the split's identity and its 101 classes in its folder."""
+    cfg = presets.resolve("cpu_smoke", dict(data_root=real_root, out_dir=str(tmp_path), epochs=1, img_size=32,
+                                            batch_size=256, eval_batch_size=512, eval_every=1, progress=False,
+                                            warmup_epochs=0.0))
+    cfg_split = splits.split_identity(real_root)
+    assert cfg_split["train"] and cfg_split["params"]["train_per_class"] == 30
+    assert len(splits.read_classes(real_root)) == 101 and cfg["data_root"] == real_root

@@ -1,6 +1,6 @@
-"""Faults made to happen for real: SIGKILL and SIGTERM mid-run, exceptions and a full disk mid-save, NaN losses,
-malicious and truncated checkpoints, corrupt images and bad flags. Tiny synthetic data, tiny images."""
-import csv
+"""Faults made to happen for real: SIGKILL, SIGTERM inside an epoch, a double Ctrl-C (through the real CLI in a
+subprocess), failed and disk-full saves of last.pth and best.pth (fsync observed), malicious and truncated
+checkpoints, corrupt images, and one-line errors for every bad input."""
 import errno
 import os
 import shutil
@@ -14,178 +14,175 @@ import torch
 
 import checkpoint
 import data_utils
-import engine
+import download
+import evaluate
 import model_utils
-import presets
+import predict
 import train_caltech101 as train
-from conftest import ROOT
+from conftest import ROOT, one_line_error, run_cli, stopped_run, tiny_argv, tiny_cfg
 
-TINY = ["--exp", "cpu_smoke", "--img_size", "32", "--batch_size", "4", "--eval_batch_size", "16", "--workers", "1",
-        "--epochs", "4", "--eval_every", "1", "--warmup_epochs", "1", "--deterministic", "true",
-        "--progress", "false"]
-
-
-def cli(data_root, out_dir, *extra):
-    return [sys.executable, os.path.join(ROOT, "train_caltech101.py"), *TINY, "--data_root", data_root,
-            "--out_dir", str(out_dir), *extra]
+# One image per step: 12 steps per epoch, so a signal sent right after a step's checkpoint lands inside the epoch.
+SLOW = ["--deterministic", "true", "--save_every_steps", "1", "--batch_size", "1", "--img_size", "64"]
 
 
-def epochs_logged(run_dir):
-    try:
-        with open(os.path.join(run_dir, "metrics.csv")) as f:
-            return len(list(csv.DictReader(f)))
-    except (OSError, csv.Error):
-        return 0
+def cli_cmd(data_root, out_dir, *extra, epochs=3):
+    return [sys.executable, os.path.join(ROOT, "train_caltech101.py"), *tiny_argv(data_root, out_dir, *extra,
+                                                                                   epochs=epochs)]
+
+
+def resume_cmd(out_dir):
+    """What a requeue script runs: the settings come from the run's own last.pth."""
+    return [sys.executable, os.path.join(ROOT, "train_caltech101.py"), "--exp", "cpu_smoke", "--out_dir",
+            str(out_dir), "--resume", "auto"]
 
 
 def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def assert_same_weights(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+def same_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def run_until(cmd, run_dir, rows, sig):
-    """Start a training process, wait until `rows` epochs are logged, then send it `sig`."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    deadline = time.time() + 300
-    while epochs_logged(run_dir) < rows:
+def wait_for(predicate, proc, timeout=120):
+    deadline = time.time() + timeout
+    while not predicate():
         assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline
-        time.sleep(0.01)
-    proc.send_signal(sig)
-    out, err = proc.communicate(timeout=300)
-    return proc.returncode, out, err
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def position(run_dir):
+    try:
+        state = load(os.path.join(run_dir, "last.pth"))
+    except (OSError, RuntimeError, EOFError, model_utils.pickle.UnpicklingError):
+        return None
+    return state["next_epoch"], state["next_step"]
 
 
 @pytest.fixture(scope="module")
 def straight_run(prepared_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("straight")
-    result = subprocess.run(cli(prepared_root, out), capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stderr
-    return os.path.join(str(out), "cpu_smoke")
+    result = train.main(tiny_cfg(prepared_root, out, epochs=3, deterministic=True, batch_size=1, img_size=64))
+    return result["out_dir"]
 
 
 def test_sigkill_then_resume_gives_identical_weights(straight_run, prepared_root, tmp_path):
     run_dir = str(tmp_path / "cpu_smoke")
-    code, _, _ = run_until(cli(prepared_root, tmp_path), run_dir, rows=2, sig=signal.SIGKILL)
-    assert code == -signal.SIGKILL
-    killed_at = load(os.path.join(run_dir, "last.pth"))["next_epoch"]
-    assert 2 <= killed_at <= 4  # it really was cut short
-    resumed = subprocess.run(cli(prepared_root, tmp_path, "--resume", "auto"), capture_output=True, text=True,
-                             cwd=ROOT)
+    proc = subprocess.Popen(cli_cmd(prepared_root, tmp_path, *SLOW), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    wait_for(lambda: (position(run_dir) or (0, 0)) >= (2, 3), proc)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = position(run_dir)
+    assert (2, 3) <= killed_at < (4, 0)  # it really was cut short
+    resumed = subprocess.run(resume_cmd(tmp_path),
+                             capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"continuing at epoch {killed_at}" in resumed.stdout
-    assert_same_weights(load(os.path.join(straight_run, "last.pth"))["model"],
+    assert f"continuing at epoch {killed_at[0]} step {killed_at[1]}" in resumed.stdout
+    assert same_weights(load(os.path.join(straight_run, "last.pth"))["model"],
                         load(os.path.join(run_dir, "last.pth"))["model"])
-    assert_same_weights(load(os.path.join(straight_run, "best.pth")), load(os.path.join(run_dir, "best.pth")))
 
 
-def test_sigterm_saves_mid_run_and_resume_matches(straight_run, prepared_root, tmp_path):
+def test_sigterm_inside_an_epoch_saves_that_step(straight_run, prepared_root, tmp_path):
+    """The signal arrives while a step of epoch 2 runs (seen through the per-step checkpoints): the run finishes
+    that step, saves it (next_step > 0), prints the resume command and exits 143; the resume ends as the
+    uninterrupted run."""
     run_dir = str(tmp_path / "cpu_smoke")
-    code, out, err = run_until(cli(prepared_root, tmp_path, "--epochs", "4"), run_dir, rows=1, sig=signal.SIGTERM)
-    assert code == 128 + signal.SIGTERM, err
-    assert "--resume auto" in out and "SIGTERM" in out
+    proc = subprocess.Popen(cli_cmd(prepared_root, tmp_path, *SLOW), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    wait_for(lambda: position(run_dir) == (2, 3), proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "SIGTERM: state saved" in out and "--resume" in out
     state = load(os.path.join(run_dir, "last.pth"))
-    assert (state["next_epoch"], state["next_step"]) < (5, 0)
-    resumed = subprocess.run(cli(prepared_root, tmp_path, "--resume", "auto"), capture_output=True, text=True,
-                             cwd=ROOT)
+    assert state["next_epoch"] == 2 and 3 <= state["next_step"] < 12
+    resumed = subprocess.run(resume_cmd(tmp_path),
+                             capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    assert_same_weights(load(os.path.join(straight_run, "last.pth"))["model"],
-                        load(os.path.join(run_dir, "last.pth"))["model"])
+    assert same_weights(load(os.path.join(straight_run, "last.pth"))["model"], load(os.path.join(run_dir,
+                                                                                                 "last.pth"))["model"])
 
 
-def test_second_sigint_exits_at_once_leaving_a_loadable_checkpoint(prepared_root, tmp_path):
-    run_dir = str(tmp_path / "cpu_smoke")
-    proc = subprocess.Popen(cli(prepared_root, tmp_path, "--epochs", "50", "--save_every_steps", "1"),
+def test_a_second_ctrl_c_stops_at_once_and_keeps_the_checkpoint(prepared_root, tmp_path):
+    """Two Ctrl-C within a step: no save is started (the step is still running when the second arrives), the
+    process exits 1 with one line, and last.pth is byte for byte the one written before."""
+    run_dir = tmp_path / "cpu_smoke"
+    proc = subprocess.Popen(cli_cmd(prepared_root, tmp_path, "--img_size", "64", "--batch_size", "1", epochs=50),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    while epochs_logged(run_dir) < 1:
-        assert proc.poll() is None
-        time.sleep(0.01)
+    wait_for(lambda: position(str(run_dir)) == (2, 0), proc)
+    before = (run_dir / "last.pth").read_bytes()
     proc.send_signal(signal.SIGINT)
     time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0
-    assert "Traceback" not in err
-    state = load(os.path.join(run_dir, "last.pth"))  # whichever save was last completed, whole and loadable
-    assert (state["next_epoch"], state["next_step"]) >= (1, 1) and "optimizer" in state
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines[-1].startswith("interrupted: stopped at once") and "Traceback" not in err
+    assert sum("SIGINT: stopping after this step" in line for line in lines) == 1
+    assert (run_dir / "last.pth").read_bytes() == before
     assert not [f for f in os.listdir(run_dir) if ".tmp" in f]
 
 
-def tiny_cfg(data_root, out_dir, **overrides):
-    base = dict(data_root=data_root, out_dir=str(out_dir), img_size=32, batch_size=4, eval_batch_size=16, workers=1,
-                epochs=1, warmup_epochs=0.5, progress=False)
-    base.update(overrides)
-    return presets.resolve("cpu_smoke", base)
+def test_ctrl_c_with_the_torch_loader_is_one_message(prepared_root, tmp_path):
+    run_dir = tmp_path / "cpu_smoke"
+    proc = subprocess.Popen(cli_cmd(prepared_root, tmp_path, "--loader", "torch", "--workers", "2", epochs=50),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    wait_for(lambda: position(str(run_dir)) is not None, proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGINT
+    assert err.count("SIGINT") == 1 and "Traceback" not in err and "KeyboardInterrupt" not in err, err
 
 
 @pytest.mark.parametrize("fault", ["exception", "enospc"])
-def test_a_failed_save_keeps_the_previous_checkpoint(prepared_root, tmp_path, monkeypatch, fault):
-    cfg = tiny_cfg(prepared_root, tmp_path)
-    train.main(cfg)
-    last = os.path.join(str(tmp_path), "cpu_smoke", "last.pth")
-    before = open(last, "rb").read()
+@pytest.mark.parametrize("target", ["last.pth", "best.pth"])
+def test_a_failed_save_keeps_the_previous_file(prepared_root, tmp_path, monkeypatch, fault, target):
+    cfg = tiny_cfg(prepared_root, tmp_path, epochs=2)
+    first = stopped_run(cfg, 3, monkeypatch)  # after epoch 1: last.pth and best.pth exist
+    path = os.path.join(first["out_dir"], target)
+    before = open(path, "rb").read()
     real_save = torch.save
 
     def failing_save(obj, f, *args, **kwargs):
-        real_save({"half": torch.zeros(1000)}, f)  # some bytes reach the temporary file first
-        if fault == "enospc":
-            raise OSError(errno.ENOSPC, "No space left on device")
-        raise RuntimeError("power cut simulation")
+        real_save(obj, f, *args, **kwargs)  # the bytes reach the temporary file first
+        if os.path.basename(f.name).startswith(target):
+            if fault == "enospc":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            raise RuntimeError("power cut simulation")
 
     monkeypatch.setattr(checkpoint.torch, "save", failing_save)
-    more = dict(cfg, epochs=2, resume="auto")
-    more.pop("exp")
-    expected = (engine.TrainingError, "no space left on device") if fault == "enospc" else (RuntimeError, "power cut")
+    monkeypatch.setattr(train.engine.EarlyStopping, "step", lambda self, value, epoch: (True, False))  # a new best
+    expected = (train.engine.TrainingError, "no space left on device") if fault == "enospc" \
+        else (RuntimeError, "power cut")
     with pytest.raises(expected[0], match=expected[1]):
-        train.main(presets.resolve("cpu_smoke", more))
-    assert open(last, "rb").read() == before
-    assert not [f for f in os.listdir(os.path.dirname(last)) if ".tmp" in f]
+        train.main(dict(cfg, resume="auto"))
+    assert open(path, "rb").read() == before
+    assert not [f for f in os.listdir(os.path.dirname(path)) if ".tmp" in f]
     monkeypatch.undo()
-    assert load(last)["next_epoch"] == 2
+    assert load(os.path.join(first["out_dir"], "last.pth"))["next_epoch"] == 2
 
 
-def nan_injecting_get_model(bad_steps):
-    """get_model whose fc output becomes NaN on the given training forward calls (1-based)."""
-    real = model_utils.get_model
+def test_every_checkpoint_write_is_fsynced_before_the_rename(prepared_root, tmp_path, monkeypatch):
+    synced, renamed = [], []
+    real_fsync, real_replace = os.fsync, os.replace
 
-    def get_model(*args, **kwargs):
-        model = real(*args, **kwargs)
-        calls = {"n": 0}
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
 
-        def hook(module, inputs, output):
-            if module.training:
-                calls["n"] += 1
-                if calls["n"] in bad_steps:
-                    return output * float("nan")
-            return output
-        model.fc.register_forward_hook(hook)
-        return model
-    return get_model
+    def replace(src, dst):
+        assert src in synced, f"{src} renamed without fsync"
+        renamed.append(os.path.basename(dst))
+        real_replace(src, dst)
 
-
-@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
-def test_a_few_nan_losses_are_skipped_and_counted(prepared_root, tmp_path, monkeypatch, optimizer):
-    # The very first step is one of them: a skipped first step must leave the optimizer state usable.
-    monkeypatch.setattr(train.model_utils, "get_model", nan_injecting_get_model({1, 4}))
-    result = train.main(tiny_cfg(prepared_root, tmp_path, epochs=2, max_bad_steps=3, optimizer=optimizer))
-    assert sum(r["skipped_steps"] for r in result["rows"]) == 2
-    state = load(os.path.join(result["out_dir"], "last.pth"))
-    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
-    assert result["best_top1"] >= 0
-
-
-def test_persistent_nan_stops_and_keeps_the_last_good_checkpoint(prepared_root, tmp_path, monkeypatch):
-    monkeypatch.setattr(train.model_utils, "get_model", nan_injecting_get_model(set(range(4, 1000))))
-    with pytest.raises(engine.TrainingError, match="3 non-finite losses in a row"):
-        train.main(tiny_cfg(prepared_root, tmp_path, epochs=5, max_bad_steps=3))
-    state = load(os.path.join(str(tmp_path), "cpu_smoke", "last.pth"))
-    assert state["next_epoch"] == 2  # epoch 1 (3 good steps) is the last good state
-    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    monkeypatch.setattr(checkpoint.os, "fsync", fsync)
+    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    train.main(tiny_cfg(prepared_root, tmp_path, epochs=1))
+    for name in ("last.pth", "best.pth", "best_loss.pth", "config.json", "metrics.csv", "summary.json"):
+        assert name in renamed, name
 
 
 class RunsCode:
@@ -196,21 +193,20 @@ class RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_malicious_pickle_is_refused_without_running(tmp_path, prepared_root):
+def test_malicious_pickle_is_refused_without_running(tmp_path, prepared_root, capfd):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pth"
     torch.save({"fc.weight": RunsCode(str(marker))}, evil)
     with pytest.raises(model_utils.ModelError, match="refused"):
         model_utils.load_state_dict_file(str(evil))
     for flag in ("--weights", "--resume"):
-        result = subprocess.run(cli(prepared_root, tmp_path / "out", flag, str(evil)), capture_output=True,
-                                text=True, cwd=ROOT)
-        assert result.returncode != 0 and "refused" in result.stderr and "Traceback" not in result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1
+        code, _, err = run_cli(train.cli, tiny_argv(prepared_root, tmp_path / "out", flag, str(evil)), capfd)
+        one_line_error(code, err, "refused")
+        assert "\x1b[" not in err  # no raw terminal colour codes from torch's message
     assert not marker.exists()
 
 
-def test_truncated_and_foreign_checkpoints_are_named(tmp_path, prepared_root):
+def test_truncated_and_foreign_checkpoints_are_named(tmp_path, prepared_root, capfd):
     model = model_utils.get_model(num_classes=3)
     good = tmp_path / "good.pth"
     torch.save(model.state_dict(), good)
@@ -222,9 +218,8 @@ def test_truncated_and_foreign_checkpoints_are_named(tmp_path, prepared_root):
     text.write_text("hello")
     with pytest.raises(model_utils.ModelError, match="notes.pth"):
         model_utils.load_state_dict_file(str(text))
-    result = subprocess.run(cli(prepared_root, tmp_path / "out", "--resume", str(truncated)), capture_output=True,
-                            text=True, cwd=ROOT)
-    assert result.returncode != 0 and "truncated.pth" in result.stderr and "Traceback" not in result.stderr
+    code, _, err = run_cli(train.cli, tiny_argv(prepared_root, tmp_path / "out", "--resume", str(truncated)), capfd)
+    one_line_error(code, err, "truncated.pth")
 
 
 def test_prefixed_state_dicts_load_and_head_mismatch_is_explained(tmp_path):
@@ -240,31 +235,32 @@ def test_prefixed_state_dicts_load_and_head_mismatch_is_explained(tmp_path):
         model_utils.load_trained(str(imagenet), num_classes=101)
 
 
-def test_corrupt_image_reaching_the_loader_is_named(prepared_root, tmp_path):
+@pytest.mark.parametrize("loader", ["dali", "torch"])
+def test_a_corrupt_image_through_the_cli_is_one_line(prepared_root, tmp_path, capfd, loader):
     root = str(tmp_path / "root")
     shutil.copytree(prepared_root, root)
-    files, _ = data_utils.read_split(root, "val")
-    victim = os.path.join(root, data_utils.IMAGES_DIR, files[5])
+    files, _ = data_utils.read_split(root, "train")
+    victim = os.path.join(data_utils.image_root(root), files[5])
     data = open(victim, "rb").read()
     open(victim, "wb").write(data[: len(data) // 3])
-    with pytest.raises(data_utils.DataError, match=files[5]):
-        loader = data_utils.build_loader(root, "val", 32, 4, torch.device("cpu"), workers=1)
-        for _ in loader:
-            pass
+    code, _, err = run_cli(train.cli, tiny_argv(root, tmp_path / "out", "--loader", loader, "--workers", "2"), capfd)
+    one_line_error(code, err, f"cannot decode {victim}")
 
 
 @pytest.mark.parametrize("args,expected", [
     (("--batch_size", "0"), "batch_size must be > 0"), (("--lr_backbone=-1e-3",), "lr_backbone must be >= 0"),
     (("--cutmix_alpha", "-1"), "cutmix_alpha must be >= 0"), (("--arch", "vgg16"), "invalid choice"),
-    (("--epochs", "-2"), "epochs must be > 0"),
+    (("--epochs", "-2"), "epochs must be > 0"), (("--exp", "nope"), "invalid choice"),
+    (("--amp", "fp8"), "invalid choice"), (("--img_size", "8"), "img_size must be >= 32"),
+    (("--workers", "0"), "at least 1 thread"), (("--sync_bn",), "sync_bn needs several CUDA"),
+    (("--config", "/nonexistent.yaml"), "cannot read config file"), (("--device", "cuda:9"), "no CUDA device"),
 ])
-def test_bad_flags_fail_in_one_line(args, expected, prepared_root, tmp_path):
-    result = subprocess.run(cli(prepared_root, tmp_path, *args), capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode != 0 and expected in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+def test_bad_flags_fail_in_one_line(args, expected, prepared_root, tmp_path, capfd):
+    code, _, err = run_cli(train.cli, tiny_argv(prepared_root, tmp_path, *args), capfd)
+    one_line_error(code, err, expected)
 
 
-def test_bad_paths_fail_in_one_line(prepared_root, tmp_path):
+def test_bad_paths_fail_in_one_line(prepared_root, tmp_path, capfd):
     empty = tmp_path / "empty_root"
     empty.mkdir()
     blocker = tmp_path / "a_file"
@@ -274,53 +270,44 @@ def test_bad_paths_fail_in_one_line(prepared_root, tmp_path):
     os.remove(broken_split / data_utils.IMAGES_DIR / data_utils.read_split(prepared_root, "train")[0][0])
     cases = [(("--data_root", str(empty)), "download.py"),
              (("--data_root", str(broken_split)), "missing files"),
-             (("--data_root", prepared_root, "--out_dir", str(blocker / "sub")), "cannot write to the output folder")]
+             (("--out_dir", str(blocker / "sub")), "cannot write to the output folder")]
     for args, expected in cases:
-        cmd = cli(prepared_root, tmp_path / "out") + list(args)
-        result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-        assert result.returncode != 0 and expected in result.stderr, result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1
+        code, _, err = run_cli(train.cli, tiny_argv(prepared_root, tmp_path / "out", *args), capfd)
+        one_line_error(code, err, expected)
 
 
-def test_resume_into_a_different_architecture_is_refused(prepared_root, tmp_path):
-    train.main(tiny_cfg(prepared_root, tmp_path))
-    last = os.path.join(str(tmp_path), "cpu_smoke", "last.pth")
-    result = subprocess.run(cli(prepared_root, tmp_path / "other", "--arch", "resnet34", "--resume", last),
-                            capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode != 0 and "resnet18" in result.stderr and "resnet34" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+def test_the_real_cli_prints_one_line(prepared_root, tmp_path):
+    """Each script's own entry point, in a fresh interpreter: a bad input is one line on stderr and exit 1."""
+    cases = [(["train_caltech101.py", "--data_root", str(tmp_path / "nowhere"), "--device", "cpu"], "download.py"),
+             (["evaluate.py", "--checkpoint", str(tmp_path / "none.pth")], "no checkpoint at"),
+             (["download.py", "--data_root", str(tmp_path / "r"), "--archive", str(tmp_path / "x.tar.gz")],
+              "does not exist")]
+    for argv, expected in cases:
+        result = subprocess.run([sys.executable, os.path.join(ROOT, argv[0]), *argv[1:]], capture_output=True,
+                                text=True, cwd=ROOT, timeout=120)
+        one_line_error(result.returncode, result.stderr, expected)
 
 
-def test_mid_epoch_checkpoint_resumes_exactly(straight_run, prepared_root, tmp_path):
-    """--save_every_steps: a checkpoint taken after step 1 of epoch 2 resumes to the straight run's weights."""
-    first = tmp_path / "first"
-    script = f"""
-import shutil, sys
-sys.path.insert(0, {ROOT!r})
-import train_caltech101 as train
-import checkpoint
-real_save = checkpoint.save_atomic
-def save_and_keep(obj, path):
-    real_save(obj, path)
-    if isinstance(obj, dict) and (obj.get("next_epoch"), obj.get("next_step")) == (2, 1):
-        shutil.copyfile(path, {str(tmp_path / "mid.pth")!r})
-checkpoint.save_atomic = save_and_keep
-args = train.get_args_parser().parse_args(sys.argv[1:])
-cfg = vars(args)
-exp = cfg.pop("exp")
-sys.exit(train.main(train.presets.resolve(exp, cfg))["exit_code"])
-"""
-    cmd = cli(prepared_root, first, "--save_every_steps", "1")
-    result = subprocess.run([sys.executable, "-c", script, *cmd[2:]], capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stderr
-    # Saving every step changes nothing about the training itself.
-    assert_same_weights(load(os.path.join(straight_run, "last.pth"))["model"],
-                        load(os.path.join(str(first), "cpu_smoke", "last.pth"))["model"])
-    mid = load(str(tmp_path / "mid.pth"))
-    assert (mid["next_epoch"], mid["next_step"]) == (2, 1)
-    resumed = subprocess.run(cli(prepared_root, tmp_path / "second", "--resume", str(tmp_path / "mid.pth")),
-                             capture_output=True, text=True, cwd=ROOT)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "continuing at epoch 2 step 1" in resumed.stdout
-    assert_same_weights(load(os.path.join(straight_run, "last.pth"))["model"],
-                        load(os.path.join(str(tmp_path / "second"), "cpu_smoke", "last.pth"))["model"])
+def test_predict_and_evaluate_errors_are_one_line(trained_run, prepared_with_test, tmp_path, capfd):
+    files, _ = data_utils.read_split(prepared_with_test, "val")
+    image = os.path.join(data_utils.image_root(prepared_with_test), files[0])
+    run = trained_run["out_dir"]
+    cases = [(predict.cli, [image, "--checkpoint", run, "--gradcam", "--layer", "layer9"], "layer9"),
+             (predict.cli, [image, "--checkpoint", run, "--gradcam", "--layer", "fc"], "spatial map"),
+             (predict.cli, [image, "--checkpoint", run, "--batch_size", "0"], "--batch_size must be at least 1"),
+             (predict.cli, [image, "--checkpoint", os.path.join(run, "best.pth.missing")], "no checkpoint"),
+             (evaluate.cli, ["--compare", run, str(tmp_path)], "not a training run folder"),
+             (evaluate.cli, ["--checkpoint", run, "--batch_size", "0"], "--batch_size must be at least 1"),
+             (download.cli, ["--data_root", str(tmp_path / "r"), "--archive", __file__], "not a readable")]
+    for cli, argv, expected in cases:
+        code, _, err = run_cli(cli, argv, capfd)
+        one_line_error(code, err, expected)
+
+
+def test_the_python_predictor_takes_one_image_or_none(trained_run, prepared_with_test):
+    predictor = predict.Predictor(trained_run["out_dir"])
+    files, _ = data_utils.read_split(prepared_with_test, "val")
+    path = os.path.join(data_utils.image_root(prepared_with_test), files[0])
+    assert predictor.predict([]) == []
+    single = predictor.predict(path, topk=2)
+    assert len(single) == 1 and single == predictor.predict([path], topk=2)

@@ -9,12 +9,11 @@ import signal
 import pytest
 import torch
 
-import checkpoint
 import engine
 import model_utils
 import presets
 import train_caltech101 as train
-from conftest import one_line_error, run_cli, tiny_argv, tiny_cfg
+from conftest import one_line_error, run_cli, stop_at, stopped_run, tiny_argv, tiny_cfg
 
 
 def load(path):
@@ -114,37 +113,6 @@ def test_a_run_that_fails_at_start_up_writes_nothing(prepared_root, tmp_path, ca
     one_line_error(code, err, expected)
     assert sorted(os.listdir(tmp_path)) == ["cpu_smoke"]  # no cpu_smoke_2 either
     assert all((run_dir / name).read_bytes() == data for name, data in before.items())
-
-
-class StopAfter(checkpoint.GracefulStop):
-    """As if SIGTERM arrived during optimizer step `at` (counted from this process's start)."""
-    at, steps = 1, 0
-
-    @property
-    def requested(self):
-        if StopAfter.steps >= self.at and self.signum is None:
-            self.signum = signal.SIGTERM
-        return self.signum is not None
-
-
-def counting_step(real):
-    def step(*args, **kwargs):
-        StopAfter.steps += 1
-        return real(*args, **kwargs)
-    return step
-
-
-def stop_at(at, monkeypatch):
-    StopAfter.at, StopAfter.steps = at, 0
-    monkeypatch.setattr(checkpoint, "GracefulStop", StopAfter)
-    monkeypatch.setattr(engine, "optimizer_step", counting_step(engine.optimizer_step))
-
-
-def stopped_run(cfg, at, monkeypatch):
-    stop_at(at, monkeypatch)
-    result = train.main(cfg)
-    monkeypatch.undo()
-    return result
 
 
 @pytest.mark.parametrize("loader,cache", [("torch", False), ("dali", False), ("dali", True)])
