@@ -17,6 +17,10 @@ Sections (each prints images/s for the kit and the plain baseline, and their rat
         gives the share of the epoch spent producing batches.
   eval  the kit's evaluate() (DALI val pipeline, AMP, channels_last) against a plain fp32 NCHW loop over an
         ImageFolder + PIL DataLoader with Resize + CenterCrop.
+  infer onnxruntime (CPU) on the exported model, and eager PyTorch in the kit's precision, against eager fp32 at
+        batch 1 and 64 over the same 64 real val images (deployment speed).
+  overhead  what an epoch pays besides its steps, as a share of them: writing last.pth (synchronously, and the
+        training thread's stall with the background writer), and one val evaluation.
 --images N uses a fixed random subset of N images of each split (0: all of them); the data section always uses
 the whole train split. Rounds alternate kit and baseline so that machine noise hits both alike; the median round
 is reported. Timing synchronises CUDA before reading the clock.
@@ -43,7 +47,7 @@ import model_utils
 import presets
 import splits
 
-SECTIONS = ("data", "step", "e2e", "eval")
+SECTIONS = ("data", "step", "e2e", "eval", "infer", "overhead")
 
 
 def sync(device):
@@ -330,6 +334,119 @@ def bench_eval(args, device):
         rates = median_rounds(args.rounds, kit=kit_eval, plain=lambda: plain_eval(plain))
     return [row("eval", f"kit evaluate (DALI val, {amp_dtype}, channels_last)", rates["kit"],
                 "plain fp32 NCHW, ImageFolder + PIL", rates["plain"], images=len(files))]
+
+
+def bench_infer(args, device):
+    """Deployment inference on the CPU: onnxruntime on the exported model against eager PyTorch (fp32 NCHW, and the
+    kit's bf16 channels_last), at batch 1 and 64, over the same real val images."""
+    import onnxruntime
+
+    import export
+
+    files, _ = split_subset(args.data_root, "val", 64)
+    root = data_utils.image_root(args.data_root)
+    transform = data_utils.val_transform(args.img_size)
+    images = torch.stack([transform(data_utils.load_rgb(os.path.join(root, f))) for f in files])
+    torch.manual_seed(0)
+    model = model_utils.get_model(101, arch=args.arch).eval()
+    kit = model_utils.get_model(101, arch=args.arch).eval().to(memory_format=torch.channels_last)
+    kit.load_state_dict(model.state_dict())
+    amp_dtype, _ = engine.resolve_amp(args.amp, torch.device("cpu"))
+    with tempfile.TemporaryDirectory() as folder:
+        path = export.write_onnx(model, args.img_size, os.path.join(folder, "model.onnx"))
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+
+    def rate(fn, batch):
+        start, seen = time.perf_counter(), 0
+        with torch.inference_mode():
+            for i in range(0, len(images), batch):
+                fn(images[i:i + batch])
+                seen += len(images[i:i + batch])
+        return seen / (time.perf_counter() - start)
+
+    def kit_forward(x):
+        with torch.autocast("cpu", dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            return kit(x.contiguous(memory_format=torch.channels_last))
+
+    rows = []
+    for batch in (1, 64):
+        variants = dict(onnx=lambda b=batch: rate(lambda x: session.run(None, {"images": x.numpy()}), b),
+                        kit=lambda b=batch: rate(kit_forward, b), eager=lambda b=batch: rate(model, b))
+        for fn in variants.values():  # warm-up: thread pools, kernel choice
+            fn()
+        rates = median_rounds(args.rounds, **variants)
+        plain = f"eager PyTorch fp32 NCHW, batch {batch}"
+        rows += [row("infer", f"onnxruntime CPU, batch {batch}", rates["onnx"], plain, rates["eager"],
+                     images=len(files)),
+                 row("infer", f"eager PyTorch {amp_dtype} channels_last, batch {batch}", rates["kit"], plain,
+                     rates["eager"], images=len(files))]
+    return rows
+
+
+def bench_overhead(args, device):
+    """What a training epoch pays besides its steps: writing last.pth (synchronously, and the training thread's
+    share with the background writer), and a val evaluation, relative to the steps of one train epoch."""
+    import checkpoint
+
+    model, optimizer = make_model(args, device, channels_last=True, fused=True)
+    amp_dtype, _ = engine.resolve_amp(args.amp, device)
+    images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device).to(
+        memory_format=torch.channels_last, dtype=amp_dtype or torch.float32)
+    labels = torch.randint(0, 101, (args.batch_size,), device=device)
+    mixer = augment.MixupCutmix(101, seed=0)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+
+    def steps():
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            engine.train_step(model, images, labels, optimizer, scaler, mixer, amp_dtype)
+        sync(device)
+        return (time.perf_counter() - start) / args.steps / args.batch_size
+
+    def forward():
+        model.eval()
+        sync(device)
+        start = time.perf_counter()
+        with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                                    enabled=amp_dtype is not None):
+            for _ in range(args.steps):
+                model(images)
+        sync(device)
+        model.train()
+        return (time.perf_counter() - start) / args.steps / args.batch_size
+
+    steps(), forward()  # warm-up
+    train_s, eval_s = statistics.median(steps() for _ in range(args.rounds)), \
+        statistics.median(forward() for _ in range(args.rounds))
+    state = {"model": model_utils.export_state_dict(model), "optimizer": optimizer.state_dict()}
+    writer = checkpoint.BackgroundWriter()
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "last.pth")
+
+        def sync_write():
+            start = time.perf_counter()
+            checkpoint.save_atomic(state, path)
+            return time.perf_counter() - start
+
+        def background_stall():
+            start = time.perf_counter()
+            writer.submit(state, path)
+            stall = time.perf_counter() - start
+            writer.wait()
+            return stall
+
+        write_s = statistics.median(sync_write() for _ in range(args.rounds))
+        stall_s = statistics.median(background_stall() for _ in range(args.rounds))
+        size_mb = os.path.getsize(path) / 1e6
+    train_epoch = train_s * 3030  # Caltech-101's default split: 3,030 train and 5,647 val images
+    val_epoch = eval_s * 5647
+    return [dict(section="overhead", kit_name=f"last.pth ({size_mb:.0f} MB): write + fsync, s", kit=write_s,
+                 plain_name="train epoch steps, s", plain=train_epoch, ratio=write_s / train_epoch),
+            dict(section="overhead", kit_name="last.pth, background writer: training thread's stall, s", kit=stall_s,
+                 plain_name="train epoch steps, s", plain=train_epoch, ratio=stall_s / train_epoch),
+            dict(section="overhead", kit_name="val evaluation (5,647 images), s", kit=val_epoch,
+                 plain_name="train epoch steps (3,030 images), s", plain=train_epoch, ratio=val_epoch / train_epoch)]
 
 
 def get_args_parser():

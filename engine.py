@@ -212,6 +212,29 @@ class EarlyStopping:
                                                               state["reason"])
 
 
+def train_step(model, images, labels, optimizer, scaler, mixer, amp_dtype, grad_clip=0.0, loss_weight=1.0):
+    """One optimizer step on one batch: mix, forward under autocast, soft-target loss, backward, clip, update.
+
+    Returns (this rank's mean loss, a device bool that is true when the loss was finite on every rank, logits); a
+    non-finite step is skipped on the device (optimizer_step), never with a host read.
+    """
+    images, targets = mixer(images, labels)
+    with torch.autocast(images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        logits = model(images)
+    loss = augment.soft_target_cross_entropy(logits, targets)
+    loss_value = loss.detach()
+    finite = distributed.all_finite(torch.isfinite(loss_value))
+    if loss_weight != 1.0:
+        loss = loss * loss_weight
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer_step(optimizer, scaler, finite)
+    return loss_value, finite, logits
+
+
 def train_one_epoch(model, loader, optimizer, scheduler, scaler, mixer, amp_dtype, cfg, epoch, start_step=0,
                     stop=None, on_step=None, ema=None, trainable="all"):
     """One pass over the loader (the rest of it when resuming at start_step).
@@ -245,20 +268,10 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, mixer, amp_dtyp
     stopping = False
     for images, labels in loader:
         n = labels.shape[0]
-        images, targets = mixer(images, labels)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = model(images)
-        loss = augment.soft_target_cross_entropy(logits, targets)
-        loss_value = loss.detach()
-        finite = distributed.all_finite(torch.isfinite(loss_value))
-        if world > 1:  # DDP averages over ranks: weight this rank's mean by its share of the global batch
-            loss = loss * (n * world / loader.plan.global_images(steps_done))
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if cfg["grad_clip"] > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-        optimizer_step(optimizer, scaler, finite)
+        # DDP averages over ranks: a short last step's ranks weight their mean by their share of the global batch.
+        weight = 1.0 if world == 1 else n * world / loader.plan.global_images(steps_done)
+        loss_value, finite, logits = train_step(model, images, labels, optimizer, scaler, mixer, amp_dtype,
+                                                cfg["grad_clip"], weight)
         scheduler.step()
         steps_done += 1
         if ema is not None and steps_done % every_ema == 0:

@@ -100,3 +100,29 @@ def plot_curves(run_dir, path=None):
     plt.close(fig)
     return path
 
+
+
+def plot_lr_find(records, suggestions, head_lr, path):
+    """lr_find.png: loss (raw and smoothed) against the head's LR, log scale, the suggestions marked."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lrs = [r[0] * head_lr for r in records]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(lrs, [r[1] for r in records], alpha=0.3, label="loss")
+    ax.plot(lrs, [r[2] for r in records], label="smoothed (beta 0.98)")
+    for (rule, mult), colour in zip(suggestions.items(), ("tab:red", "tab:green")):
+        ax.axvline(mult * head_lr, color=colour, linestyle="--", label=f"{rule}: head lr {mult * head_lr:.2g}")
+    ax.axvline(head_lr, color="grey", linestyle=":", label=f"the run's head lr {head_lr:.2g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("head learning rate (every group scaled alike)")
+    ax.set_ylabel("training loss")
+    low = min(r[2] for r in records)
+    ax.set_ylim(top=max(r[2] for r in records[: max(3, len(records) * 3 // 4)]) * 1.1, bottom=low * 0.9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -5,6 +5,7 @@
     python predict.py data/val --checkpoint ... --random 5 --seed 1          # 5 random images of a folder
     python predict.py list.txt --checkpoint ... --gradcam --out_dir heatmaps/     # list.txt: one path per line
     python predict.py photo.jpg --checkpoint best.pth --arch resnet18 --img_size 224 --classes classes.txt
+    python predict.py photo.jpg --onnx checkpoints/cpu_smoke/export/model.onnx    # exported model, onnxruntime
 
 From Python:
     import predict
@@ -90,6 +91,39 @@ class Predictor:
         return self.classes[class_idx]
 
 
+class OnnxPredictor(Predictor):
+    """The same predictions from an exported model.onnx through onnxruntime (CPU), with the preprocessing that
+    export.py wrote beside it (preprocess.json): no kit checkpoint or PyTorch model involved."""
+
+    def __init__(self, onnx_path, device="cpu"):
+        import onnxruntime
+
+        spec_path = os.path.join(os.path.dirname(os.path.abspath(onnx_path)), "preprocess.json")
+        try:
+            with open(spec_path) as f:
+                spec = json.load(f)
+        except OSError:
+            raise presets.ConfigError(f"no preprocess.json beside {onnx_path}: export with export.py") from None
+        try:
+            self.session = onnxruntime.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own classes for unreadable models
+            raise presets.ConfigError(f"cannot load {onnx_path} with onnxruntime: {str(e).splitlines()[0]}") from None
+        self.classes, self.img_size = spec["classes"], spec["input"]["height"]
+        self.input_name = spec["input"]["name"]
+        self.device = torch.device("cpu")
+        self.transform = data_utils.val_transform(self.img_size)
+
+    def probabilities(self, images):
+        if not images:
+            return torch.empty(0, len(self.classes))
+        batch = self.batch([self.load(img) for img in images]).numpy()
+        logits = torch.from_numpy(self.session.run(None, {self.input_name: batch})[0])
+        return logits.float().softmax(1)
+
+    def heatmap(self, *args, **kwargs):
+        raise presets.ConfigError("Grad-CAM needs the PyTorch model: use --checkpoint instead of --onnx")
+
+
 def expand_inputs(inputs):
     """(files, skipped): image paths from paths, folders (recursively; files that are not images by their extension
     are skipped and counted) and list files (.txt: one path per line)."""
@@ -125,7 +159,8 @@ def get_args_parser():
     p = argparse.ArgumentParser(description="Top-k predictions (and Grad-CAM) of a trained run on images.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("inputs", nargs="+", help="images, folders (recursive) or .txt lists of paths")
-    p.add_argument("--checkpoint", required=True, help="run folder, best.pth or last.pth")
+    p.add_argument("--checkpoint", default=None, help="run folder, best.pth or last.pth")
+    p.add_argument("--onnx", default=None, help="an exported model.onnx (export.py) to predict with onnxruntime")
     p.add_argument("--topk", type=int, default=5, help="classes listed per image")
     p.add_argument("--random", type=int, default=0, metavar="N", help="predict N randomly chosen images of the "
                                                                       "inputs (0: all)")
@@ -154,8 +189,15 @@ def main(args):
     if args.gradcam and args.layer not in gradcam.LAYERS:
         raise presets.ConfigError(f"--layer {args.layer}: Grad-CAM needs a layer with a spatial map: "
                                   f"{', '.join(gradcam.LAYERS)}")
-    predictor = Predictor(args.checkpoint, device=args.device, data_root=args.data_root, arch=args.arch,
-                          img_size=args.img_size, classes=args.classes)
+    if bool(args.checkpoint) == bool(args.onnx):
+        raise presets.ConfigError("give --checkpoint (a run or weights) or --onnx (an exported model), one of them")
+    if args.onnx and args.gradcam:
+        raise presets.ConfigError("Grad-CAM needs the PyTorch model: use --checkpoint instead of --onnx")
+    if args.onnx:
+        predictor = OnnxPredictor(args.onnx)
+    else:
+        predictor = Predictor(args.checkpoint, device=args.device, data_root=args.data_root, arch=args.arch,
+                              img_size=args.img_size, classes=args.classes)
     if args.gradcam and args.target is not None and args.target not in predictor.classes:
         raise presets.ConfigError(f"unknown --target class '{args.target}'; see classes.txt")
     files, skipped = expand_inputs(args.inputs)
@@ -188,7 +230,8 @@ def main(args):
             results.append(entry)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"checkpoint": args.checkpoint, "results": results, "failed": failures}, f, indent=1)
+            json.dump({"checkpoint": args.checkpoint or args.onnx, "results": results, "failed": failures}, f,
+                      indent=1)
     print(f"{len(results)} predicted, {len(failures)} failed", file=sys.stderr)
     return 1 if failures else 0
 

@@ -160,6 +160,25 @@ def step_model_for(model, cfg, device, world):
     return wrapped
 
 
+def build_model(cfg, num_classes, device, quiet=False):
+    """(model on the device, optimizer, stages frozen until freeze_epochs): the run's initialisation, trainable
+    parts, memory layout and parameter groups (layer-wise LRs, no decay on BatchNorm and bias)."""
+    model = model_utils.get_model(num_classes, pretrained=cfg["pretrained"] and not cfg["weights"],
+                                  arch=cfg["arch"], weights=cfg["weights"], quiet=quiet)
+    frozen_phase = cfg["freeze_epochs"] > 0
+    model_utils.apply_freeze(model, cfg["trainable"])
+    if cfg["sync_bn"]:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    memory_format = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format)
+    stage_lrs = presets.parse_stage_lrs(cfg["stage_lrs"]) if cfg["stage_lrs"] else None
+    groups = model_utils.param_groups(model, cfg["lr_backbone"], cfg["lr_fc"], cfg["weight_decay"],
+                                      cfg["layer_decay"], stage_lrs, per_stage=frozen_phase or None,
+                                      include_frozen=frozen_phase)
+    frozen_stages = {g["stage"] for g in groups if not any(p.requires_grad for p in g["params"])}
+    return model, engine.build_optimizer(groups, cfg), frozen_stages
+
+
 def build_schedule(optimizer, cfg, steps_per_epoch, frozen_stages):
     """One LR lambda per group: warmup then decay; stages frozen for the first freeze_epochs start at 0 and get
     their own warmup from the unfreeze step, then follow the schedule to the end of the run."""
@@ -233,20 +252,8 @@ def train(cfg, device, amp_dtype, use_scaler, batch, eval_batch, resume_path, ck
         drop_last=drop_last, crop_scale_min=cfg["crop_scale_min"], cache=cfg["cache"],
         channels_last=cfg["channels_last"], hw_decoder_load=cfg["hw_decoder_load"])
     num_classes = len(classes)
-    model = model_utils.get_model(num_classes, pretrained=cfg["pretrained"] and not cfg["weights"],
-                                  arch=cfg["arch"], weights=cfg["weights"], quiet=not main_rank)
+    model, optimizer, frozen_stages = build_model(cfg, num_classes, device, quiet=not main_rank)
     frozen_phase = cfg["freeze_epochs"] > 0
-    model_utils.apply_freeze(model, cfg["trainable"])
-    if cfg["sync_bn"]:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    memory_format = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
-    model = model.to(device, memory_format=memory_format)
-    groups = model_utils.param_groups(model, cfg["lr_backbone"], cfg["lr_fc"], cfg["weight_decay"],
-                                      cfg["layer_decay"], presets.parse_stage_lrs(cfg["stage_lrs"])
-                                      if cfg["stage_lrs"] else None, per_stage=frozen_phase or None,
-                                      include_frozen=frozen_phase)
-    frozen_stages = {g["stage"] for g in groups if not any(p.requires_grad for p in g["params"])}
-    optimizer = engine.build_optimizer(groups, cfg)
     steps_per_epoch = len(train_loader)
     scheduler, total_steps, warmup_steps = build_schedule(optimizer, cfg, steps_per_epoch, frozen_stages)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)

@@ -210,3 +210,7 @@ def stopped_run(cfg, at, monkeypatch):
     result = train.main(cfg)
     monkeypatch.undo()
     return result
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device; `pytest -m gpu` runs the GPU acceptance suite")

@@ -12,7 +12,7 @@ def test_bench_reports_both_sides_and_their_ratio(prepared_root, tmp_path):
     args = bench.get_args_parser().parse_args(
         ["--data_root", prepared_root, "--img_size", "32", "--batch_size", "4", "--eval_batch_size", "8",
          "--workers", "1", "--steps", "1", "--rounds", "1", "--images", "8", "--device", "cpu", "--amp", "bf16",
-         "--json", str(out)])
+         "--json", str(out), "--only", "data,step,e2e,eval"])
     results = bench.main(args)
     assert [r["section"] for r in results] == ["data"] * 4 + ["step", "e2e", "e2e", "eval"]
     assert [r["images"] for r in results if "images" in r] == [12, 12, 12, 12, 8, 8, 8]
@@ -24,7 +24,7 @@ def test_bench_reports_both_sides_and_their_ratio(prepared_root, tmp_path):
 
 
 def test_bench_rejects_unknown_sections_and_nonsense(prepared_root):
-    with pytest.raises(bench.presets.ConfigError, match="choose from data, step, e2e, eval"):
+    with pytest.raises(bench.presets.ConfigError, match="choose from data, step, e2e, eval, infer, overhead"):
         bench.main(bench.get_args_parser().parse_args(["--data_root", prepared_root, "--only", "disk"]))
     with pytest.raises(bench.presets.ConfigError, match="--rounds must be at least 1"):
         bench.main(bench.get_args_parser().parse_args(["--data_root", prepared_root, "--rounds", "0"]))
@@ -44,3 +44,16 @@ def test_decode_only_ceiling_yields_each_epoch_exactly(prepared_root):
     images, _ = next(iter(decode))
     shapes = [image.shape for image in images]
     assert all(len(s) == 3 and s[2] == 3 and s[0] >= 1 and s[1] >= 1 for s in shapes)
+
+
+def test_infer_and_overhead_sections(prepared_root):
+    args = bench.get_args_parser().parse_args(
+        ["--data_root", prepared_root, "--img_size", "32", "--batch_size", "4", "--workers", "1", "--steps", "1",
+         "--rounds", "1", "--device", "cpu", "--amp", "bf16", "--only", "infer,overhead"])
+    results = bench.main(args)
+    assert [r["section"] for r in results] == ["infer"] * 4 + ["overhead"] * 3
+    assert [r["images"] for r in results[:4]] == [33] * 4  # the val split's images, every row the same ones
+    writes = results[4]
+    # ResNet-18 (11.2M fp32 parameters, 45 MB) plus AdamW's two moments: 135 MB.
+    assert writes["kit_name"].startswith("last.pth (135 MB)") and writes["kit"] > 0
+    assert results[5]["kit"] < writes["kit"]  # the background writer stalls training less than a synchronous write

@@ -244,3 +244,46 @@ def test_no_device_reads_between_log_points(prepared_root, monkeypatch):
         return len(reads)
 
     assert count(2) == count(6)  # reads happen at the (single, final) log point only
+
+
+def test_lr_finder_restores_everything_and_stops_on_divergence(prepared_root, tmp_path):
+    import find_lr
+    import train_caltech101 as train
+    from conftest import tiny_cfg
+
+    cfg = tiny_cfg(prepared_root, tmp_path, lr_fc=0.01, lr_backbone=0.001)
+    model, optimizer, _ = train.build_model(cfg, 3, CPU)
+    loader = data_utils.build_loader(prepared_root, "train", 32, 4, CPU, dtype=torch.bfloat16, workers=1)
+    # One real step first, so the optimizer has state to restore.
+    engine.train_step(model, *next(iter(loader)), optimizer, torch.amp.GradScaler("cpu", enabled=False),
+                      augment.MixupCutmix(3, seed=0), torch.bfloat16)
+    before_model = {k: v.clone() for k, v in model.state_dict().items()}
+    before_opt = optimizer.state_dict()
+    before_opt = {"state": {k: {n: t.clone() for n, t in v.items()} for k, v in before_opt["state"].items()},
+                  "lrs": [g["lr"] for g in optimizer.param_groups]}
+    records = find_lr.lr_find(model, loader, optimizer, torch.amp.GradScaler("cpu", enabled=False),
+                              augment.MixupCutmix(3, seed=0), torch.bfloat16, cfg, start=1e-4, end=1e4, steps=60)
+    assert all(torch.equal(v, before_model[k]) for k, v in model.state_dict().items())  # BN buffers included
+    after = optimizer.state_dict()["state"]
+    assert all(torch.equal(after[k][n], t) for k, v in before_opt["state"].items() for n, t in v.items())
+    assert [g["lr"] for g in optimizer.param_groups] == before_opt["lrs"]
+    # Up to 1e4 x the peak LR the loss explodes: the sweep stops at 4x its minimum, before the end.
+    assert 3 <= len(records) < 60 and records[-1][2] > 4 * min(r[2] for r in records[:-1])
+    mults = [r[0] for r in records]
+    assert mults[0] == pytest.approx(1e-4) and mults[1] / mults[0] == pytest.approx((1e8) ** (1 / 59))
+    found = find_lr.suggestions(records)
+    assert set(found) == {"steepest", "minimum/10"} and all(mults[0] / 10 <= v <= mults[-1] for v in found.values())
+    lowest = min(records, key=lambda r: r[2])[0]
+    assert found["minimum/10"] == pytest.approx(lowest / 10)
+
+
+def test_lr_finder_cli_writes_plot_and_table(prepared_root, tmp_path, capfd):
+    import find_lr
+    from conftest import run_cli, tiny_argv
+
+    code, out, _ = run_cli(find_lr.cli, tiny_argv(prepared_root, tmp_path, "--steps", "12"), capfd)
+    assert code == 0 and "suggestion (steepest): multiplier" in out and "head_decay" in out
+    folder = tmp_path / "cpu_smoke_lr_find"
+    assert (folder / "lr_find.png").stat().st_size > 1000
+    lines = (folder / "lr_find.csv").read_text().splitlines()
+    assert lines[0].startswith("multiplier,lr_backbone_decay") and len(lines) >= 4

@@ -1,0 +1,163 @@
+"""The GPU acceptance suite: run it first on a machine with a GPU (`pytest -m gpu`, a few minutes), before a long
+run. Without CUDA every test here is skipped with the reason; the CPU suite covers the same logic on CPU operators.
+
+What passes means: DALI's mixed (nvJPEG) pipelines give model-ready batches on the GPU that agree with the CPU
+pipeline; their position resumes exactly; real training runs in bf16 (where native) and fp16 + GradScaler, and
+with --cache, writing every output; the README's snippet loads the result; a --cache batch is a fixed number of
+kernels; no host-device synchronisation happens between log points.
+"""
+import os
+import warnings
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import augment
+import cache_loader
+import dali_loader
+import data_utils
+import engine
+import model_utils
+import splits
+import train_caltech101 as train
+from conftest import tiny_cfg
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                  reason="needs a CUDA device (this is the GPU suite: pytest -m gpu)")]
+GPU = torch.device("cuda", 0) if torch.cuda.is_available() else None
+CPU = torch.device("cpu")
+MEAN = torch.tensor(data_utils.IMAGENET_MEAN).view(1, 3, 1, 1)
+STD = torch.tensor(data_utils.IMAGENET_STD).view(1, 3, 1, 1)
+
+
+def epoch_of(loader):
+    images, labels = zip(*[(x.float().cpu(), y.cpu()) for x, y in loader])
+    return torch.cat(images), torch.cat(labels)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_mixed_pipeline_batches_are_model_ready_on_the_gpu(prepared_root, split):
+    loader = data_utils.build_loader(prepared_root, split, 64, 5, GPU, dtype=torch.float16, workers=2)
+    images, labels = next(iter(loader))
+    assert images.device == GPU and labels.device == GPU and images.dtype == torch.float16
+    assert images.shape == (5, 3, 64, 64) and images.is_contiguous(memory_format=torch.channels_last)
+    pixels = images.float().cpu() * STD + MEAN
+    assert pixels.min() >= -0.02 and pixels.max() <= 1.02 and pixels.std() > 0.05
+
+
+def test_mixed_val_agrees_with_the_cpu_pipeline(prepared_root):
+    """nvJPEG with fancy chroma upsampling (set on both decoders) against libjpeg-turbo: the same images in the same
+    order; pixels within 0.03 mean (normalised units, about 2 grey levels: IDCT and resize rounding differ)."""
+    gpu = epoch_of(data_utils.build_loader(prepared_root, "val", 64, 8, GPU, workers=2))
+    cpu = epoch_of(data_utils.build_loader(prepared_root, "val", 64, 8, CPU, workers=2))
+    assert torch.equal(gpu[1], cpu[1])
+    assert (gpu[0] - cpu[0]).abs().mean() < 0.03
+
+
+def test_mixed_pipeline_resumes_exactly(prepared_root):
+    first = data_utils.build_loader(prepared_root, "train", 64, 3, GPU, workers=2)
+    epoch_of(first)
+    stream = iter(first)
+    next(stream)
+    state = first.state_dict()
+    expected = [(x.cpu(), y.cpu()) for x, y in list(stream) + list(first)]
+    resumed = data_utils.build_loader(prepared_root, "train", 64, 3, GPU, workers=2)
+    resumed.load_state_dict(state)
+    got = [(x.cpu(), y.cpu()) for x, y in list(resumed) + list(resumed)]
+    assert len(got) == len(expected) and all(torch.equal(a, b) and torch.equal(c, d)
+                                             for (a, c), (b, d) in zip(got, expected))
+
+
+AMP_MODES = ["fp16"] + (["bf16"] if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
+                        else [])
+
+
+@pytest.mark.parametrize("amp,cache", [(mode, False) for mode in AMP_MODES] + [("auto", True)])
+def test_a_short_run_on_the_gpu_writes_every_output(prepared_root, tmp_path, amp, cache):
+    result = train.main(tiny_cfg(prepared_root, tmp_path, device="cuda", amp=amp, cache=cache, epochs=2,
+                                 workers=2))
+    run_dir = result["out_dir"]
+    for name in ("best.pth", "best_loss.pth", "last.pth", "config.json", "metrics.csv", "summary.json"):
+        assert os.path.isfile(os.path.join(run_dir, name)), name
+    assert all(r["gpu_peak_mem_gib"] > 0 for r in result["rows"])
+    model = model_utils.get_model(num_classes=3, pretrained=False)  # the README's snippet
+    model.load_state_dict(torch.load(os.path.join(run_dir, "best.pth"), map_location="cpu"))
+    last = torch.load(os.path.join(run_dir, "last.pth"), map_location="cpu", weights_only=True)
+    assert last["scaler"]["scale"] > 0 if amp == "fp16" else True
+
+
+def test_amp_auto_follows_the_compute_capability():
+    dtype, scaler = engine.resolve_amp("auto", GPU)
+    native = torch.cuda.get_device_capability() >= (8, 0)
+    assert (dtype, scaler) == ((torch.bfloat16, False) if native else (torch.float16, True))
+
+
+class CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_cache_batch_is_a_fixed_number_of_kernels_on_the_gpu(prepared_root):
+    files, labels = data_utils.read_split(prepared_root, "train")
+    root = data_utils.image_root(prepared_root)
+    counts = []
+    for batch in (2, 8):
+        plan = splits.SamplePlan(len(files), batch, True, sizes=splits.image_sizes(root, files), fixed_shard=True)
+        cache = cache_loader.CacheLoader(root, files, labels, plan, 64, GPU, dtype=torch.bfloat16, workers=2)
+        step = next(plan.epoch(0))
+        with CountOps() as mode:
+            images, _ = cache.train_batch(step)
+        torch.cuda.synchronize()
+        assert images.shape[0] == batch and images.device == GPU
+        counts.append(mode.ops)
+    assert counts[0] == counts[1]
+
+
+def test_no_host_device_sync_between_log_points(prepared_root):
+    """torch's sync debug mode warns on every synchronising call (.item(), .cpu(), cudaStreamSynchronize from a
+    pageable copy, ...): their number must not grow with the number of steps between log points."""
+    batches = list(data_utils.build_loader(prepared_root, "train", 64, 4, GPU, dtype=torch.bfloat16, workers=2))
+
+    class Fixed:
+        def __init__(self, steps):
+            self.steps = steps
+
+        def __len__(self):
+            return self.steps
+
+        def __iter__(self):
+            for i in range(self.steps):
+                yield batches[i % len(batches)]
+
+    def syncs(steps):
+        model = model_utils.get_model(num_classes=3).to(GPU, memory_format=torch.channels_last)
+        optimizer = engine.build_optimizer(model_utils.param_groups(model, 1e-3, 1e-3, 0.0),
+                                           {"optimizer": "adamw", "momentum": 0.9})
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+        cfg = dict(grad_clip=0.0, log_every=10 ** 6, progress=False, max_bad_steps=10, frozen_bn="eval")
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                engine.train_one_epoch(model, Fixed(steps), optimizer, scheduler,
+                                       torch.amp.GradScaler("cuda", enabled=False),
+                                       augment.MixupCutmix(3, 0.2, 1.0, seed=0), torch.bfloat16, cfg, 1)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return len([w for w in caught if "synchroniz" in str(w.message).lower()])
+
+    assert syncs(2) == syncs(8)
+
+
+def test_the_decode_pass_releases_dali_memory(prepared_root):
+    files, _ = data_utils.read_split(prepared_root, "val")
+    arrays = cache_loader.decode_all(data_utils.image_root(prepared_root), files, GPU, 2, True, img_size=64)
+    assert len(arrays) == len(files) and arrays[0].shape == (64, 64, 3)
+    dali_loader.release_unused_memory()  # callable on a GPU machine; the cache has its own copy
