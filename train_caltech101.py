@@ -31,6 +31,7 @@ import engine
 import model_utils
 import plots
 import presets
+import run_report
 import splits
 
 KIT_ERRORS = (presets.ConfigError, splits.DataError, model_utils.ModelError, engine.TrainingError)
@@ -191,23 +192,6 @@ def build_schedule(optimizer, cfg, steps_per_epoch, frozen_stages):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas), total, warmup
 
 
-def print_model(cfg, num_classes):
-    base = model_utils.torchvision.models.get_model(cfg["arch"], weights=None)
-    adapted = model_utils.get_model(num_classes, pretrained=False, arch=cfg["arch"])
-    model_utils.apply_freeze(adapted, cfg["trainable"])
-    print(f"base model ({cfg['arch']}, ImageNet-shaped):\n{base}\n")
-    print(f"adapted model ({num_classes} classes):\n{adapted}\n")
-    print(f"the head: fc {base.fc.in_features} -> {base.fc.out_features} replaced by fc "
-          f"{adapted.fc.in_features} -> {adapted.fc.out_features}")
-    trains = sorted({model_utils.stage_of(n) for n, p in adapted.named_parameters() if p.requires_grad},
-                    key=model_utils.STAGES.index)
-    count = sum(p.numel() for p in adapted.parameters())
-    trainable = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
-    print(f"trainable={cfg['trainable']}: {', '.join(trains)} train; {trainable:,} of {count:,} parameters "
-          f"({100 * trainable / count:.1f}%); base model {sum(p.numel() for p in base.parameters()):,} parameters")
-    return {"exit_code": 0}
-
-
 # ---------------------------------------------------------------------------------------------
 
 def main(cfg, explicit=None):
@@ -288,9 +272,10 @@ def train(cfg, device, amp_dtype, use_scaler, batch, eval_batch, resume_path, ck
         log(f"note (resume): {note}")
     if resume_path:
         log(f"resumed from {resume_path}: continuing at epoch {state['next_epoch']} step {state['next_step']}")
-    describe(cfg, log, device, amp_dtype, use_scaler, train_loader, val_loader, model, optimizer, world, batch,
-             steps_per_epoch, total_steps, warmup_steps, ema, run_dir)
-    estimate_duration(cfg, log, model, device, amp_dtype, batch, steps_per_epoch, val_loader.num_images * world)
+    run_report.describe(cfg, log, device, amp_dtype, use_scaler, train_loader, val_loader, model, optimizer, world,
+                        batch, steps_per_epoch, total_steps, warmup_steps, ema, run_dir)
+    run_report.estimate_duration(cfg, log, model, device, amp_dtype, batch, steps_per_epoch,
+                                 val_loader.plan.num_images)
 
     writer = None
     if main_rank:
@@ -370,7 +355,7 @@ def train(cfg, device, amp_dtype, use_scaler, batch, eval_batch, resume_path, ck
             if final or time.perf_counter() - last_save >= cfg["save_interval_s"]:
                 save_last(epoch + 1, 0, wait=final)
                 last_save = time.perf_counter()
-            log(epoch_line(cfg, epoch, stats, row, stopper, ema, run_start, resumed_wall_time, state), flush=True)
+            log(run_report.epoch_line(cfg, epoch, stats, row, stopper, ema, run_start, state), flush=True)
             if stop_reason is not None:
                 log(f"early stop after epoch {epoch}: {stop_reason}")
                 break
@@ -382,8 +367,7 @@ def train(cfg, device, amp_dtype, use_scaler, batch, eval_batch, resume_path, ck
             writer.close()
         if main_rank:
             background.wait()
-    summary = finish(cfg, run_dir, rows, stopper, model, ema, device, amp_dtype, classes, eval_batch, rank, world,
-                     stop_reason)
+    summary = run_report.finish(cfg, run_dir, rows, stopper, ema, device, amp_dtype, classes, eval_batch, stop_reason)
     log(f"done: best {cfg['monitor']} {stopper.best:.4f} at epoch {stopper.best_epoch}; weights {best_path}"
         + (f"; curves {plots.plot_curves(run_dir)}" if main_rank else ""))
     return {"best_top1": summary["best"]["val_top1"], "best_epoch": stopper.best_epoch, "rows": rows,
@@ -414,120 +398,6 @@ def evaluate_epoch(cfg, epoch, row, model, eval_model, ema, val_loader, num_clas
     return stopper.reason if should_stop else None
 
 
-def epoch_line(cfg, epoch, stats, row, stopper, ema, run_start, resumed_wall_time, state):
-    line = (f"epoch {epoch}/{cfg['epochs']}: train loss {stats['train_loss']:.4f} acc {stats['train_acc']:.4f} "
-            f"({stats['train_images_per_s']:.0f} img/s)")
-    if "gpu_peak_mem_gib" in stats:
-        line += f" peak mem {stats['gpu_peak_mem_gib']:.2f} GiB"
-    if "val_top1" in row:
-        line += (f" | val{' (EMA)' if ema is not None else ''} top1 {row['val_top1']:.4f} top5 {row['val_top5']:.4f} "
-                 f"mean-class {row['val_mean_class_acc']:.4f} loss {row['val_loss']:.4f}"
-                 + (f" (raw top1 {row['raw_val_top1']:.4f})" if "raw_val_top1" in row else "")
-                 + f" (best {cfg['monitor']} {stopper.best:.4f} @ {stopper.best_epoch})")
-    done = epoch - state["next_epoch"] + 1
-    per_epoch = (time.perf_counter() - run_start) / max(done, 1)
-    remaining = per_epoch * (cfg["epochs"] - epoch)
-    return line + f" | {row['wall_time_s']:.0f}s, ETA {format_duration(remaining)}"
-
-
-def format_duration(seconds):
-    if seconds < 90:
-        return f"{seconds:.0f}s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
-def describe(cfg, log, device, amp_dtype, use_scaler, train_loader, val_loader, model, optimizer, world, batch,
-             steps_per_epoch, total_steps, warmup_steps, ema, run_dir):
-    """The derived quantities of the run, printed once."""
-    n_params = sum(p.numel() for p in model.parameters())
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log(f"run folder {run_dir}")
-    log(f"device {device}, amp {amp_dtype}, grad scaler {use_scaler}, channels_last {cfg['channels_last']}, "
-        f"loader {train_loader.kind}, torch.compile {cfg['compile']}"
-        + (f" ({cfg['compile_mode']}; the short last train step is dropped for static shapes)"
-           if cfg["compile"] else ""))
-    log(f"processes: world size {world}, per-rank batch {batch}, global batch {batch * world}")
-    log(f"data: {len(model_utils.unwrap(model).fc.weight)} classes, {train_loader.num_images * world} train "
-        f"({train_loader.num_images} per rank) / {val_loader.plan.num_images} val images")
-    init = cfg["weights"] or ("ImageNet" if cfg["pretrained"] else "scratch")
-    log(f"model: {cfg['arch']} ({init} init), {n_params / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trainable "
-        f"(trainable={cfg['trainable']}" + (f" for {cfg['freeze_epochs']} epochs, then all" if cfg["freeze_epochs"]
-                                           else "") + ")")
-    log(f"schedule: {steps_per_epoch} steps/epoch, {total_steps} steps total, {warmup_steps} warmup steps, "
-        f"{cfg['schedule']} decay to {cfg['min_lr_ratio']} x peak")
-    for g in optimizer.param_groups:
-        log(f"  group {g['name']}: {len(g['params'])} tensors, peak lr {g['initial_lr']:.3g}, "
-            f"weight decay {g['weight_decay']:.3g}")
-    if cfg["warmup_epochs"] > cfg["epochs"]:
-        log(f"warning: warmup_epochs {cfg['warmup_epochs']} is longer than the run ({cfg['epochs']} epochs): the LR "
-            f"never reaches its peak", file=sys.stderr)
-    if ema is not None:
-        window = ema.window_steps()
-        log(f"EMA: decay {cfg['ema_decay']} every {cfg['ema_every']} step(s): a window of about {window:.0f} steps "
-            f"= {window / steps_per_epoch:.1f} epochs")
-
-
-def estimate_duration(cfg, log, model, device, amp_dtype, batch, steps_per_epoch, val_images):
-    """Time one training step on a copy of the model with a synthetic batch, and print what the run will take."""
-    import copy
-
-    probe = copy.deepcopy(model_utils.unwrap(model)).train()
-    memory_format = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
-    images = torch.zeros(batch, 3, cfg["img_size"], cfg["img_size"], device=device).to(memory_format=memory_format)
-    timings = []
-    for _ in range(2):  # the first one pays for kernel selection
-        start = time.perf_counter()
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            probe(images).float().sum().backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        timings.append(time.perf_counter() - start)
-    del probe
-    step = timings[-1]
-    evals = math.ceil(cfg["epochs"] / cfg["eval_every"])
-    total = step * steps_per_epoch * cfg["epochs"] + step / batch / 3 * val_images * evals  # forward ~ 1/3 step
-    log(f"estimate: {step:.2f}s per step on {device} -> about {format_duration(total)} for {cfg['epochs']} epochs "
-        f"(model time only)")
-    if device.type == "cpu" and cfg["exp"] != "cpu_smoke" and total > 3600:
-        log(f"note: preset {cfg['exp']} is meant for a GPU; on this CPU it would take about {format_duration(total)}: "
-            f"try --exp cpu_smoke (about 12 minutes on 2 cores)")
-
-
-def finish(cfg, run_dir, rows, stopper, model, ema, device, amp_dtype, classes, eval_batch, rank, world, stop_reason):
-    """The train / val / test table of the best checkpoint (train through the val transform), in summary.json."""
-    best = {"epoch": stopper.best_epoch, "monitor": cfg["monitor"], "value": stopper.best}
-    evaluated = [r for r in rows if r.get("epoch") == stopper.best_epoch and "val_top1" in r]
-    best.update({k: evaluated[0][k] for k in ("val_top1", "val_mean_class_acc", "val_loss")} if evaluated
-                else {"val_top1": -1.0, "val_mean_class_acc": None, "val_loss": None})
-    table = {}
-    best_file = os.path.join(run_dir, "best.pth")
-    if os.path.isfile(best_file):
-        weights = model_utils.load_trained(best_file, len(classes), cfg["arch"])
-        weights = weights.to(device, memory_format=torch.channels_last if cfg["channels_last"]
-                             else torch.contiguous_format)
-        for split in ("train", "val", "test"):
-            if split == "test" and not os.path.isfile(os.path.join(cfg["data_root"], "test.txt")):
-                continue
-            loader = data_utils.build_loader(cfg["data_root"], split, cfg["img_size"], eval_batch, device,
-                                             dtype=amp_dtype or torch.float32, loader=cfg["loader"],
-                                             workers=cfg["workers"], seed=cfg["seed"], rank=rank, world=world,
-                                             train=False, channels_last=cfg["channels_last"])
-            m = engine.evaluate(weights, loader, len(classes), amp_dtype, prefix=split)
-            table[split] = {"top1": m[f"{split}_top1"], "mean_class_acc": m[f"{split}_mean_class_acc"],
-                            "loss": m[f"{split}_loss"], "images": m[f"{split}_images"]}
-    summary = {"best": best, "splits": table, "epochs_run": rows[-1]["epoch"] if rows else 0,
-               "early_stop": stop_reason, "wall_time_s": rows[-1]["wall_time_s"] if rows else 0.0,
-               "ema": bool(ema)}
-    if rank == 0:
-        checkpoint.write_text_atomic(json.dumps(summary, indent=1) + "\n", os.path.join(run_dir, "summary.json"))
-        print("| split | top-1 | mean per-class | images |\n|---|---|---|---|")
-        for split, m in table.items():
-            print(f"| {split} | {m['top1']:.4f} | {m['mean_class_acc']:.4f} | {m['images']} |")
-    return summary
-
-
 def cli(argv=None):
     """The command line: parse, resolve settings, train; one-line errors."""
     exp, config, overrides, show_model = settings_from_args(get_args_parser().parse_args(argv))
@@ -537,7 +407,7 @@ def cli(argv=None):
         explicit = {presets.canonical(k, v)[0] for k, v in {**file_values, **overrides}.items()
                     if k not in presets.RECORD_KEYS}
         if show_model:
-            return print_model(cfg, len(splits.read_classes(cfg["data_root"]))
+            return run_report.print_model(cfg, len(splits.read_classes(cfg["data_root"]))
                                if os.path.isfile(os.path.join(cfg["data_root"], "classes.txt")) else 101)["exit_code"]
         with dali_loader.QuietDecoderErrors():
             return main(cfg, explicit)["exit_code"]

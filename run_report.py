@@ -1,0 +1,158 @@
+"""What a run tells its user: the model printout (--print_model), the derived quantities at start-up, a duration
+estimate, the epoch line with its ETA, and the final train / val / test table of best.pth (summary.json).
+
+    run_report.describe(...)           # world size, batches, steps, every parameter group's peak LR
+    summary = run_report.finish(...)   # best.pth on train (val transform), val and test -> summary.json
+"""
+import copy
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+import checkpoint
+import data_utils
+import distributed
+import engine
+import model_utils
+
+
+def print_model(cfg, num_classes):
+    base = model_utils.torchvision.models.get_model(cfg["arch"], weights=None)
+    adapted = model_utils.get_model(num_classes, pretrained=False, arch=cfg["arch"])
+    model_utils.apply_freeze(adapted, cfg["trainable"])
+    print(f"base model ({cfg['arch']}, ImageNet-shaped):\n{base}\n")
+    print(f"adapted model ({num_classes} classes):\n{adapted}\n")
+    print(f"the head: fc {base.fc.in_features} -> {base.fc.out_features} replaced by fc "
+          f"{adapted.fc.in_features} -> {adapted.fc.out_features}")
+    trains = sorted({model_utils.stage_of(n) for n, p in adapted.named_parameters() if p.requires_grad},
+                    key=model_utils.STAGES.index)
+    count = sum(p.numel() for p in adapted.parameters())
+    trainable = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+    print(f"trainable={cfg['trainable']}: {', '.join(trains)} train; {trainable:,} of {count:,} parameters "
+          f"({100 * trainable / count:.1f}%); base model {sum(p.numel() for p in base.parameters()):,} parameters")
+    return {"exit_code": 0}
+
+
+def epoch_line(cfg, epoch, stats, row, stopper, ema, run_start, state):
+    line = (f"epoch {epoch}/{cfg['epochs']}: train loss {stats['train_loss']:.4f} acc {stats['train_acc']:.4f} "
+            f"({stats['train_images_per_s']:.0f} img/s)")
+    if "gpu_peak_mem_gib" in stats:
+        line += f" peak mem {stats['gpu_peak_mem_gib']:.2f} GiB"
+    if "val_top1" in row:
+        line += (f" | val{' (EMA)' if ema is not None else ''} top1 {row['val_top1']:.4f} top5 {row['val_top5']:.4f} "
+                 f"mean-class {row['val_mean_class_acc']:.4f} loss {row['val_loss']:.4f}"
+                 + (f" (raw top1 {row['raw_val_top1']:.4f})" if "raw_val_top1" in row else "")
+                 + f" (best {cfg['monitor']} {stopper.best:.4f} @ {stopper.best_epoch})")
+    done = epoch - state["next_epoch"] + 1
+    per_epoch = (time.perf_counter() - run_start) / max(done, 1)
+    remaining = per_epoch * (cfg["epochs"] - epoch)
+    return line + f" | {row['wall_time_s']:.0f}s, ETA {format_duration(remaining)}"
+
+
+def format_duration(seconds):
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def describe(cfg, log, device, amp_dtype, use_scaler, train_loader, val_loader, model, optimizer, world, batch,
+             steps_per_epoch, total_steps, warmup_steps, ema, run_dir):
+    """The derived quantities of the run, printed once."""
+    n_params = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"run folder {run_dir}")
+    log(f"device {device}, amp {amp_dtype}, grad scaler {use_scaler}, channels_last {cfg['channels_last']}, "
+        f"loader {train_loader.kind}, torch.compile {cfg['compile']}"
+        + (f" ({cfg['compile_mode']}; the short last train step is dropped for static shapes)"
+           if cfg["compile"] else ""))
+    log(f"processes: world size {world}, per-rank batch {batch}, global batch {batch * world}")
+    log(f"data: {len(model_utils.unwrap(model).fc.weight)} classes, {train_loader.num_images * world} train "
+        f"({train_loader.num_images} per rank) / {val_loader.plan.num_images} val images")
+    init = cfg["weights"] or ("ImageNet" if cfg["pretrained"] else "scratch")
+    log(f"model: {cfg['arch']} ({init} init), {n_params / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trainable "
+        f"(trainable={cfg['trainable']}" + (f" for {cfg['freeze_epochs']} epochs, then all" if cfg["freeze_epochs"]
+                                           else "") + ")")
+    log(f"schedule: {steps_per_epoch} steps/epoch, {total_steps} steps total, {warmup_steps} warmup steps, "
+        f"{cfg['schedule']} decay to {cfg['min_lr_ratio']} x peak")
+    for g in optimizer.param_groups:
+        log(f"  group {g['name']}: {len(g['params'])} tensors, peak lr {g['initial_lr']:.3g}, "
+            f"weight decay {g['weight_decay']:.3g}")
+    if cfg["warmup_epochs"] > cfg["epochs"]:
+        log(f"warning: warmup_epochs {cfg['warmup_epochs']} is longer than the run ({cfg['epochs']} epochs): the LR "
+            f"never reaches its peak", file=sys.stderr)
+    if ema is not None:
+        window = ema.window_steps()
+        log(f"EMA: decay {cfg['ema_decay']} every {cfg['ema_every']} step(s): a window of about {window:.0f} steps "
+            f"= {window / steps_per_epoch:.1f} epochs")
+
+
+def estimate_duration(cfg, log, model, device, amp_dtype, batch, steps_per_epoch, val_images):
+    """Time one training step on a copy of the model with a synthetic batch, and print what the run will take."""
+
+    probe = copy.deepcopy(model_utils.unwrap(model)).train()
+    memory_format = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
+    images = torch.zeros(batch, 3, cfg["img_size"], cfg["img_size"], device=device).to(memory_format=memory_format)
+    timings = []
+    for _ in range(2):  # the first one pays for kernel selection
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            probe(images).float().sum().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        timings.append(time.perf_counter() - start)
+    del probe
+    step = timings[-1]
+    evals = math.ceil(cfg["epochs"] / cfg["eval_every"])
+    total = step * steps_per_epoch * cfg["epochs"] + step / batch / 3 * val_images * evals  # forward ~ 1/3 step
+    log(f"estimate: {step:.2f}s per step on {device} -> about {format_duration(total)} for {cfg['epochs']} epochs "
+        f"(model time only)")
+    if device.type == "cpu" and cfg["exp"] != "cpu_smoke" and total > 3600:
+        log(f"note: preset {cfg['exp']} is meant for a GPU; on this CPU it would take about {format_duration(total)}: "
+            f"try --exp cpu_smoke (about 12 minutes on 2 cores)")
+
+
+def finish(cfg, run_dir, rows, stopper, ema, device, amp_dtype, classes, eval_batch, stop_reason):
+    """The train / val / test table of best.pth, in summary.json: train through the val transform and test (when
+    the split has one) evaluated now; val is the best epoch's own evaluation (the same loader and precision)."""
+    rank, world = distributed.rank(), distributed.world()
+    best = {"epoch": stopper.best_epoch, "monitor": cfg["monitor"], "value": stopper.best}
+    evaluated = [r for r in rows if r.get("epoch") == stopper.best_epoch and "val_top1" in r]
+    table = {}
+    if evaluated:
+        row = evaluated[-1]
+        best.update({k: row[k] for k in ("val_top1", "val_mean_class_acc", "val_loss")})
+        table["val"] = {"top1": row["val_top1"], "mean_class_acc": row["val_mean_class_acc"],
+                        "loss": row["val_loss"], "images": row["val_images"]}
+    else:
+        best.update({"val_top1": -1.0, "val_mean_class_acc": None, "val_loss": None})
+    best_file = os.path.join(run_dir, "best.pth")
+    if os.path.isfile(best_file):
+        weights = model_utils.load_trained(best_file, len(classes), cfg["arch"])
+        weights = weights.to(device, memory_format=torch.channels_last if cfg["channels_last"]
+                             else torch.contiguous_format)
+        for split in ("train", "test"):
+            if split == "test" and not os.path.isfile(os.path.join(cfg["data_root"], "test.txt")):
+                continue
+            loader = data_utils.build_loader(cfg["data_root"], split, cfg["img_size"], eval_batch, device,
+                                             dtype=amp_dtype or torch.float32, loader=cfg["loader"],
+                                             workers=cfg["workers"], seed=cfg["seed"], rank=rank, world=world,
+                                             train=False, channels_last=cfg["channels_last"])
+            m = engine.evaluate(weights, loader, len(classes), amp_dtype, prefix=split)
+            table[split] = {"top1": m[f"{split}_top1"], "mean_class_acc": m[f"{split}_mean_class_acc"],
+                            "loss": m[f"{split}_loss"], "images": m[f"{split}_images"]}
+    table = {split: table[split] for split in ("train", "val", "test") if split in table}
+    summary = {"best": best, "splits": table, "epochs_run": rows[-1]["epoch"] if rows else 0,
+               "early_stop": stop_reason, "wall_time_s": rows[-1]["wall_time_s"] if rows else 0.0,
+               "ema": bool(ema)}
+    if rank == 0:
+        checkpoint.write_text_atomic(json.dumps(summary, indent=1) + "\n", os.path.join(run_dir, "summary.json"))
+        print("| split | top-1 | mean per-class | images |\n|---|---|---|---|")
+        for split, m in table.items():
+            print(f"| {split} | {m['top1']:.4f} | {m['mean_class_acc']:.4f} | {m['images']} |")
+    return summary
