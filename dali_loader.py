@@ -209,7 +209,9 @@ class DaliLoader:
                 raise self._error(e, source) from None
             self.epoch, self.batches_done = splits.next_position(self.epoch, self.batches_done, self.plan.steps)
             self.stream_at = (self.epoch, self.batches_done)
-            yield splits.to_model_input(batch["images"], batch["labels"], self.device, self.dtype, self.channels_last)
+            # The labels are host memory DALI reuses; a copy of our own makes the asynchronous transfer safe.
+            yield splits.to_model_input(batch["images"], batch["labels"].clone(), self.device, self.dtype,
+                                        self.channels_last)
 
 
 def first_step_pipe(image_root, files, plan, device, workers, train, shorter=None, img_size=None):

@@ -334,7 +334,8 @@ def collect_logits(model, loader, amp_dtype, tta="none", static_batch=None):
             images = torch.cat([images, images.new_zeros((static_batch - n,) + images.shape[1:])])
             images = images.contiguous(memory_format=torch.channels_last) if images.dim() == 4 else images
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = model(images).float()
+            # clone(): under torch.compile's CUDA graphs an output is overwritten by the next call.
+            logits = model(images).float().clone()
             if tta == "flip":
                 logits = (logits + model(images.flip(3)).float()) / 2
         all_logits.append(logits[:n])

@@ -67,17 +67,20 @@ def lr_find(model, loader, optimizer, scaler, mixer, amp_dtype, cfg, start=1e-7,
     return records
 
 
-def suggestions(records, skip_start=10, skip_end=5):
-    """{'steepest': multiplier, 'minimum/10': multiplier} of a sweep (fastai's two rules)."""
+def suggestions(records, skip_start=10):
+    """{'steepest': multiplier, 'minimum/10': multiplier} of a sweep (fastai's two rules). The steepest descent is
+    the most negative slope of the smoothed loss against log(LR), fitted over a window of neighbouring points (a
+    from-scratch model's batch-to-batch noise makes point-to-point slopes meaningless), before the minimum."""
     mults = np.array([r[0] for r in records])
     smoothed = np.array([r[2] for r in records])
     lowest = int(np.argmin(smoothed))
     out = {"minimum/10": float(mults[lowest] / 10)}
-    n = len(records)  # fastai skips the noisy first and the diverging last points, when there are enough
-    lo = skip_start if n > skip_start + skip_end + 2 else 0
-    hi = n - skip_end if n - skip_end > lo + 1 else n
-    slopes = np.gradient(smoothed[lo:hi], np.log(mults[lo:hi]))
-    out["steepest"] = float(mults[lo:hi][int(np.argmin(slopes))])
+    half = max(1, len(records) // 20)
+    log_lr = np.log(mults)
+    candidates = range(min(skip_start, lowest), max(lowest, 1))
+    slopes = [np.polyfit(log_lr[max(0, i - half):i + half + 1], smoothed[max(0, i - half):i + half + 1], 1)[0]
+              for i in candidates]
+    out["steepest"] = float(mults[list(candidates)[int(np.argmin(slopes))]]) if slopes else float(mults[0])
     return out
 
 

@@ -56,13 +56,14 @@ def test_mixed_val_agrees_with_the_cpu_pipeline(prepared_root):
 
 
 def test_mixed_pipeline_resumes_exactly(prepared_root):
-    first = data_utils.build_loader(prepared_root, "train", 64, 3, GPU, workers=2)
+    # hw_decoder_load=0: the A100/H100 hardware decoder's share of images must not differ between the two runs.
+    first = data_utils.build_loader(prepared_root, "train", 64, 3, GPU, workers=2, hw_decoder_load=0.0)
     epoch_of(first)
     stream = iter(first)
     next(stream)
     state = first.state_dict()
     expected = [(x.cpu(), y.cpu()) for x, y in list(stream) + list(first)]
-    resumed = data_utils.build_loader(prepared_root, "train", 64, 3, GPU, workers=2)
+    resumed = data_utils.build_loader(prepared_root, "train", 64, 3, GPU, workers=2, hw_decoder_load=0.0)
     resumed.load_state_dict(state)
     got = [(x.cpu(), y.cpu()) for x, y in list(resumed) + list(resumed)]
     assert len(got) == len(expected) and all(torch.equal(a, b) and torch.equal(c, d)
@@ -120,8 +121,8 @@ def test_a_cache_batch_is_a_fixed_number_of_kernels_on_the_gpu(prepared_root):
 
 
 def test_no_host_device_sync_between_log_points(prepared_root):
-    """torch's sync debug mode warns on every synchronising call (.item(), .cpu(), cudaStreamSynchronize from a
-    pageable copy, ...): their number must not grow with the number of steps between log points."""
+    """torch's sync debug mode warns on every synchronising call it sees (.item(), .cpu(), nonzero, ...): their
+    number must not grow with the number of steps between log points."""
     batches = list(data_utils.build_loader(prepared_root, "train", 64, 4, GPU, dtype=torch.bfloat16, workers=2))
 
     class Fixed:
@@ -153,6 +154,8 @@ def test_no_host_device_sync_between_log_points(prepared_root):
             torch.cuda.set_sync_debug_mode("default")
         return len([w for w in caught if "synchroniz" in str(w.message).lower()])
 
+    torch.backends.cudnn.benchmark = False  # an earlier run turns autotuning on; its first shapes would differ
+    syncs(1)  # warm-up: allocator and kernel selection
     assert syncs(2) == syncs(8)
 
 
