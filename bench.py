@@ -497,7 +497,7 @@ def main(args):
     for name in wanted:
         for r in globals()[f"bench_{name}"](args, device):
             results.append(r)
-            print(f"| {name} | {r['kit_name']} | {r['kit']:.1f} | {r['plain_name']} | {r['plain']:.1f} | "
+            print(f"| {name} | {r['kit_name']} | {r['kit']:.4g} | {r['plain_name']} | {r['plain']:.4g} | "
                   f"{r['ratio']:.2f}x |", flush=True)
     if args.json:
         with open(args.json, "w") as f:

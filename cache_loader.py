@@ -65,7 +65,7 @@ def decode_all(image_root, files, device, workers, use_dali, cap=None, img_size=
     return [shrink(a, cap) for a in arrays] if cap else arrays
 
 
-class CacheLoader:
+class CacheLoader(splits.PlanPosition):
     """Yields (images, labels) like the other loaders, from pixels decoded once; follows `plan` like them."""
     kind = "cache"
 
@@ -106,15 +106,6 @@ class CacheLoader:
     @property
     def nbytes(self):
         return self.pixels.numel()
-
-    def state_dict(self):
-        return {"epoch": self.epoch, "batches_done": self.batches_done}
-
-    def load_state_dict(self, state):
-        self.epoch, self.batches_done = state["epoch"], state["batches_done"]
-
-    def __len__(self):
-        return self.plan.steps
 
     def to_device(self, array):
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, non_blocking=True)

@@ -148,7 +148,7 @@ def decode_error(err, recent_files):
     return DataError(f"the DALI pipeline failed: {text.splitlines()[-1] if text else repr(err)}")
 
 
-class DaliLoader:
+class DaliLoader(splits.PlanPosition):
     """Iterates the DALI pipeline as (images, labels) model inputs, `len()` batches per epoch, following `plan`.
 
     state_dict()/load_state_dict() hold the stream position (epoch, batches done) at any step.
@@ -187,15 +187,6 @@ class DaliLoader:
     def _error(self, err, source):
         return decode_error(err, [[os.path.join(self.image_root, self.files[i]) for i in batch]
                                   for batch in source.recent])
-
-    def state_dict(self):
-        return {"epoch": self.epoch, "batches_done": self.batches_done}
-
-    def load_state_dict(self, state):
-        self.epoch, self.batches_done = state["epoch"], state["batches_done"]
-
-    def __len__(self):
-        return self.plan.steps
 
     def __iter__(self):
         if self.stream_at != (self.epoch, self.batches_done):  # first use, a resume, or an abandoned pass

@@ -86,7 +86,7 @@ def ignore_sigint(_worker_id):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-class TorchLoader:
+class TorchLoader(splits.PlanPosition):
     """A torch DataLoader over the plan (PIL decode and torchvision resize in worker processes), with the DALI
     loader's interface and output. Every image's crop and flip come from the plan, not from worker RNGs, so a
     resume from any step is exact."""
@@ -101,15 +101,6 @@ class TorchLoader:
         self.loader = torch.utils.data.DataLoader(
             PlanDataset(image_root, files, labels, img_size), batch_sampler=self.batches, num_workers=workers,
             pin_memory=device.type == "cuda", persistent_workers=workers > 0, worker_init_fn=ignore_sigint)
-
-    def state_dict(self):
-        return {"epoch": self.epoch, "batches_done": self.batches_done}
-
-    def load_state_dict(self, state):
-        self.epoch, self.batches_done = state["epoch"], state["batches_done"]
-
-    def __len__(self):
-        return self.plan.steps
 
     def __iter__(self):
         self.batches.epoch, self.batches.start = self.epoch, self.batches_done

@@ -84,7 +84,7 @@ def compare_runs(run_dirs):
     def fmt(m, key):
         return f"{m[key]:.4f}" if m and m.get(key) is not None else "-"
 
-    head = ["run", "preset", *differing, "best epoch", "epochs", "train top-1", "val top-1", "test top-1",
+    head = ["run", "preset", *differing, "best epoch", "epochs run", "train top-1", "val top-1", "test top-1",
             "val mean per-class", "test mean per-class", "wall time"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in runs:

@@ -265,6 +265,20 @@ def next_position(epoch, batches_done, steps):
     return (epoch + 1, 0) if batches_done + 1 >= steps else (epoch, batches_done + 1)
 
 
+class PlanPosition:
+    """A loader's position in its plan's stream, shared by the three loaders: (epoch, batches done), which names the
+    next batch it will give; len() is the plan's steps per epoch."""
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "batches_done": self.batches_done}
+
+    def load_state_dict(self, state):
+        self.epoch, self.batches_done = state["epoch"], state["batches_done"]
+
+    def __len__(self):
+        return self.plan.steps
+
+
 class SamplePlan:
     """Which images each step of an epoch gives this rank, and (train) the crop box and flip of each.
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -214,3 +215,29 @@ def stopped_run(cfg, at, monkeypatch):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device; `pytest -m gpu` runs the GPU acceptance suite")
+
+
+class CountOps(TorchDispatchMode):
+    """Records every aten operation dispatched inside it (what a GPU would launch as kernels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+class FixedBatches:
+    """A loader giving `steps` batches from a list, round robin: a step count independent of the data."""
+
+    def __init__(self, batches, steps):
+        self.batches, self.steps = batches, steps
+
+    def __len__(self):
+        return self.steps
+
+    def __iter__(self):
+        for i in range(self.steps):
+            yield self.batches[i % len(self.batches)]

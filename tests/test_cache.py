@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import cache_loader
 import data_utils
 import splits
+from conftest import CountOps
 
 CPU = torch.device("cpu")
 MEAN = torch.tensor(data_utils.IMAGENET_MEAN).view(1, 3, 1, 1) * 255
@@ -116,16 +116,6 @@ def test_cache_train_crops_are_as_sharp_as_dali(prepared_root):
         a, b = epoch_of(dali)[0], epoch_of(cache)[0]
         assert abs(sharpness(a) - sharpness(b)) / sharpness(a) < 0.03, size
         assert (a - b).abs().mean() < 0.03, size
-
-
-class CountOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("train", [True, False])

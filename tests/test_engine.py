@@ -9,6 +9,7 @@ import data_utils
 import engine
 import model_utils
 import presets
+from conftest import FixedBatches
 
 CPU = torch.device("cpu")
 
@@ -221,17 +222,6 @@ def test_no_device_reads_between_log_points(prepared_root, monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name, **k: (
             reads.append(_n), _o(self, *a, **k))[1])
 
-    class Fixed:
-        def __init__(self, steps):
-            self.steps = steps
-
-        def __len__(self):
-            return self.steps
-
-        def __iter__(self):
-            for i in range(self.steps):
-                yield batches[i % len(batches)]
-
     def count(steps):
         model = model_utils.get_model(num_classes=3).to(memory_format=torch.channels_last)
         optimizer = engine.build_optimizer(model_utils.param_groups(model, 1e-3, 1e-3, 0.0),
@@ -239,8 +229,9 @@ def test_no_device_reads_between_log_points(prepared_root, monkeypatch):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
         ema = engine.ModelEma(model, 0.9)
         reads.clear()
-        engine.train_one_epoch(model, Fixed(steps), optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False),
-                               augment.MixupCutmix(3, 0.2, 1.0, seed=0), torch.bfloat16, cfg, 1, ema=ema)
+        engine.train_one_epoch(model, FixedBatches(batches, steps), optimizer, scheduler,
+                               torch.amp.GradScaler("cpu", enabled=False), augment.MixupCutmix(3, 0.2, 1.0, seed=0),
+                               torch.bfloat16, cfg, 1, ema=ema)
         return len(reads)
 
     assert count(2) == count(6)  # reads happen at the (single, final) log point only

@@ -11,7 +11,6 @@ import warnings
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import augment
 import cache_loader
@@ -21,7 +20,7 @@ import engine
 import model_utils
 import splits
 import train_caltech101 as train
-from conftest import tiny_cfg
+from conftest import CountOps, FixedBatches, tiny_cfg
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
                                                   reason="needs a CUDA device (this is the GPU suite: pytest -m gpu)")]
@@ -94,16 +93,6 @@ def test_amp_auto_follows_the_compute_capability():
     assert (dtype, scaler) == ((torch.bfloat16, False) if native else (torch.float16, True))
 
 
-class CountOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 def test_a_cache_batch_is_a_fixed_number_of_kernels_on_the_gpu(prepared_root):
     files, labels = data_utils.read_split(prepared_root, "train")
     root = data_utils.image_root(prepared_root)
@@ -125,17 +114,6 @@ def test_no_host_device_sync_between_log_points(prepared_root):
     number must not grow with the number of steps between log points."""
     batches = list(data_utils.build_loader(prepared_root, "train", 64, 4, GPU, dtype=torch.bfloat16, workers=2))
 
-    class Fixed:
-        def __init__(self, steps):
-            self.steps = steps
-
-        def __len__(self):
-            return self.steps
-
-        def __iter__(self):
-            for i in range(self.steps):
-                yield batches[i % len(batches)]
-
     def syncs(steps):
         model = model_utils.get_model(num_classes=3).to(GPU, memory_format=torch.channels_last)
         optimizer = engine.build_optimizer(model_utils.param_groups(model, 1e-3, 1e-3, 0.0),
@@ -147,7 +125,7 @@ def test_no_host_device_sync_between_log_points(prepared_root):
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                engine.train_one_epoch(model, Fixed(steps), optimizer, scheduler,
+                engine.train_one_epoch(model, FixedBatches(batches, steps), optimizer, scheduler,
                                        torch.amp.GradScaler("cuda", enabled=False),
                                        augment.MixupCutmix(3, 0.2, 1.0, seed=0), torch.bfloat16, cfg, 1)
         finally:
