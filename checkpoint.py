@@ -102,6 +102,14 @@ class BackgroundWriter:
         except BaseException as e:  # noqa: BLE001 - handed to the training thread, which raises it
             self.error = e
 
+    @staticmethod
+    def finish_all():
+        """Let writes already in flight complete (a second Ctrl-C then exits without leaving a temp file)."""
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a write takes well under a second; do not break it
+        for thread in threading.enumerate():
+            if thread.name == "checkpoint-writer":
+                thread.join()
+
     def wait(self):
         if self.thread is not None:
             self.thread.join()
@@ -154,6 +162,16 @@ class GracefulStop:
     def restore(self):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+def exit_interrupted(message, code):
+    """Ctrl-C that should stop at once: finish checkpoint writes in flight, print one line, and skip interpreter
+    teardown, where destroying a DALI pipeline interrupted inside a run aborts the process (std::terminate)."""
+    BackgroundWriter.finish_all()
+    print(message, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def rng_state():

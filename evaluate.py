@@ -15,6 +15,7 @@ import argparse
 import csv
 import json
 import os
+import signal
 import sys
 
 import torch
@@ -207,6 +208,8 @@ def cli(argv=None):
             main(get_args_parser().parse_args(argv))
     except (presets.ConfigError, data_utils.DataError, model_utils.ModelError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        checkpoint.exit_interrupted("interrupted", 128 + signal.SIGINT)
     return 0
 
 

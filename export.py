@@ -17,6 +17,7 @@ non-zero naming the figures.
 import argparse
 import json
 import os
+import signal
 import sys
 
 import numpy as np
@@ -172,6 +173,8 @@ def cli(argv=None):
         main(get_args_parser().parse_args(argv))
     except (presets.ConfigError, splits.DataError, model_utils.ModelError, ExportError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        checkpoint.exit_interrupted("interrupted", 128 + signal.SIGINT)
     return 0
 
 

@@ -15,12 +15,14 @@ import copy
 import csv
 import math
 import os
+import signal
 import sys
 
 import numpy as np
 import torch
 
 import augment
+import checkpoint
 import dali_loader
 import data_utils
 import engine
@@ -141,6 +143,8 @@ def cli(argv=None):
             main(cfg, steps, start, end)
     except train.KIT_ERRORS as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        checkpoint.exit_interrupted("interrupted", 128 + signal.SIGINT)
     return 0
 
 

@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import sys
 
 import torch
@@ -241,6 +242,8 @@ def cli(argv=None):
         return main(get_args_parser().parse_args(argv))
     except (presets.ConfigError, data_utils.DataError, model_utils.ModelError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        checkpoint.exit_interrupted("interrupted", 128 + signal.SIGINT)
 
 
 if __name__ == "__main__":

@@ -414,7 +414,8 @@ def cli(argv=None):
     except KIT_ERRORS as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
-        sys.exit("interrupted: stopped at once; the last checkpoint written is intact (--resume auto)")
+        checkpoint.exit_interrupted("interrupted: stopped at once; the last checkpoint written is intact "
+                                    "(--resume auto)", 1)
 
 
 if __name__ == "__main__":
