@@ -23,7 +23,7 @@ def test_split_metrics_known_answer():
               [1, 2, 3, 4, 5, 0],   # correct
               [0, 1, 3, 4, 5, 2],   # top-1 wrong (0); 2 is last: top-5 wrong
               [3, 0, 1, 2, 4, 5],   # correct
-              [4, 3, 0, 1, 2, 5],   # top-1 wrong (4), top-5 right
+              [4, 0, 1, 2, 3, 5],   # top-1 wrong (4); 3 is fifth: top-5 right (top-4 would miss it)
               [5, 0, 1, 2, 3, 4]]   # correct
     logits = torch.zeros(7, 6)
     for i, order in enumerate(orders):
