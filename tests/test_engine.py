@@ -77,6 +77,47 @@ def test_amp_auto_picks_bf16_only_where_it_is_native(monkeypatch, capability, ex
         engine.resolve_amp("fp16", CPU)
 
 
+class FakeGpus:
+    """Four visible CUDA devices, as far as the device choice can tell; set_device is recorded."""
+
+    def __init__(self):
+        self.current = 0
+
+    def install(self, monkeypatch):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: self.current)
+        monkeypatch.setattr(torch.cuda, "set_device", lambda index: setattr(self, "current", index))
+
+
+def test_each_rank_and_its_dali_pipeline_use_cuda_local_rank(monkeypatch):
+    import dali_loader
+    gpus = FakeGpus()
+    gpus.install(monkeypatch)
+    device = engine.resolve_device("cuda", local_rank=2)
+    assert device == torch.device("cuda", 2) and gpus.current == 2
+    # the pipeline follows the rank's GPU, whether the device names its index or not (not GPU 0 for every rank)
+    assert dali_loader.dali_device_id(device) == 2 and dali_loader.dali_device_id(torch.device("cuda")) == 2
+    assert engine.resolve_device("cuda:3") == torch.device("cuda", 3) and gpus.current == 3
+    assert dali_loader.dali_device_id(CPU) is None
+    with pytest.raises(presets.ConfigError, match="only 4 CUDA device"):
+        engine.resolve_device("cuda:4")
+    with pytest.raises(presets.ConfigError, match="CUDA_VISIBLE_DEVICES"):
+        engine.resolve_device("cuda:1", local_rank=0)
+
+
+def test_a_gpu_torch_cannot_use_is_said_in_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(engine, "nvidia_gpu_present", lambda: True)
+    assert engine.resolve_device("auto") == CPU
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "NVIDIA GPU is present" in err and "driver" in err
+    monkeypatch.setattr(engine, "nvidia_gpu_present", lambda: False)
+    assert engine.resolve_device("auto") == CPU and capsys.readouterr().err == ""
+    with pytest.raises(presets.ConfigError, match="no CUDA device is visible"):
+        engine.resolve_device("cuda")
+
+
 def test_ema_is_the_hand_computed_average_including_batchnorm():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
