@@ -164,7 +164,7 @@ class GracefulStop:
             signal.signal(sig, handler)
 
 
-def exit_interrupted(message, code):
+def exit_interrupted(message="interrupted", code=128 + signal.SIGINT):
     """Ctrl-C that should stop at once: finish checkpoint writes in flight, print one line, and skip interpreter
     teardown, where destroying a DALI pipeline interrupted inside a run aborts the process (std::terminate)."""
     BackgroundWriter.finish_all()

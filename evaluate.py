@@ -15,7 +15,6 @@ import argparse
 import csv
 import json
 import os
-import signal
 import sys
 
 import torch
@@ -209,7 +208,7 @@ def cli(argv=None):
     except (presets.ConfigError, data_utils.DataError, model_utils.ModelError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
-        checkpoint.exit_interrupted("interrupted", 128 + signal.SIGINT)
+        checkpoint.exit_interrupted()
     return 0
 
 

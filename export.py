@@ -17,7 +17,6 @@ non-zero naming the figures.
 import argparse
 import json
 import os
-import signal
 import sys
 
 import numpy as np
@@ -174,7 +173,7 @@ def cli(argv=None):
     except (presets.ConfigError, splits.DataError, model_utils.ModelError, ExportError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
-        checkpoint.exit_interrupted("interrupted", 128 + signal.SIGINT)
+        checkpoint.exit_interrupted()
     return 0
 
 

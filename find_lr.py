@@ -15,7 +15,6 @@ import copy
 import csv
 import math
 import os
-import signal
 import sys
 
 import numpy as np
@@ -144,7 +143,7 @@ def cli(argv=None):
     except train.KIT_ERRORS as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
-        checkpoint.exit_interrupted("interrupted", 128 + signal.SIGINT)
+        checkpoint.exit_interrupted()
     return 0
 
 

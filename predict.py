@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import random
-import signal
 import sys
 
 import torch
@@ -243,7 +242,7 @@ def cli(argv=None):
     except (presets.ConfigError, data_utils.DataError, model_utils.ModelError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
-        checkpoint.exit_interrupted("interrupted", 128 + signal.SIGINT)
+        checkpoint.exit_interrupted()
 
 
 if __name__ == "__main__":
