@@ -62,9 +62,7 @@ def lr_find(model, loader, optimizer, scaler, mixer, amp_dtype, cfg, start=1e-7,
                 break
     finally:
         model_utils.unwrap(model).load_state_dict(saved_model)
-        optimizer.load_state_dict(saved_optimizer)
-        for group, peak in zip(optimizer.param_groups, peaks):
-            group["lr"] = peak
+        optimizer.load_state_dict(saved_optimizer)  # the groups' LRs too
     return records
 
 

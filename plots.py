@@ -101,7 +101,6 @@ def plot_curves(run_dir, path=None):
     return path
 
 
-
 def plot_lr_find(records, suggestions, head_lr, path):
     """lr_find.png: loss (raw and smoothed) against the head's LR, log scale, the suggestions marked."""
     import matplotlib

@@ -95,7 +95,7 @@ class OnnxPredictor(Predictor):
     """The same predictions from an exported model.onnx through onnxruntime (CPU), with the preprocessing that
     export.py wrote beside it (preprocess.json): no kit checkpoint or PyTorch model involved."""
 
-    def __init__(self, onnx_path, device="cpu"):
+    def __init__(self, onnx_path):
         import onnxruntime
 
         spec_path = os.path.join(os.path.dirname(os.path.abspath(onnx_path)), "preprocess.json")
