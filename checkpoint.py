@@ -9,6 +9,7 @@ config.json (the resolved settings, the split's identity, the world size), class
 training images, so evaluation can refuse an overlapping split), metrics.csv, summary.json, tb/, curves.png.
 """
 import csv
+import dataclasses
 import errno
 import io
 import json
@@ -17,17 +18,21 @@ import random
 import re
 import shutil
 import signal
+import socket
 import sys
 import threading
+import time
 
 import numpy as np
 import torch
 
+import distributed
 import model_utils
 import presets
 from engine import TrainingError
 
-RUN_MARKERS = ("config.json", "last.pth", "best.pth", "metrics.csv")
+CLAIM_FILE = "run.claim"  # created exclusively: the one step that makes a folder this run's
+RUN_MARKERS = (CLAIM_FILE, "config.json", "last.pth", "best.pth", "metrics.csv")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,15 +95,20 @@ class BackgroundWriter:
     def __init__(self):
         self.thread, self.error = None, None
 
-    def submit(self, obj, path):
+    def submit(self, obj, *paths, after=None):
+        """Write obj to each path in turn, then call after() (e.g. remove older files, now that the new one is
+        safe)."""
         self.wait()
         snapshot = cpu_copy(obj)  # taken now: the training step that follows changes the live tensors
-        self.thread = threading.Thread(target=self._write, args=(snapshot, path), name="checkpoint-writer")
+        self.thread = threading.Thread(target=self._write, args=(snapshot, paths, after), name="checkpoint-writer")
         self.thread.start()
 
-    def _write(self, obj, path):
+    def _write(self, obj, paths, after):
         try:
-            save_atomic(obj, path)
+            for path in paths:
+                save_atomic(obj, path)
+            if after is not None:
+                after()
         except BaseException as e:  # noqa: BLE001 - handed to the training thread, which raises it
             self.error = e
 
@@ -152,8 +162,8 @@ class GracefulStop:
         self.signum = signum
         signal.signal(signal.SIGINT, signal.default_int_handler)  # the next Ctrl-C raises KeyboardInterrupt
         if not self.quiet:
-            print(f"\n{signal.Signals(signum).name}: stopping after this step (Ctrl-C again to abort now)",
-                  file=sys.stderr, flush=True)
+            print(f"\n{signal.Signals(signum).name}: stopping after this step"
+                  + (" (Ctrl-C again to abort now)" if signum == signal.SIGINT else ""), file=sys.stderr, flush=True)
 
     @property
     def requested(self):
@@ -209,11 +219,24 @@ def run_folders(out_dir, exp):
 
 
 def new_run_dir(out_dir, exp):
-    """out_dir/exp, or the first of exp_2, exp_3, ... that holds no run: a new run never overwrites an old one."""
+    """Claim out_dir/exp, or the first of exp_2, exp_3, ... that holds no run, for a new run: a new run never
+    overwrites an old one, and runs started at the same moment (a sweep's workers, a job array) never share a
+    folder. The claim is one exclusive, atomic step (O_CREAT | O_EXCL of the folder's run.claim): of two
+    processes that reach the same folder together, exactly one creates it; the other moves on to the next name."""
     for n in range(1, 10_000):
         folder = os.path.join(out_dir, exp if n == 1 else f"{exp}_{n}")
-        if not holds_run(folder):
-            return folder
+        if holds_run(folder):
+            continue
+        try:
+            os.makedirs(folder, exist_ok=True)
+            fd = os.open(os.path.join(folder, CLAIM_FILE), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            continue  # claimed by another run between the check and here
+        except OSError as e:
+            raise presets.ConfigError(f"cannot write to the output folder {folder}: {e.strerror}") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(f"pid {os.getpid()} on {socket.gethostname()} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        return folder
     raise presets.ConfigError(f"{out_dir} holds 9,999 runs of {exp}: clean it up")
 
 
@@ -277,26 +300,88 @@ def resume_settings(ckpt, cfg, explicit, path):
     return merged, notes
 
 
-def restore(ckpt, path, model, optimizer, scheduler, scaler, mixer, loader, ema, stopper, rank, world):
-    """Put every piece of training state back from a last.pth; returns (loop state, notes)."""
+@dataclasses.dataclass
+class Parts:
+    """Every stateful piece of a training run: what last.pth saves and --resume puts back."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: object
+    mixer: object  # augment.MixupCutmix: its random draws
+    loader: object  # the train loader: its stream position
+    ema: object  # engine.ModelEma or None
+    stopper: object  # engine.EarlyStopping: best value, wait count, stop reason
+
+
+def training_state(parts, cfg, split_id, num_classes, rows, position):
+    """The last.pth dict. `position`: next_epoch, next_step (0 at an epoch end), tally (the unfinished epoch's
+    engine.EpochTally, or None), wall_time_s (of the run so far), finished (the run is over: its last epoch or an
+    early stop). Every rank must call it (the gathers)."""
+    tally = position["tally"]
+    ranks = distributed.gather_objects({"rng": rng_state(), "mixer_rng": parts.mixer.rng.bit_generator.state,
+                                        "tally": tally.state_dict() if tally is not None else None})
+    distributed.broadcast_buffers(parts.model)
+    if parts.ema is not None:
+        distributed.broadcast_buffers(parts.ema.module)
+    next_epoch, next_step = position["next_epoch"], position["next_step"]
+    return {"model": model_utils.export_state_dict(parts.model), "optimizer": parts.optimizer.state_dict(),
+            "scheduler": parts.scheduler.state_dict(), "scaler": parts.scaler.state_dict(),
+            "ema": parts.ema.state_dict() if parts.ema is not None else None,
+            "early_stopping": parts.stopper.state_dict(), "loader": parts.loader.state_dict(),
+            "epoch": next_epoch - 1 if next_step == 0 else next_epoch, "next_epoch": next_epoch,
+            "next_step": next_step, "rows": rows, "ranks": ranks, "wall_time_s": position["wall_time_s"],
+            "finished": position["finished"], "arch": cfg["arch"], "num_classes": num_classes, "config": cfg,
+            "split": split_id, "world_size": distributed.world()}
+
+
+def restore(ckpt, path, parts, rank, world):
+    """Put every piece of training state back from a last.pth; returns (loop state, notes). The loop state:
+    next_epoch, next_step, rows, wall_time_s and tally (this rank's unfinished-epoch sums, or None)."""
     notes = []
-    model_utils.unwrap(model).load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    scaler.load_state_dict(ckpt["scaler"])
-    if ema is not None and ckpt.get("ema") is not None:
-        ema.load_state_dict(ckpt["ema"])
-    stopper.load_state_dict(ckpt["early_stopping"])
-    loader.load_state_dict(ckpt["loader"])
+    model_utils.unwrap(parts.model).load_state_dict(ckpt["model"])
+    parts.optimizer.load_state_dict(ckpt["optimizer"])
+    parts.scheduler.load_state_dict(ckpt["scheduler"])
+    parts.scaler.load_state_dict(ckpt["scaler"])
+    if parts.ema is not None and ckpt.get("ema") is not None:
+        parts.ema.load_state_dict(ckpt["ema"])
+    parts.stopper.load_state_dict(ckpt["early_stopping"])
+    parts.loader.load_state_dict(ckpt["loader"])
     ranks = ckpt["ranks"]
+    tallies = [r.get("tally") for r in ranks]
     if len(ranks) == world:
         set_rng_state(ranks[rank]["rng"])
-        mixer.rng.bit_generator.state = ranks[rank]["mixer_rng"]
+        parts.mixer.rng.bit_generator.state = ranks[rank]["mixer_rng"]
+        tally = tallies[rank]
     else:
         notes.append(f"{path} was written by {len(ranks)} process(es), this run has {world}: the data order and crops "
                      f"continue exactly, each rank's MixUp/CutMix draws and BatchNorm batches start afresh")
-    state = {k: ckpt[k] for k in ("next_epoch", "next_step", "rows")}
-    return state, notes
+        tally = sum_tallies(tallies) if rank == 0 else None  # the epoch's sums so far, counted once
+    rows = ckpt["rows"]
+    return {"next_epoch": ckpt["next_epoch"], "next_step": ckpt["next_step"], "rows": rows,
+            "wall_time_s": ckpt.get("wall_time_s", rows[-1]["wall_time_s"] if rows else 0.0),
+            "tally": tally if ckpt["next_step"] else None}, notes
+
+
+def sum_tallies(tallies):
+    tallies = [t for t in tallies if t is not None]
+    if not tallies:
+        return None
+    total = {k: sum(t[k] for t in tallies) for k in tallies[0] if k != "seconds"}
+    return {**total, "seconds": max(t["seconds"] for t in tallies)}
+
+
+def is_finished(ckpt):
+    """A last.pth of a run that is over: its last epoch done, or stopped early (older files: inferred)."""
+    if "finished" in ckpt:
+        return ckpt["finished"]
+    return ckpt["next_epoch"] > ckpt["config"]["epochs"] or ckpt["early_stopping"].get("reason") is not None
+
+
+def keep_epoch_checkpoints(run_dir, keep):
+    """After epoch_XXX.pth is safely written: remove all but the newest `keep` of them."""
+    found = sorted(name for name in os.listdir(run_dir) if re.fullmatch(r"epoch_\d+\.pth", name))
+    for name in found[:-keep]:
+        os.remove(os.path.join(run_dir, name))
 
 
 # ---------------------------------------------------------------------------------------------

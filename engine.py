@@ -212,12 +212,26 @@ class EarlyStopping:
                                                               state["reason"])
 
 
-def train_step(model, images, labels, optimizer, scaler, mixer, amp_dtype, grad_clip=0.0, loss_weight=1.0):
+def batchnorm_stats(model):
+    """Every BatchNorm running statistic of the model (mean, var, num_batches_tracked): what a forward pass in
+    training mode changes besides the activations."""
+    return [buf for module in model_utils.unwrap(model).modules()
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.running_mean is not None
+            for buf in (module.running_mean, module.running_var, module.num_batches_tracked)]
+
+
+def train_step(model, images, labels, optimizer, scaler, mixer, amp_dtype, grad_clip=0.0, loss_weight=1.0,
+               bn_stats=None):
     """One optimizer step on one batch: mix, forward under autocast, soft-target loss, backward, clip, update.
 
     Returns (this rank's mean loss, a device bool that is true when the loss was finite on every rank, logits); a
-    non-finite step is skipped on the device (optimizer_step), never with a host read.
+    non-finite step is skipped on the device (optimizer_step), never with a host read, and leaves the model
+    exactly as it was: the forward pass has already moved BatchNorm's running statistics (a NaN pixel makes them
+    NaN, and every later evaluation with them), so they are put back from a copy taken before it. `bn_stats`:
+    batchnorm_stats(model), computed once by a caller that takes many steps ([] turns the restore off).
     """
+    bn_stats = batchnorm_stats(model) if bn_stats is None else bn_stats
+    saved = [buf.clone() for buf in bn_stats]
     images, targets = mixer(images, labels)
     with torch.autocast(images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         logits = model(images)
@@ -232,36 +246,72 @@ def train_step(model, images, labels, optimizer, scaler, mixer, amp_dtype, grad_
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer_step(optimizer, scaler, finite)
+    for buf, before in zip(bn_stats, saved):  # one select per buffer, decided on the device
+        torch.where(finite, buf, before, out=buf)
     return loss_value, finite, logits
 
 
+class EpochTally:
+    """An epoch's running figures: loss sum, correct and counted images, skipped steps and the non-finite streak
+    on the device (read only at log points), images seen and seconds spent on the host. last.pth carries it, so
+    the epoch a run resumes in reports the whole epoch, as an uninterrupted run does."""
+
+    def __init__(self, device):
+        zero = dict(device=device, dtype=torch.long)
+        self.loss_sum = torch.zeros((), device=device)
+        self.correct, self.good_images = torch.zeros((), **zero), torch.zeros((), **zero)
+        self.skipped, self.bad_streak = torch.zeros((), **zero), torch.zeros((), **zero)
+        self.seen, self.seconds_before, self.started = 0, 0.0, time.perf_counter()
+
+    def add(self, loss_value, finite, logits, labels):
+        n = labels.shape[0]
+        self.bad_streak = (self.bad_streak + 1) * (~finite)
+        self.skipped += ~finite
+        self.loss_sum += torch.where(finite, loss_value.float(), 0.0) * n
+        self.correct += ((logits.detach().argmax(1) == labels) & finite).sum()
+        self.good_images += finite * n
+        self.seen += n
+
+    def seconds(self):
+        return self.seconds_before + time.perf_counter() - self.started
+
+    TENSORS = ("loss_sum", "correct", "good_images", "skipped", "bad_streak")
+
+    def state_dict(self):
+        return {**{k: getattr(self, k).detach().cpu() for k in self.TENSORS}, "seen": self.seen,
+                "seconds": self.seconds()}
+
+    def load_state_dict(self, state):
+        for k in self.TENSORS:
+            getattr(self, k).copy_(state[k])
+        self.seen, self.seconds_before, self.started = state["seen"], state["seconds"], time.perf_counter()
+
+
 def train_one_epoch(model, loader, optimizer, scheduler, scaler, mixer, amp_dtype, cfg, epoch, start_step=0,
-                    stop=None, on_step=None, ema=None, trainable="all"):
-    """One pass over the loader (the rest of it when resuming at start_step).
+                    stop=None, on_step=None, ema=None, trainable="all", tally=None, guard_bn=True):
+    """One pass over the loader (the rest of it when resuming at start_step, with that epoch's `tally` so far).
 
     Returns the epoch's statistics (summed over ranks) plus 'steps_done' (in this epoch, counting start_step) and
     'completed' (False when `stop` ended it before its last step). `on_step(steps_done)` runs after every
-    optimizer step.
+    optimizer step; `tally` (an EpochTally, updated in place) is what a mid-epoch checkpoint saves.
     `trainable` (all | layer4+head | head) keeps frozen parts' BatchNorm as cfg["frozen_bn"] says.
     Nothing here waits on the device except at log points: sums, counts and the non-finite-loss streak live in
     device tensors until then. Under torchrun every rank skips the same non-finite steps and stops at the same
     log point, and a short last step's loss is weighted so the update is the mean over the whole global batch.
+    guard_bn=False skips train_step's BatchNorm restore (bench.py measures its cost with it).
     """
     from tqdm import tqdm
 
     device = next(model.parameters()).device
     world = distributed.world()
     model_utils.set_train_mode(model, trainable, cfg.get("frozen_bn", "eval"))
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    good_images = torch.zeros((), device=device, dtype=torch.long)
-    bad_streak = torch.zeros((), device=device, dtype=torch.long)  # consecutive non-finite losses
-    skipped = torch.zeros((), device=device, dtype=torch.long)
-    seen, steps_done, warned = 0, start_step, 0
+    bn_stats = batchnorm_stats(model) if guard_bn else []
+    tally = EpochTally(device) if tally is None else tally
+    tally.started = time.perf_counter()
+    steps_done, warned, seen_before = start_step, 0, tally.seen
     max_bad, every_ema = cfg.get("max_bad_steps", 10), cfg.get("ema_every", 1)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
     show = cfg.get("progress", True) and os.environ.get("CI") != "true" and distributed.is_main()
     bar = tqdm(total=len(loader), initial=start_step, desc=f"epoch {epoch}", unit="step", leave=False,
                dynamic_ncols=True, disable=not show)
@@ -271,23 +321,19 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, mixer, amp_dtyp
         # DDP averages over ranks: a short last step's ranks weight their mean by their share of the global batch.
         weight = 1.0 if world == 1 else n * world / loader.plan.global_images(steps_done)
         loss_value, finite, logits = train_step(model, images, labels, optimizer, scaler, mixer, amp_dtype,
-                                                cfg["grad_clip"], weight)
+                                                cfg["grad_clip"], weight, bn_stats)
         scheduler.step()
         steps_done += 1
         if ema is not None and steps_done % every_ema == 0:
             ema.update(model)
-        bad_streak = (bad_streak + 1) * (~finite)
-        skipped += ~finite
-        loss_sum += torch.where(finite, loss_value.float(), 0.0) * n
-        correct += ((logits.detach().argmax(1) == labels) & finite).sum()
-        good_images += finite * n
-        seen += n
+        tally.add(loss_value, finite, logits, labels)
         log_point = steps_done % cfg["log_every"] == 0 or steps_done == len(loader)
         if log_point:
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            rate = seen * world / (time.perf_counter() - start)
-            streak, n_skipped, n_good = bad_streak.item(), skipped.item(), max(good_images.item(), 1)
+            rate = (tally.seen - seen_before) * world / (time.perf_counter() - tally.started)
+            streak, n_skipped = tally.bad_streak.item(), tally.skipped.item()
+            n_good = max(tally.good_images.item(), 1)
             if n_skipped > warned and distributed.is_main():
                 print(f"\nwarning: {n_skipped} non-finite losses so far in epoch {epoch} (step {steps_done}); "
                       f"their updates were skipped", file=sys.stderr, flush=True)
@@ -295,8 +341,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, mixer, amp_dtyp
             if streak >= max_bad:
                 raise TrainingError(f"{streak} non-finite losses in a row (epoch {epoch}, step {steps_done}): "
                                     f"stopping; the last good checkpoint is kept (lower the LR, or --amp off)")
-            bar.set_postfix(loss=f"{loss_sum.item() / n_good:.3f}", acc=f"{correct.item() / n_good:.3f}",
-                            img_s=f"{rate:.0f}")
+            bar.set_postfix(loss=f"{tally.loss_sum.item() / n_good:.3f}",
+                            acc=f"{tally.correct.item() / n_good:.3f}", img_s=f"{rate:.0f}")
             bar.update(steps_done - bar.n)
         if on_step is not None:
             on_step(steps_done)
@@ -308,11 +354,12 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, mixer, amp_dtyp
     bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
-    totals = distributed.sum_(torch.stack([loss_sum, correct.float(), good_images.float(), skipped.float()]))
+    elapsed = tally.seconds()
+    totals = distributed.sum_(torch.stack([tally.loss_sum, tally.correct.float(), tally.good_images.float(),
+                                           tally.skipped.float()]))
     n_good = max(totals[2].item(), 1)
     stats = {"train_loss": totals[0].item() / n_good, "train_acc": totals[1].item() / n_good,
-             "train_images_per_s": seen * world / elapsed, "train_time_s": elapsed,
+             "train_images_per_s": tally.seen * world / elapsed, "train_time_s": elapsed,
              "skipped_steps": int(totals[3].item()) // world, "steps_done": steps_done,
              "completed": steps_done >= len(loader)}
     if device.type == "cuda":

@@ -96,8 +96,14 @@ def plot_curves(run_dir, path=None):
         ax.grid(alpha=0.3)
     fig.suptitle(os.path.basename(os.path.normpath(run_dir)) + f" ({len(epochs)} epochs)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    tmp = f"{path}.tmp.{os.getpid()}.png"  # written whole, then renamed: a kill mid-write leaves no half picture
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return path
 
 

@@ -14,6 +14,7 @@ bias parameters) with a linear warmup then cosine decay to zero, stepped every i
 """
 import copy
 import json
+import sys
 
 DEFAULT_EXP = "r18_pretrain_main"  # run 3 of the report, the kit's default
 
@@ -77,6 +78,8 @@ SETTINGS = {
     "name": (None, "run folder name (default: the preset name)"),
     "resume": (None, "a last.pth, or 'auto' for the run folder's own (a fresh start if there is none yet)"),
     "save_every_steps": (0, "also write last.pth every N steps inside an epoch (0: only at epoch ends)"),
+    "keep_checkpoints": (0, "also keep the newest N epoch-end checkpoints as epoch_XXX.pth beside last.pth (0: only "
+                            "last.pth); --resume takes any of them"),
     "save_interval_s": (0.0, "write last.pth at most every N seconds (0: every epoch; always at the end and on "
                              "a signal)"),
     "max_bad_steps": (10, "stop after this many non-finite losses in a row (their updates are skipped)"),
@@ -93,7 +96,21 @@ CHOICES = dict(loader=("dali", "torch"), arch=("resnet18", "resnet34", "resnet50
 # Other kits' names for a setting, and the old names of trainable's values (freeze=layer4 trains layer4 + head).
 KEY_ALIASES = {"output_dir": "out_dir", "num_workers": "workers", "freeze": "trainable", "data_dir": "data_root",
                "experiment_name": "name"}
-VALUE_ALIASES = {"trainable": {"none": "all", "layer4": "layer4+head"}, "amp": {"0": "off", "1": "auto"}}
+VALUE_ALIASES = {"trainable": {"none": "all", "layer4": "layer4+head"},
+                 "amp": {"0": "off", "1": "auto", "false": "off", "true": "auto"}}  # YAML reads `amp: off` as false
+# Other kits' shorthands for several settings at once (flags and config-file keys alike): name -> (meaning, expand).
+SHORTHANDS = {  # the first of the freeze shorthands given decides, as in the transfer-learning reference
+    "lr": ("one LR for backbone and head (= --lr_backbone LR --lr_fc LR)",
+           lambda v: {"lr_backbone": v, "lr_fc": v}),
+    "scratch": ("train from random init (= --pretrained false)", lambda v: {"pretrained": not v}),
+    "gpu": ("train on GPU N (= --device cuda:N)", lambda v: {"device": f"cuda:{v}"}),
+    "unfreeze_all": ("= --trainable all", lambda v: {"trainable": "all"} if v else {}),
+    "unfreeze_last": ("= --trainable layer4+head", lambda v: {"trainable": "layer4+head"} if v else {}),
+    "freeze_backbone": ("= --trainable head", lambda v: {"trainable": "head"} if v else {}),
+}
+# What a setting whose default is None takes, for its error message.
+EXPECTED = {"weights": "a path or null", "name": "a folder name or null", "resume": "a last.pth, auto or null",
+            "stage_lrs": "LRs from the head down: a list or comma-separated numbers, or null"}
 # Settings a resumed run keeps from its checkpoint: a command line that asks for another value is refused, since
 # the run would become another run. Any other setting (workers, device, amp, eval cadence, data_root when the split
 # is the same, ...) may change on resume; the change is printed.
@@ -102,6 +119,9 @@ RUN_DEFINING = ("loader", "img_size", "crop_scale_min", "cache", "drop_last", "a
                 "lr_backbone", "lr_fc", "layer_decay", "stage_lrs", "weight_decay", "momentum", "warmup_epochs",
                 "schedule", "min_lr_ratio", "grad_clip", "label_smoothing", "mixup_alpha", "cutmix_alpha",
                 "mix_switch_prob", "ema_decay", "ema_every", "ema_warmup", "monitor", "seed")
+# How a process is launched, not what the run is: never written into a run's config.json, ignored when read from a
+# config file (a shared config.json must rerun its run, not continue whatever run has that name elsewhere).
+LAUNCH_KEYS = ("resume",)
 RECORD_KEYS = ("exp", "split", "world_size")  # written into config.json by a run; accepted back from it
 
 _finetune = dict(pretrained=True, epochs=240, batch_size=96, lr_backbone=2e-4, lr_fc=4e-3, weight_decay=5e-5,
@@ -150,9 +170,29 @@ def canonical(key, value, where="setting"):
     key = KEY_ALIASES.get(key.replace("-", "_"), key.replace("-", "_"))
     if key not in DEFAULTS:
         raise ConfigError(f"unknown {where} '{key}'; valid settings: {', '.join(DEFAULTS)}")
+    default = DEFAULTS[key]
+    if (default is None or isinstance(default, str)) and not isinstance(value, str) and value is not None:
+        # A text setting written as YAML/JSON numbers, booleans or a list (amp: 0, stage_lrs: [1e-3, 1e-4]):
+        # the text the command line would carry, so both accept the same values.
+        if isinstance(value, (list, tuple)):
+            value = ",".join(str(v) for v in value)
+        elif isinstance(value, (bool, int, float)):
+            value = str(value).lower()
     if isinstance(value, str) and key in VALUE_ALIASES:
-        value = VALUE_ALIASES[key].get(value, value)
+        value = VALUE_ALIASES[key].get(value.lower(), value)
     return key, value
+
+
+def expand_shorthands(values):
+    """{setting: value} with SHORTHANDS (lr, scratch, gpu, freeze_backbone, ...) replaced by the settings they mean;
+    a setting given itself wins over a shorthand's."""
+    given = {k.replace("-", "_"): v for k, v in values.items()}
+    out = {k: v for k, v in values.items() if k.replace("-", "_") not in SHORTHANDS}
+    for key, (_, expand) in SHORTHANDS.items():
+        if key in given:
+            for setting, setting_value in expand(given[key]).items():
+                out.setdefault(setting, setting_value)
+    return out
 
 
 def check_type(key, value, where):
@@ -172,7 +212,7 @@ def check_type(key, value, where):
     else:
         ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
     if not ok:
-        wanted = "a path or null" if default is None else kind.__name__
+        wanted = EXPECTED.get(key, "text or null") if default is None else kind.__name__
         raise ConfigError(f"{where}: {key}={value!r} is not a valid value (expected {wanted})")
     return float(value) if kind is float else value
 
@@ -201,8 +241,8 @@ def validate(cfg):
         if cfg[key] <= 0:
             raise ConfigError(f"{key} must be > 0 (got {cfg[key]})")
     for key in ("lr_backbone", "lr_fc", "weight_decay", "mixup_alpha", "cutmix_alpha", "warmup_epochs", "grad_clip",
-                "workers", "min_lr_ratio", "label_smoothing", "save_every_steps", "save_interval_s", "freeze_epochs",
-                "early_stop_patience", "min_delta", "layer_decay"):
+                "workers", "keep_checkpoints", "min_lr_ratio", "label_smoothing", "save_every_steps", "save_interval_s",
+                "freeze_epochs", "early_stop_patience", "min_delta", "layer_decay"):
         if cfg[key] < 0:
             raise ConfigError(f"{key} must be >= 0 (got {cfg[key]})")
     if cfg["img_size"] < 32:
@@ -250,9 +290,13 @@ def load_config_file(path):
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of settings (key: value)")
     out = {}
-    for key, value in flatten(data).items():
+    for key, value in expand_shorthands(flatten(data)).items():
         if key in RECORD_KEYS:
             out[key] = value
+            continue
+        if key in LAUNCH_KEYS:
+            print(f"note: {path}: '{key}' says how a process is launched, not what the run is: ignored here (pass "
+                  f"--{key} on the command line)", file=sys.stderr)
             continue
         try:
             key, value = canonical(key, value, where=f"setting in {path}")

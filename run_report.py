@@ -5,7 +5,6 @@ estimate, the epoch line with its ETA, and the final train / val / test table of
     summary = run_report.finish(...)   # best.pth on train (val transform), val and test -> summary.json
 """
 import copy
-import json
 import math
 import os
 import sys
@@ -13,7 +12,6 @@ import time
 
 import torch
 
-import checkpoint
 import data_utils
 import distributed
 import engine
@@ -149,9 +147,8 @@ def finish(cfg, run_dir, rows, stopper, ema, device, amp_dtype, classes, eval_ba
     table = {split: table[split] for split in ("train", "val", "test") if split in table}
     summary = {"best": best, "splits": table, "epochs_run": rows[-1]["epoch"] if rows else 0,
                "early_stop": stop_reason, "wall_time_s": rows[-1]["wall_time_s"] if rows else 0.0,
-               "ema": bool(ema)}
+               "ema": ema}
     if rank == 0:
-        checkpoint.write_text_atomic(json.dumps(summary, indent=1) + "\n", os.path.join(run_dir, "summary.json"))
         print("| split | top-1 | mean per-class | images |\n|---|---|---|---|")
         for split, m in table.items():
             print(f"| {split} | {m['top1']:.4f} | {m['mean_class_acc']:.4f} | {m['images']} |")

@@ -12,8 +12,7 @@ import random
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
-from PIL import Image
-
+import splits
 from splits import IMAGE_EXTENSIONS, IMAGES_DIR
 
 EXCLUDED_CLASSES = ("BACKGROUND_Google",)  # clutter, not a class (torchvision drops it too)
@@ -26,12 +25,15 @@ class PrepareError(Exception):
 
 
 def check_image(path):
-    """None if the file decodes fully in a format DALI reads, else the reason it does not."""
+    """None if the file decodes fully in a format DALI reads (and is within splits.max_image_pixels()), else the
+    reason it does not."""
     try:
-        with Image.open(path) as img:
+        with splits.open_image(path) as img:
             fmt = img.format
             img.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except splits.DataError as e:
+        return str(e).split(": ", 1)[-1]
+    except (OSError, SyntaxError, ValueError) as e:
         return f"{type(e).__name__}: {e}"
     if fmt not in DECODABLE_FORMATS:
         return f"unsupported format {fmt}"

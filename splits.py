@@ -13,6 +13,8 @@ log-uniform in [3/4, 4/3], 10 attempts, then a central fallback).
 import hashlib
 import json
 import os
+import re
+import warnings
 
 import numpy as np
 
@@ -135,31 +137,69 @@ def _exif_transposed(img):
     return ImageOps.exif_transpose(img)
 
 
-def load_rgb(path):
-    """A file as a PIL RGB image (EXIF orientation applied; grayscale, palette and CMYK converted); DataError
-    naming the file otherwise."""
+def max_image_pixels():
+    """The largest image (width x height) the kit decodes: PIL's own limit (Image.MAX_IMAGE_PIXELS, 89,478,485
+    pixels, about 9,459 x 9,459; a user may change it before importing the kit). Larger files are refused from
+    their header: a 0.9 MB PNG can claim 30,000 x 30,000 pixels, 2.7 GB decoded."""
     from PIL import Image
 
-    try:
-        with Image.open(path) as img:
+    return Image.MAX_IMAGE_PIXELS
+
+
+class open_image:
+    """`with open_image(path) as img`: a PIL image opened lazily from its header, refused (DataError naming the file)
+    when it is not a readable image or has more pixels than max_image_pixels(), before anything is decoded."""
+
+    def __init__(self, path):
+        self.path, self.img = path, None
+
+    def __enter__(self):
+        from PIL import Image
+
+        try:
+            with warnings.catch_warnings():  # PIL warns between its limit and twice it; the kit refuses those
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                self.img = Image.open(self.path)
+        except Image.DecompressionBombError as e:  # PIL's own refusal, at twice its limit
+            claimed = re.search(r"\((\d+) pixels\)", str(e))
+            raise self.too_large(f"{int(claimed.group(1)):,} pixels" if claimed else "the image") from None
+        except (OSError, SyntaxError, ValueError) as e:  # PIL raises all three for broken or foreign files
+            raise DataError(f"cannot decode {self.path}: not a readable image ({e})") from None
+        width, height = self.img.size
+        if max_image_pixels() and width * height > max_image_pixels():
+            self.img.close()
+            raise self.too_large(f"{width:,} x {height:,} pixels")
+        return self.img
+
+    def too_large(self, size):
+        return DataError(f"cannot decode {self.path}: {size} is over the {max_image_pixels():,}-pixel limit "
+                         f"(PIL.Image.MAX_IMAGE_PIXELS); not decoded")
+
+    def __exit__(self, *exc):
+        self.img.close()
+
+
+def load_rgb(path):
+    """A file as a PIL RGB image (EXIF orientation applied; grayscale, palette and CMYK converted); DataError
+    naming the file otherwise, and for images over max_image_pixels(), never decoded."""
+    with open_image(path) as img:
+        try:
             return _exif_transposed(img).convert("RGB")
-    except (OSError, SyntaxError, ValueError) as e:  # PIL raises all three for broken or foreign files
-        raise DataError(f"cannot decode {path}: not a readable image ({e})") from None
+        except (OSError, SyntaxError, ValueError) as e:
+            raise DataError(f"cannot decode {path}: not a readable image ({e})") from None
 
 
 def image_sizes(root, files):
     """(heights, widths) as int64 arrays, from the file headers (no decode), after EXIF orientation."""
-    from PIL import Image
-
     heights, widths = np.empty(len(files), np.int64), np.empty(len(files), np.int64)
     for i, name in enumerate(files):
         path = os.path.join(root, name)
-        try:
-            with Image.open(path) as img:
-                width, height = img.size
+        with open_image(path) as img:
+            width, height = img.size
+            try:
                 orientation = img.getexif().get(0x0112, 1)  # 5-8: stored rotated by 90 degrees
-        except (OSError, SyntaxError, ValueError) as e:
-            raise DataError(f"cannot read {path}: not a readable image ({e})") from None
+            except (OSError, SyntaxError, ValueError) as e:
+                raise DataError(f"cannot read {path}: not a readable image ({e})") from None
         heights[i], widths[i] = (width, height) if orientation in (5, 6, 7, 8) else (height, width)
     return heights, widths
 

@@ -35,8 +35,9 @@ import run_report
 import splits
 
 KIT_ERRORS = (presets.ConfigError, splits.DataError, model_utils.ModelError, engine.TrainingError)
-FLAG_ALIASES = {"out_dir": ["--output_dir"], "workers": ["--num_workers"], "trainable": ["--freeze"],
-                "data_root": ["--data_dir"], "name": ["--experiment_name"]}
+FLAG_ALIASES = {}  # setting -> its other kits' flags: presets.KEY_ALIASES read the other way
+for _alias, _key in presets.KEY_ALIASES.items():
+    FLAG_ALIASES.setdefault(_key, []).append(f"--{_alias}")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -56,10 +57,10 @@ def _optional_str(text):
     return None if text.lower() in ("", "none", "null") else text
 
 
-def _gpu(text):
+def _gpu_index(text):
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"expected a GPU index, got {text!r}")
-    return f"cuda:{text}"
+    return int(text)
 
 
 def get_args_parser():
@@ -87,17 +88,12 @@ def get_args_parser():
         hyphenated = [n.replace("_", "-") for n in names if "_" in n]
         if hyphenated:  # --batch-size etc.: accepted, not listed twice
             parser.add_argument(*hyphenated, help=argparse.SUPPRESS, **common)
-    other = parser.add_argument_group("flags of the kits this one replaces")
-    other.add_argument("--scratch", dest="pretrained", action="store_const", const=False, default=argparse.SUPPRESS,
-                       help="train from random init (= --pretrained false)")
-    other.add_argument("--gpu", dest="device", type=_gpu, default=argparse.SUPPRESS, metavar="N",
-                       help="train on GPU N (= --device cuda:N)")
-    other.add_argument("--lr", type=float, default=argparse.SUPPRESS,
-                       help="one LR for backbone and head (= --lr_backbone LR --lr_fc LR)")
-    for flag, meaning in (("--freeze-backbone", "head"), ("--unfreeze-last", "layer4+head"),
-                          ("--unfreeze-all", "all")):
-        other.add_argument(flag, dest=flag[2:].replace("-", "_"), type=_bool, nargs="?", const=True,
-                           default=argparse.SUPPRESS, metavar="BOOL", help=f"= --trainable {meaning}")
+    other = parser.add_argument_group("flags of the kits this one replaces (config files take them too)")
+    for key, (meaning, _) in presets.SHORTHANDS.items():
+        kind = dict(type=float) if key == "lr" else dict(type=_gpu_index, metavar="N") if key == "gpu" else \
+            dict(type=_bool, nargs="?", const=True, metavar="BOOL")
+        names = [f"--{key}"] + ([f"--{key.replace('_', '-')}"] if "_" in key else [])
+        other.add_argument(*names, dest=key, default=argparse.SUPPRESS, help=meaning, **kind)
     other.add_argument("--print_model", "--print-model", type=_bool, nargs="?", const=True, default=False,
                        metavar="BOOL", help="print the ImageNet-shaped model and the adapted one, what trains under "
                                             "--freeze, the parameter counts; then exit")
@@ -108,16 +104,7 @@ def settings_from_args(args):
     """(preset name or None, config file or None, {setting: value} given as flags, print_model) from parsed args."""
     values = vars(args).copy()
     exp, config, print_model = values.pop("exp", None), values.pop("config", None), values.pop("print_model")
-    lr = values.pop("lr", None)
-    if lr is not None:
-        values.setdefault("lr_backbone", lr)
-        values.setdefault("lr_fc", lr)
-    freeze = {k: values.pop(k) for k in ("freeze_backbone", "unfreeze_last", "unfreeze_all") if k in values}
-    if freeze:
-        trainable = "all" if freeze.get("unfreeze_all") else "layer4+head" if freeze.get("unfreeze_last") else \
-            "head" if freeze.get("freeze_backbone") else "all"
-        values.setdefault("trainable", trainable)
-    return exp, config, values, print_model
+    return exp, config, presets.expand_shorthands(values), print_model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,9 +195,55 @@ def main(cfg, explicit=None):
     batch, eval_batch = check_world(cfg, world, device)
     distributed.init(device)
     try:
+        if ckpt is not None and checkpoint.is_finished(ckpt):
+            return finished_run(cfg, ckpt, resume_path, device, amp_dtype, eval_batch)
         return train(cfg, device, amp_dtype, use_scaler, batch, eval_batch, resume_path, ckpt, notes)
     finally:
         distributed.cleanup()
+
+
+END_FILES = ("curves.png", "summary.json")  # written after the last epoch, summary.json last
+
+
+def finished_run(cfg, ckpt, resume_path, device, amp_dtype, eval_batch):
+    """A relaunch of a run that is over (a requeued job, --resume auto run again): one line and nothing touched, or,
+    when the end-of-run files are missing (the run was killed while writing them), those files and nothing else."""
+    run_dir = os.path.dirname(os.path.abspath(resume_path))
+    stopper = engine.EarlyStopping(cfg["monitor"])
+    stopper.load_state_dict(ckpt["early_stopping"])
+    ended = f"stopped early after epoch {ckpt['epoch']}" if stopper.reason else f"finished all {ckpt['epoch']} epochs"
+    best = f"best {cfg['monitor']} {stopper.best:.4f} at epoch {stopper.best_epoch}"
+    missing = [name for name in END_FILES if not os.path.isfile(os.path.join(run_dir, name))]
+    log = print if distributed.is_main() else (lambda *a, **k: None)
+    if not missing:
+        log(f"{run_dir} has {ended} ({best}): nothing to do")
+        return {"exit_code": 0, "out_dir": run_dir, "best_epoch": stopper.best_epoch, "rows": ckpt["rows"]}
+    if ckpt.get("split") != splits.split_identity(cfg["data_root"]):
+        raise presets.ConfigError(f"--resume {resume_path}: the run has finished but lacks {', '.join(missing)}, and "
+                                  f"the split lists in {cfg['data_root']} are not the ones it was trained on")
+    log(f"{run_dir} has {ended} ({best}); writing its missing end-of-run files ({', '.join(missing)})")
+    classes = splits.read_class_file(os.path.join(run_dir, "classes.txt"))
+    summary = finish_run(cfg, run_dir, ckpt["rows"], stopper, device, amp_dtype, classes, eval_batch)
+    return {"exit_code": 0, "out_dir": run_dir, "best_epoch": stopper.best_epoch, "rows": ckpt["rows"],
+            "summary": summary, "best_top1": summary["best"]["val_top1"]}
+
+
+def finish_run(cfg, run_dir, rows, stopper, device, amp_dtype, classes, eval_batch):
+    """The end-of-run files: curves.png, then the train / val / test table of best.pth in summary.json (the marker
+    that the run's files are complete)."""
+    summary = run_report.finish(cfg, run_dir, rows, stopper, cfg["ema_decay"] > 0, device, amp_dtype, classes,
+                                eval_batch, stopper.reason)
+    if distributed.is_main():
+        curves = plots.plot_curves(run_dir)
+        checkpoint.write_text_atomic(json.dumps(summary, indent=1) + "\n", os.path.join(run_dir, "summary.json"))
+        print(f"done: best {cfg['monitor']} {stopper.best:.4f} at epoch {stopper.best_epoch}; weights "
+              f"{os.path.join(run_dir, 'best.pth')}; curves {curves}")
+    return summary
+
+
+def launch_free(cfg):
+    """The settings as a rerun file holds them: without those that say how a process was launched."""
+    return {k: v for k, v in cfg.items() if k not in presets.LAUNCH_KEYS}
 
 
 def train(cfg, device, amp_dtype, use_scaler, batch, eval_batch, resume_path, ckpt, notes):
@@ -240,15 +273,16 @@ def train(cfg, device, amp_dtype, use_scaler, batch, eval_batch, resume_path, ck
     frozen_phase = cfg["freeze_epochs"] > 0
     steps_per_epoch = len(train_loader)
     scheduler, total_steps, warmup_steps = build_schedule(optimizer, cfg, steps_per_epoch, frozen_stages)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    mixer = augment.MixupCutmix(num_classes, cfg["mixup_alpha"], cfg["cutmix_alpha"], cfg["mix_switch_prob"],
-                                cfg["label_smoothing"], seed=[cfg["seed"], rank])
-    ema = engine.ModelEma(model, cfg["ema_decay"], cfg["ema_every"], cfg["ema_warmup"]) if cfg["ema_decay"] else None
-    stopper = engine.EarlyStopping(cfg["monitor"], cfg["early_stop_patience"], cfg["min_delta"])
-    state = {"next_epoch": 1, "next_step": 0, "rows": []}
+    parts = checkpoint.Parts(
+        model, optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=use_scaler),
+        augment.MixupCutmix(num_classes, cfg["mixup_alpha"], cfg["cutmix_alpha"], cfg["mix_switch_prob"],
+                            cfg["label_smoothing"], seed=[cfg["seed"], rank]), train_loader,
+        engine.ModelEma(model, cfg["ema_decay"], cfg["ema_every"], cfg["ema_warmup"]) if cfg["ema_decay"] else None,
+        engine.EarlyStopping(cfg["monitor"], cfg["early_stop_patience"], cfg["min_delta"]))
+    ema, stopper = parts.ema, parts.stopper
+    state = {"next_epoch": 1, "next_step": 0, "rows": [], "wall_time_s": 0.0, "tally": None}
     if ckpt is not None:
-        state, restore_notes = checkpoint.restore(ckpt, resume_path, model, optimizer, scheduler, scaler, mixer,
-                                                  train_loader, ema, stopper, rank, world)
+        state, restore_notes = checkpoint.restore(ckpt, resume_path, parts, rank, world)
         notes += restore_notes
 
     run_dir = os.path.dirname(os.path.abspath(resume_path)) if resume_path else \
@@ -256,11 +290,10 @@ def train(cfg, device, amp_dtype, use_scaler, batch, eval_batch, resume_path, ck
                                      if main_rank else None)
     last_path, best_path = os.path.join(run_dir, "last.pth"), os.path.join(run_dir, "best.pth")
     best_loss_path = os.path.join(run_dir, "best_loss.pth")
-    record = dict(cfg, split=split_id, world_size=world)
     if main_rank:
         try:
-            os.makedirs(run_dir, exist_ok=True)
-            checkpoint.write_text_atomic(json.dumps(record, indent=2) + "\n", os.path.join(run_dir, "config.json"))
+            checkpoint.write_text_atomic(json.dumps(dict(launch_free(cfg), split=split_id, world_size=world),
+                                                    indent=2) + "\n", os.path.join(run_dir, "config.json"))
         except OSError as e:
             raise presets.ConfigError(f"cannot write to the output folder {run_dir}: {e.strerror}") from None
         checkpoint.write_text_atomic("\n".join(classes) + "\n", os.path.join(run_dir, "classes.txt"))
@@ -283,9 +316,11 @@ def train(cfg, device, amp_dtype, use_scaler, batch, eval_batch, resume_path, ck
         writer = SummaryWriter(os.path.join(run_dir, "tb"))
     background = checkpoint.BackgroundWriter()
     rows = state["rows"]
-    resumed_wall_time = rows[-1]["wall_time_s"] if rows else 0.0  # time spent before a resume
     run_start, last_save = time.perf_counter(), time.perf_counter()
     stop = checkpoint.GracefulStop(quiet=not main_rank)
+
+    def wall_time():  # of the whole run, the time before a resume included
+        return state["wall_time_s"] + time.perf_counter() - run_start
 
     def phase(epoch):  # what trains in an epoch: `trainable`, or everything after freeze_epochs (unfreezing)
         return "all" if frozen_phase and epoch > cfg["freeze_epochs"] else cfg["trainable"]
@@ -296,27 +331,18 @@ def train(cfg, device, amp_dtype, use_scaler, batch, eval_batch, resume_path, ck
     eval_model = torch.compile(model) if cfg["compile"] and world > 1 else (step_model if world == 1 else model)
     static_eval = eval_batch if cfg["compile"] else None
 
-    def last_state(next_epoch, next_step):
-        ranks = distributed.gather_objects({"rng": checkpoint.rng_state(), "mixer_rng": mixer.rng.bit_generator.state})
-        distributed.broadcast_buffers(model)
-        if ema is not None:
-            distributed.broadcast_buffers(ema.module)
-        return {"model": model_utils.export_state_dict(model), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "ema": ema.state_dict() if ema is not None else None, "early_stopping": stopper.state_dict(),
-                "epoch": next_epoch - 1 if next_step == 0 else next_epoch, "next_epoch": next_epoch,
-                "next_step": next_step, "rows": rows, "ranks": ranks, "loader": train_loader.state_dict(),
-                "arch": cfg["arch"], "num_classes": num_classes, "config": cfg, "split": split_id,
-                "world_size": world}
-
-    def save_last(next_epoch, next_step, wait=False):
-        snapshot = last_state(next_epoch, next_step)  # every rank joins the gathers
+    def save_last(next_epoch, next_step, tally=None, wait=False, finished=False):
+        snapshot = checkpoint.training_state(parts, cfg, split_id, num_classes, rows, dict(
+            next_epoch=next_epoch, next_step=next_step, tally=tally, wall_time_s=wall_time(), finished=finished))
         if main_rank:
-            background.submit(snapshot, last_path)
+            keep = cfg["keep_checkpoints"] if next_step == 0 else 0
+            extra = (os.path.join(run_dir, f"epoch_{next_epoch - 1:03d}.pth"),) if keep else ()
+            background.submit(snapshot, last_path, *extra,
+                              after=(lambda: checkpoint.keep_epoch_checkpoints(run_dir, keep)) if keep else None)
             if wait:
                 background.wait()
 
-    save_every = cfg["save_every_steps"]
+    save_every, stop_reason = cfg["save_every_steps"], None
     try:
         for epoch in range(state["next_epoch"], cfg["epochs"] + 1):
             if phase(epoch) != trainable:  # gradual unfreezing: everything trains from here
@@ -325,24 +351,28 @@ def train(cfg, device, amp_dtype, use_scaler, batch, eval_batch, resume_path, ck
                 step_model = step_model_for(model, cfg, device, world)  # DDP must see the new trainable set
                 eval_model = step_model if world == 1 else eval_model
                 log(f"epoch {epoch}: unfreezing every stage (the backbone's LR warms up from here)")
-            start_step = state["next_step"] if epoch == state["next_epoch"] else 0
-            on_step = (lambda done, e=epoch: save_last(e, done) if done % save_every == 0 and done < steps_per_epoch
-                       else None) if save_every else None
-            stats = engine.train_one_epoch(step_model, train_loader, optimizer, scheduler, scaler, mixer, amp_dtype,
-                                           cfg, epoch, start_step=start_step, stop=stop, on_step=on_step, ema=ema,
-                                           trainable=trainable)
+            tally = engine.EpochTally(device)
+            start_step = 0
+            if epoch == state["next_epoch"] and state["next_step"]:  # resuming inside this epoch
+                start_step = state["next_step"]
+                if state["tally"] is not None:
+                    tally.load_state_dict(state["tally"])
+            on_step = (lambda done, e=epoch, t=tally: save_last(e, done, t)
+                       if done % save_every == 0 and done < steps_per_epoch else None) if save_every else None
+            stats = engine.train_one_epoch(step_model, train_loader, optimizer, scheduler, parts.scaler, parts.mixer,
+                                           amp_dtype, cfg, epoch, start_step=start_step, stop=stop, on_step=on_step,
+                                           ema=ema, trainable=trainable, tally=tally)
             if not stats["completed"]:  # stopped by a signal mid-epoch: keep exactly where we are
-                save_last(epoch, stats["steps_done"], wait=True)
+                save_last(epoch, stats["steps_done"], tally, wait=True)
                 return checkpoint.stopped(stop.signum or signal.SIGTERM, cfg, epoch, stats["steps_done"], last_path,
                                           main_rank)
             row = {"epoch": epoch, **{k: v for k, v in stats.items() if k not in ("steps_done", "completed")},
                    **{f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}}
-            stop_reason = None
             if epoch % cfg["eval_every"] == 0 or epoch == cfg["epochs"]:
                 stop_reason = evaluate_epoch(cfg, epoch, row, model, eval_model, ema, val_loader, num_classes,
                                              amp_dtype, stopper, static_eval, best_path, best_loss_path, rows,
                                              main_rank)
-            row["wall_time_s"] = resumed_wall_time + time.perf_counter() - run_start
+            row["wall_time_s"] = wall_time()
             rows.append(row)
             if main_rank:
                 for key, value in row.items():  # train_loss -> train/loss, lr_head_decay -> lr/head_decay, ...
@@ -351,25 +381,34 @@ def train(cfg, device, amp_dtype, use_scaler, batch, eval_batch, resume_path, ck
                 writer.flush()
                 checkpoint.write_metrics(rows, os.path.join(run_dir, "metrics.csv"))
             stopping = distributed.any_rank(stop.requested, device)  # the ranks agree once per epoch
-            final = epoch == cfg["epochs"] or stop_reason is not None or stopping
-            if final or time.perf_counter() - last_save >= cfg["save_interval_s"]:
-                save_last(epoch + 1, 0, wait=final)
+            finished = epoch == cfg["epochs"] or stop_reason is not None
+            if finished or stopping or cfg["keep_checkpoints"] or \
+                    time.perf_counter() - last_save >= cfg["save_interval_s"]:
+                save_last(epoch + 1, 0, wait=finished or stopping, finished=finished)
                 last_save = time.perf_counter()
             log(run_report.epoch_line(cfg, epoch, stats, row, stopper, ema, run_start, state), flush=True)
             if stop_reason is not None:
                 log(f"early stop after epoch {epoch}: {stop_reason}")
                 break
-            if stopping and epoch < cfg["epochs"]:
+            if stopping and not finished:
                 return checkpoint.stopped(stop.signum or signal.SIGTERM, cfg, epoch + 1, 0, last_path, main_rank)
+        if writer is not None:
+            writer.close()
+            writer = None
+        if main_rank:
+            background.wait()
+        # last.pth says the run is finished: a signal now lets this work complete first, and a kill leaves a run
+        # whose --resume writes the missing files (finished_run).
+        summary = finish_run(cfg, run_dir, rows, stopper, device, amp_dtype, classes, eval_batch)
+        if stop.requested:
+            log(f"{signal.Signals(stop.signum).name} arrived during the end-of-run work: it was finished first; the "
+                f"run is complete")
     finally:
         stop.restore()
         if writer is not None:
             writer.close()
         if main_rank:
             background.wait()
-    summary = run_report.finish(cfg, run_dir, rows, stopper, ema, device, amp_dtype, classes, eval_batch, stop_reason)
-    log(f"done: best {cfg['monitor']} {stopper.best:.4f} at epoch {stopper.best_epoch}; weights {best_path}"
-        + (f"; curves {plots.plot_curves(run_dir)}" if main_rank else ""))
     return {"best_top1": summary["best"]["val_top1"], "best_epoch": stopper.best_epoch, "rows": rows,
             "out_dir": run_dir, "exit_code": 0, "summary": summary}
 
@@ -415,7 +454,7 @@ def cli(argv=None):
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         checkpoint.exit_interrupted("interrupted: stopped at once; the last checkpoint written is intact "
-                                    "(--resume auto)", 1)
+                                    "(--resume auto)")
 
 
 if __name__ == "__main__":

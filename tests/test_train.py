@@ -27,7 +27,8 @@ def same_weights(a, b):
 def test_a_run_writes_every_output(trained_run, prepared_with_test):
     run_dir = trained_run["out_dir"]
     assert sorted(os.listdir(run_dir)) == ["best.pth", "best_loss.pth", "classes.txt", "config.json", "curves.png",
-                                           "last.pth", "metrics.csv", "summary.json", "tb", "train_list.txt"]
+                                           "last.pth", "metrics.csv", "run.claim", "summary.json", "tb",
+                                           "train_list.txt"]
     config = json.load(open(os.path.join(run_dir, "config.json")))
     assert config["split"]["train"] and config["world_size"] == 1 and config["epochs"] == 3
     assert open(os.path.join(run_dir, "train_list.txt")).read() == \
@@ -41,7 +42,8 @@ def test_a_run_writes_every_output(trained_run, prepared_with_test):
     last = load(os.path.join(run_dir, "last.pth"))
     assert {"model", "optimizer", "scheduler", "scaler", "early_stopping", "ranks", "loader", "config",
             "split"} <= set(last)
-    assert last["next_epoch"] == 4 and not [f for f in os.listdir(run_dir) if ".tmp" in f]
+    assert last["next_epoch"] == 4 and last["finished"] and not [f for f in os.listdir(run_dir) if ".tmp" in f]
+    assert "resume" not in config  # how the process was launched is not part of the run
 
 
 def test_best_checkpoints_are_the_best_epochs(trained_run, prepared_with_test):
@@ -52,11 +54,12 @@ def test_best_checkpoints_are_the_best_epochs(trained_run, prepared_with_test):
     rows = trained_run["rows"]
     by_top1 = max(rows, key=lambda r: r["val_top1"])  # first of equals, as the monitor keeps it
     by_loss = min(rows, key=lambda r: r["val_loss"])
-    val = data_utils.build_loader(prepared_with_test, "val", 32, 8, torch.device("cpu"), dtype=torch.bfloat16,
-                                  workers=1)
+    amp_dtype, _ = engine.resolve_amp("auto", torch.device("cpu"))  # as the run chose: bf16 only where native
+    val = data_utils.build_loader(prepared_with_test, "val", 32, 8, torch.device("cpu"),
+                                  dtype=amp_dtype or torch.float32, workers=1)
     for name, row in (("best.pth", by_top1), ("best_loss.pth", by_loss)):
         model = model_utils.load_trained(os.path.join(trained_run["out_dir"], name), 3)
-        m = engine.evaluate(model.to(memory_format=torch.channels_last), val, 3, torch.bfloat16)
+        m = engine.evaluate(model.to(memory_format=torch.channels_last), val, 3, amp_dtype)
         assert m["val_loss"] == row["val_loss"] and m["val_top1"] == row["val_top1"], name
     summary = json.load(open(os.path.join(trained_run["out_dir"], "summary.json")))
     assert summary["best"]["epoch"] == by_top1["epoch"]
@@ -152,10 +155,10 @@ def test_resume_takes_the_runs_settings_from_its_checkpoint(prepared_root, tmp_p
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
 
 
-def test_resume_refuses_a_changed_split(prepared_root, tmp_path, capfd):
+def test_resume_refuses_a_changed_split(prepared_root, tmp_path, capfd, monkeypatch):
     root = tmp_path / "root"
     shutil.copytree(prepared_root, root)
-    train.main(tiny_cfg(str(root), tmp_path / "runs", epochs=1))
+    stopped_run(tiny_cfg(str(root), tmp_path / "runs", epochs=2), at=2, monkeypatch=monkeypatch)  # unfinished
     lines = (root / "train.txt").read_text().splitlines()
     (root / "train.txt").write_text("\n".join(lines[1:]) + "\n")  # a re-split, as download.py --force would
     code, _, err = run_cli(train.cli, ["--out_dir", str(tmp_path / "runs"), "--exp", "cpu_smoke", "--resume", "auto"],
