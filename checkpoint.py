@@ -64,9 +64,10 @@ def save_atomic(obj, path):
 
 
 def write_text_atomic(text, path):
+    """A text (str) or binary (bytes) file written whole: temporary file, fsync, rename."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        with open(tmp, "w") as f:
+        with open(tmp, "wb" if isinstance(text, bytes) else "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

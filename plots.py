@@ -2,6 +2,7 @@
 
     plots.plot_curves("checkpoints/cpu_smoke")          # -> checkpoints/cpu_smoke/curves.png
 """
+import io
 import math
 import os
 
@@ -96,14 +97,10 @@ def plot_curves(run_dir, path=None):
         ax.grid(alpha=0.3)
     fig.suptitle(os.path.basename(os.path.normpath(run_dir)) + f" ({len(epochs)} epochs)")
     fig.tight_layout()
-    tmp = f"{path}.tmp.{os.getpid()}.png"  # written whole, then renamed: a kill mid-write leaves no half picture
-    try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
+    plt.close(fig)
+    checkpoint.write_text_atomic(png.getvalue(), path)  # whole or not at all: a kill mid-write leaves no half picture
     return path
 
 
