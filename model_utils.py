@@ -81,9 +81,24 @@ def load_trained(path, num_classes, arch="resnet18"):
     model = get_model(num_classes, pretrained=False, arch=arch)
     try:
         model.load_state_dict(state)
-    except RuntimeError as e:
-        raise ModelError(f"{path} does not fit a {arch}: {' '.join(str(e).split())[:300]}") from None
+    except RuntimeError:
+        raise ModelError(f"{path} does not fit a {arch}: {state_mismatch(state, model.state_dict(), num_classes)}") \
+            from None
     return model
+
+
+def state_mismatch(state, expected, num_classes):
+    """What differs between a state dict and a model's, in a few words, and which architecture it does fit."""
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    shapes = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    said = [f"{len(missing)} tensors missing (e.g. {missing[0]})" if missing else "",
+            f"{len(extra)} unexpected (e.g. {extra[0]})" if extra else "",
+            f"{len(shapes)} of another shape (e.g. {shapes[0]}: {tuple(state[shapes[0]].shape)} vs "
+            f"{tuple(expected[shapes[0]].shape)})" if shapes else ""]
+    with torch.device("meta"):  # shapes only, no memory
+        fits = [a for a in ARCHS if {k: v.shape for k, v in torchvision.models.get_model(
+            a, num_classes=num_classes).state_dict().items()} == {k: v.shape for k, v in state.items()}]
+    return ", ".join(s for s in said if s) + (f"; it fits {fits[0]} (--arch {fits[0]})" if fits else "")
 
 
 def imagenet_weights(arch):

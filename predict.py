@@ -232,7 +232,10 @@ def main(args):
         with open(args.json, "w") as f:
             json.dump({"checkpoint": args.checkpoint or args.onnx, "results": results, "failed": failures}, f,
                       indent=1)
-    print(f"{len(results)} predicted, {len(failures)} failed", file=sys.stderr)
+    overlays = sum("gradcam" in r for r in results)
+    print(f"{len(results)} predicted, {len(failures)} failed"
+          + (f"; {overlays} Grad-CAM overlay(s) in {os.path.abspath(args.out_dir)}" if args.gradcam else ""),
+          file=sys.stderr)
     return 1 if failures else 0
 
 

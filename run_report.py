@@ -90,26 +90,41 @@ def describe(cfg, log, device, amp_dtype, use_scaler, train_loader, val_loader, 
             f"= {window / steps_per_epoch:.1f} epochs")
 
 
-def estimate_duration(cfg, log, model, device, amp_dtype, batch, steps_per_epoch, val_images):
-    """Time one training step on a copy of the model with a synthetic batch, and print what the run will take."""
-
-    probe = copy.deepcopy(model_utils.unwrap(model)).train()
-    memory_format = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
-    images = torch.zeros(batch, 3, cfg["img_size"], cfg["img_size"], device=device).to(memory_format=memory_format)
+def time_step(probe, images, amp_dtype, device):
+    """Seconds of one forward + backward of the probe: the faster of two timed calls after a warm-up call (which
+    pays for kernel selection and allocation)."""
     timings = []
-    for _ in range(2):  # the first one pays for kernel selection
+    for _ in range(3):
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             probe(images).float().sum().backward()
         if device.type == "cuda":
             torch.cuda.synchronize()
         timings.append(time.perf_counter() - start)
+    return min(timings[1:])
+
+
+def estimate_duration(cfg, log, model, device, amp_dtype, batch, steps_per_epoch, val_images):
+    """Time training steps on a copy of the model with a synthetic batch (with what trains in each phase: frozen
+    epochs, then everything), and print what the run will take."""
+    probe = copy.deepcopy(model_utils.unwrap(model)).train()
+    memory_format = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
+    images = torch.zeros(batch, 3, cfg["img_size"], cfg["img_size"], device=device).to(memory_format=memory_format)
+    frozen_epochs = cfg["freeze_epochs"] or (cfg["epochs"] if cfg["trainable"] != "all" else 0)
+    step_frozen = time_step(probe, images, amp_dtype, device) if frozen_epochs else 0.0
+    probe.requires_grad_(True)
+    step_all = time_step(probe, images, amp_dtype, device) if frozen_epochs < cfg["epochs"] else 0.0
     del probe
-    step = timings[-1]
     evals = math.ceil(cfg["epochs"] / cfg["eval_every"])
-    total = step * steps_per_epoch * cfg["epochs"] + step / batch / 3 * val_images * evals  # forward ~ 1/3 step
-    log(f"estimate: {step:.2f}s per step on {device} -> about {format_duration(total)} for {cfg['epochs']} epochs "
-        f"(model time only)")
+    total = steps_per_epoch * (step_frozen * frozen_epochs + step_all * (cfg["epochs"] - frozen_epochs)) \
+        + max(step_all, step_frozen) / batch / 3 * val_images * evals  # a forward is about a third of a step
+    steps = ", ".join(f"{s:.2f}s per step {what}" for s, what in ((step_frozen, "frozen"), (step_all, "training "
+                      "everything")) if s) if frozen_epochs else f"{step_all:.2f}s per step"
+    # Short or partly frozen runs spend much of their time outside the model (data, evaluation, start-up).
+    rough = "; rough: a short or partly frozen run spends much of its time loading data and evaluating" \
+        if frozen_epochs or steps_per_epoch * cfg["epochs"] < 200 else ""
+    log(f"estimate: {steps} on {device} -> about {format_duration(total)} for {cfg['epochs']} epochs (model time "
+        f"only{rough})")
     if device.type == "cpu" and cfg["exp"] != "cpu_smoke" and total > 3600:
         log(f"note: preset {cfg['exp']} is meant for a GPU; on this CPU it would take about {format_duration(total)}: "
             f"try --exp cpu_smoke (about 12 minutes on 2 cores)")

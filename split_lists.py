@@ -12,8 +12,7 @@ import random
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
-import splits
-from splits import IMAGE_EXTENSIONS, IMAGES_DIR
+from splits import IMAGE_EXTENSIONS, IMAGES_DIR, DataError, open_image
 
 EXCLUDED_CLASSES = ("BACKGROUND_Google",)  # clutter, not a class (torchvision drops it too)
 # Formats that both DALI's decoder and PIL read; anything else is excluded at preparation time.
@@ -25,13 +24,13 @@ class PrepareError(Exception):
 
 
 def check_image(path):
-    """None if the file decodes fully in a format DALI reads (and is within splits.max_image_pixels()), else the
-    reason it does not."""
+    """None if the file decodes fully in a format DALI reads, within the kit's pixel limit
+    (splits.max_image_pixels()); else the reason it does not."""
     try:
-        with splits.open_image(path) as img:
+        with open_image(path) as img:
             fmt = img.format
             img.load()
-    except splits.DataError as e:
+    except DataError as e:
         return str(e).split(": ", 1)[-1]
     except (OSError, SyntaxError, ValueError) as e:
         return f"{type(e).__name__}: {e}"
@@ -201,6 +200,10 @@ def prepare_folder(folder, data_root=None, train_per_class=None, train_fraction=
     data_root = data_root or folder
     pre_split = os.path.isdir(os.path.join(folder, "train"))
     if not pre_split and not (train_per_class or train_fraction):
+        if (existing_split(data_root) or {}).get("folder") == folder:  # run again with no split asked for
+            print(f"{data_root} is already prepared from {folder}: nothing to do (a new split goes to a new "
+                  f"--data_root)")
+            return existing_split(data_root)
         raise PrepareError(f"{folder} has no train/ subfolder: give --train_per_class N or --train_fraction F to "
                            f"split its class folders")
     if train_fraction is not None and not 0 < train_fraction < 1:

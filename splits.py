@@ -96,8 +96,12 @@ def read_split(data_root, split):
     """(files, labels) of one split list; paths are relative to image_root(data_root)."""
     path = os.path.join(data_root, f"{split}.txt")
     if not os.path.isfile(path):
-        hint = " (prepare one with --test_per_class N)" if split == "test" else ""
-        raise DataError(f"no {split} split at {path}{hint}: run `python download.py --data_root {data_root}`")
+        if split == "test":  # a prepared root is never re-split (its runs trained on its lists): a new root
+            source = "--folder" if read_split_meta(data_root).get("image_root") else "--archive"
+            raise DataError(f"{data_root} has no test split: prepare a new root with one, e.g. `python download.py "
+                            f"--data_root NEW_ROOT {source} {image_root(data_root)} --test_per_class 10`, and "
+                            f"evaluate there; a run's own val figures stay comparable only on its own split")
+        raise DataError(f"no {split} split at {path}: run `python download.py --data_root {data_root}`")
     files, labels = read_split_lines(path)
     if not files:
         raise DataError(f"{path} lists no images: run `python download.py --data_root {data_root}` again")

@@ -451,6 +451,8 @@ def cli(argv=None):
         with dali_loader.QuietDecoderErrors():
             return main(cfg, explicit)["exit_code"]
     except KIT_ERRORS as e:
+        if distributed.env()[0] != 0:  # under torchrun every rank meets the same error: rank 0 says it
+            sys.exit(1)
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         checkpoint.exit_interrupted("interrupted: stopped at once; the last checkpoint written is intact "
