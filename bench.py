@@ -233,8 +233,9 @@ def make_model(args, device, channels_last, fused):
     return model, torch.optim.AdamW(groups, fused=fused)
 
 
-def kit_trainer(args, device, compile_model=False):
-    """A function(loader) -> train_one_epoch statistics, with the kit's model, optimizer, AMP and mixing."""
+def kit_trainer(args, device, compile_model=False, guard_bn=True):
+    """A function(loader) -> train_one_epoch statistics, with the kit's model, optimizer, AMP and mixing
+    (guard_bn=False: without the BatchNorm restore that makes a skipped step leave no trace)."""
     amp_dtype, use_scaler = engine.resolve_amp(args.amp, device)
     model, optimizer = make_model(args, device, channels_last=True, fused=True)
     step_model = torch.compile(model) if compile_model else model
@@ -243,7 +244,7 @@ def kit_trainer(args, device, compile_model=False):
     mixer = augment.MixupCutmix(101, 0.2, 1.0, seed=0)
     cfg = dict(grad_clip=0.0, log_every=10 ** 9, progress=False)
     return lambda loader: engine.train_one_epoch(step_model, loader, optimizer, scheduler, scaler, mixer, amp_dtype,
-                                                cfg, epoch=0)
+                                                cfg, epoch=0, guard_bn=guard_bn)
 
 
 def reference_epoch(model, optimizer, loader, device):
@@ -270,7 +271,7 @@ def bench_step(args, device):
     kit_images = images.to(device, dtype=amp_dtype or torch.float32, memory_format=torch.channels_last)
     plain_model, plain_opt = make_model(args, device, channels_last=False, fused=False)
     plain_batches = RepeatBatch(images.to(device), labels, args.steps)
-    variants = {"kit": kit_trainer(args, device)}
+    variants = {"kit": kit_trainer(args, device), "unguarded": kit_trainer(args, device, guard_bn=False)}
     if args.compile:
         variants["compiled"] = kit_trainer(args, device, compile_model=True)
     rounds = {name: (lambda t=trainer: t(RepeatBatch(kit_images, labels, args.steps))["train_images_per_s"])
@@ -280,7 +281,9 @@ def bench_step(args, device):
         fn()
     rates = median_rounds(args.rounds, **rounds)
     kit_name = f"kit step ({amp_dtype}, channels_last, MixUp/CutMix)"
-    rows = [row("step", kit_name, rates["kit"], "plain fp32 NCHW step", rates["plain"])]
+    rows = [row("step", kit_name, rates["kit"], "plain fp32 NCHW step", rates["plain"]),
+            row("step", "kit step (BatchNorm statistics restored on a skipped step)", rates["kit"],
+                "kit step without that restore", rates["unguarded"])]
     if args.compile:
         rows.append(row("step", kit_name + " + torch.compile", rates["compiled"], "plain fp32 NCHW step",
                         rates["plain"]))

@@ -295,6 +295,8 @@ def load_config_file(path):
             out[key] = value
             continue
         if key in LAUNCH_KEYS:
+            if value is None:
+                continue
             print(f"note: {path}: '{key}' says how a process is launched, not what the run is: ignored here (pass "
                   f"--{key} on the command line)", file=sys.stderr)
             continue

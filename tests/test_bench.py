@@ -14,10 +14,11 @@ def test_bench_reports_both_sides_and_their_ratio(prepared_root, tmp_path):
          "--workers", "1", "--steps", "1", "--rounds", "1", "--images", "8", "--device", "cpu", "--amp", "bf16",
          "--json", str(out), "--only", "data,step,e2e,eval"])
     results = bench.main(args)
-    assert [r["section"] for r in results] == ["data"] * 4 + ["step", "e2e", "e2e", "eval"]
+    assert [r["section"] for r in results] == ["data"] * 4 + ["step", "step", "e2e", "e2e", "eval"]
     assert [r["images"] for r in results if "images" in r] == [12, 12, 12, 12, 8, 8, 8]
     assert all(r["kit"] > 0 and r["plain"] > 0 for r in results)  # speed is measured by running bench.py
-    assert 0 < results[6]["cache_data_share"] < 1
+    assert results[5]["plain_name"] == "kit step without that restore"
+    assert 0 < results[7]["cache_data_share"] < 1
     assert 0 < results[1]["cache_mib"] < 1  # 12 small synthetic images
     saved = json.load(open(out))["results"]
     assert [r["kit"] for r in saved] == [r["kit"] for r in results]

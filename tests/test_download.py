@@ -160,6 +160,12 @@ def test_own_image_folders_pre_split_and_single(tmp_path, capfd):
                                                                            os.path.relpath(single, tmp_path / "lists"))
     code, _, err = run_cli(download.cli, ["--folder", str(single), "--data_root", str(tmp_path / "x")], capfd)
     one_line_error(code, err, "--train_per_class N or --train_fraction F")
+    # run again on the folder it prepared, with no split asked for: it says so
+    code, _, _ = run_cli(download.cli, ["--folder", str(single), "--train_fraction", "0.6"], capfd)
+    lists = open(single / "train.txt").read()
+    code, out, err = run_cli(download.cli, ["--folder", str(single)], capfd)
+    assert code == 0 and f"{single} is already prepared from {single}: nothing to do" in out, err
+    assert open(single / "train.txt").read() == lists
 
 
 def test_real_images_as_a_folder_give_the_archives_split(real_root, tmp_path):

@@ -113,8 +113,31 @@ def test_comparison_table(trained_run, prepared_root, tmp_path, capfd):
     assert first[head.index("train top-1")] == f"{summary['splits']['train']['top1']:.4f}"
     assert first[head.index("best epoch")] == str(summary["best"]["epoch"])
     assert [c.strip() for c in table[3].strip("|").split("|")][head.index("test top-1")] == "-"  # no test split
-    code, _, err = run_cli(evaluate.cli, ["--compare", trained_run["out_dir"], str(tmp_path / "nothing")], capfd)
-    one_line_error(code, err, "not a training run folder")
+    # `--compare checkpoints/*`: folders that are not runs (an LR finder's output) are skipped with a note each
+    (tmp_path / "cpu_smoke_lr_find").mkdir()
+    code, out, err = run_cli(evaluate.cli, ["--compare", trained_run["out_dir"], str(tmp_path / "cpu_smoke_lr_find"),
+                                            second["out_dir"]], capfd)
+    assert code == 0 and out.splitlines() == table
+    assert err.strip() == f"note: skipped {tmp_path / 'cpu_smoke_lr_find'}: not a training run folder (no metrics.csv)"
+    code, _, err = run_cli(evaluate.cli, ["--compare", str(tmp_path / "nothing")], capfd)
+    one_line_error(code, err, "none of the 1 folder(s) given is a training run folder")
+
+
+def test_a_missing_test_split_says_what_works(trained_run, prepared_root, tmp_path, capfd):
+    code, _, err = run_cli(evaluate.cli, ["--checkpoint", trained_run["out_dir"], "--data_root", prepared_root,
+                                          "--split", "test", "--out_dir", str(tmp_path)], capfd)
+    one_line_error(code, err, f"{prepared_root} has no test split: prepare a new root with one")
+    assert f"--data_root NEW_ROOT --archive {os.path.join(prepared_root, '101_ObjectCategories')} --test_per_class" \
+        in err and "comparable only on its own split" in err
+
+
+def test_bare_weights_of_another_arch_name_the_mismatch(trained_run, prepared_with_test, tmp_path, capfd):
+    paths, _ = val_paths(prepared_with_test)
+    shutil.copy(os.path.join(trained_run["out_dir"], "classes.txt"), tmp_path / "names.txt")
+    code, _, err = run_cli(predict.cli, [paths[0], "--checkpoint", os.path.join(trained_run["out_dir"], "best.pth"),
+                                         "--arch", "resnet34"], capfd)
+    one_line_error(code, err, "does not fit a resnet34: 48 tensors missing (e.g. layer1.2.bn1.bias)")
+    assert "it fits resnet18 (--arch resnet18)" in err and len(err) < 300
 
 
 def val_paths(root, count=4):
@@ -181,6 +204,7 @@ def test_predict_cli_on_a_folder(trained_run, tmp_path, capfd):
         assert len(r["topk"]) == 3 and r["gradcam"].endswith(f"_gradcam_{r['topk'][0]['class']}.png")
         with Image.open(r["gradcam"]) as overlay, Image.open(r["file"]) as original:
             assert overlay.size == original.size  # the overlay is at the original image's size
+    assert f"3 predicted, 1 failed; 3 Grad-CAM overlay(s) in {tmp_path / 'cams'}" in err  # where they went
     code, _, _ = run_cli(predict.cli, argv + ["--target", "bravo"], capfd)  # another target: other files
     assert len([f for f in os.listdir(tmp_path / "cams") if f.endswith("_bravo.png")]) >= 3
 

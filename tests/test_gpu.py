@@ -142,3 +142,23 @@ def test_the_decode_pass_releases_dali_memory(prepared_root):
     arrays = cache_loader.decode_all(data_utils.image_root(prepared_root), files, GPU, 2, True, img_size=64)
     assert len(arrays) == len(files) and arrays[0].shape == (64, 64, 3)
     dali_loader.release_unused_memory()  # callable on a GPU machine; the cache has its own copy
+
+
+def test_an_fp16_overflow_step_leaves_the_model_and_its_batchnorm_as_they_were():
+    """A forward pass that overflows in fp16 (inputs at 1e5) gives an infinite loss: GradScaler skips the update
+    and the BatchNorm statistics the forward pass moved are put back; the next evaluation is finite."""
+    torch.manual_seed(0)
+    model = model_utils.get_model(num_classes=3).to(GPU, memory_format=torch.channels_last).train()
+    optimizer = engine.build_optimizer(model_utils.param_groups(model, 1e-3, 1e-3, 1e-4),
+                                       {"optimizer": "adamw", "momentum": 0.9})
+    scaler, mixer = torch.amp.GradScaler("cuda"), augment.MixupCutmix(3, seed=0)
+    images = torch.randn(4, 3, 64, 64, device=GPU).to(memory_format=torch.channels_last)
+    labels = torch.tensor([0, 1, 2, 0], device=GPU)
+    engine.train_step(model, images, labels, optimizer, scaler, mixer, torch.float16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _, finite, _ = engine.train_step(model, images * 1e5, labels, optimizer, scaler, mixer, torch.float16)
+    assert not finite.item()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    model.eval()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
+        assert torch.isfinite(model(images)).all()

@@ -127,6 +127,35 @@ def test_other_kits_flags_and_spellings():
     assert cfg["trainable"] == "all" and cfg["lr_backbone"] == 0.01 and cfg["lr_fc"] == 0.1  # the exact flag wins
 
 
+@pytest.mark.parametrize("yaml_text,flags", [
+    ("amp: 0\n", ["--amp", "0"]), ("amp: off\n", ["--amp", "off"]), ("amp: bf16\n", ["--amp", "bf16"]),
+    ("stage_lrs: [1e-3, 1e-4]\n", ["--stage_lrs", "1e-3,1e-4"]),
+    ("stage_lrs: 1e-3,1e-4\n", ["--stage_lrs", "1e-3,1e-4"]),
+    ("lr: 1e-3\n", ["--lr", "1e-3"]), ("freeze: layer4\n", ["--freeze", "layer4"]),
+    ("freeze_backbone: true\nlr_fc: 0.1\n", ["--freeze-backbone", "--lr_fc", "0.1"]),
+    ("scratch: true\n", ["--scratch"]), ("gpu: 1\n", ["--gpu", "1"]), ("unfreeze-last: 1\n", ["--unfreeze-last", "1"]),
+    ("training:\n  lr: 0.01\n  lr_fc: 0.1\n", ["--lr", "0.01", "--lr_fc", "0.1"]),
+])
+def test_a_config_file_takes_what_the_command_line_takes(tmp_path, yaml_text, flags):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml_text)
+    from_file = presets.resolve("r18_pretrain_main", config=str(path))
+    from_flags, _ = parse("--exp", "r18_pretrain_main", *flags)
+    assert from_file == from_flags
+    assert from_flags != presets.resolve("r18_pretrain_main")  # each line really changed something
+
+
+def test_config_file_values_known_answers(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("amp: 0\nstage_lrs: [1e-3, 1e-4]\nlr: 3e-4\n")
+    cfg = presets.resolve("cpu_smoke", config=str(path))
+    assert cfg["amp"] == "off" and presets.parse_stage_lrs(cfg["stage_lrs"]) == [1e-3, 1e-4]
+    assert cfg["lr_backbone"] == cfg["lr_fc"] == 3e-4
+    path.write_text("stage_lrs: {head: 1}\n")
+    with pytest.raises(presets.ConfigError, match="expected LRs from the head down: a list or comma-separated"):
+        presets.resolve("cpu_smoke", config=str(path))
+
+
 def test_help_is_one_entry_per_setting_with_its_meaning(capsys):
     with pytest.raises(SystemExit):
         train.get_args_parser().parse_args(["--help"])

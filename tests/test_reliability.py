@@ -21,8 +21,13 @@ import predict
 import train_caltech101 as train
 from conftest import ROOT, one_line_error, run_cli, stopped_run, tiny_argv, tiny_cfg
 
+# Every stateful piece on (MixUp/CutMix, EMA, early stopping, gradual unfreezing at epoch 2, layer-wise LRs, label
+# smoothing), as in test_train.EVERYTHING.
+EVERYTHING = dict(mixup_alpha=0.2, cutmix_alpha=1.0, ema_decay=0.9, early_stop_patience=5, trainable="head",
+                  freeze_epochs=1, layer_decay=0.7, label_smoothing=0.1)
 # One image per step: 12 steps per epoch, so a signal sent right after a step's checkpoint lands inside the epoch.
-SLOW = ["--deterministic", "true", "--save_every_steps", "1", "--batch_size", "1", "--img_size", "64"]
+SLOW = ["--deterministic", "true", "--save_every_steps", "1", "--batch_size", "1", "--img_size", "64",
+        *[part for key, value in EVERYTHING.items() for part in (f"--{key}", str(value))]]
 
 
 def cli_cmd(data_root, out_dir, *extra, epochs=3):
@@ -44,6 +49,18 @@ def same_weights(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def same_training_state(run_a, run_b):
+    """Weights, EMA weights, optimizer moments and steps, early-stopping state and metrics (times aside)."""
+    a, b = (load(os.path.join(run, "last.pth")) for run in (run_a, run_b))
+    rows = [[{k: v for k, v in r.items() if not k.endswith(("_time_s", "_per_s"))} for r in
+             checkpoint.read_metrics(run)] for run in (run_a, run_b)]
+    moments_a, moments_b = a["optimizer"]["state"], b["optimizer"]["state"]
+    return (same_weights(a["model"], b["model"]) and same_weights(a["ema"]["module"], b["ema"]["module"])
+            and a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+            and all(same_weights(moments_a[k], moments_b[k]) for k in moments_a)
+            and a["early_stopping"] == b["early_stopping"] and rows[0] == rows[1])
+
+
 def wait_for(predicate, proc, timeout=120):
     deadline = time.time() + timeout
     while not predicate():
@@ -63,7 +80,8 @@ def position(run_dir):
 @pytest.fixture(scope="module")
 def straight_run(prepared_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("straight")
-    result = train.main(tiny_cfg(prepared_root, out, epochs=3, deterministic=True, batch_size=1, img_size=64))
+    result = train.main(tiny_cfg(prepared_root, out, epochs=3, deterministic=True, batch_size=1, img_size=64,
+                                 **EVERYTHING))
     return result["out_dir"]
 
 
@@ -81,8 +99,7 @@ def test_sigkill_then_resume_gives_identical_weights(straight_run, prepared_root
                              capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert f"continuing at epoch {killed_at[0]} step {killed_at[1]}" in resumed.stdout
-    assert same_weights(load(os.path.join(straight_run, "last.pth"))["model"],
-                        load(os.path.join(run_dir, "last.pth"))["model"])
+    assert same_training_state(straight_run, run_dir)
 
 
 def test_sigterm_inside_an_epoch_saves_that_step(straight_run, prepared_root, tmp_path):
@@ -102,8 +119,7 @@ def test_sigterm_inside_an_epoch_saves_that_step(straight_run, prepared_root, tm
     resumed = subprocess.run(resume_cmd(tmp_path),
                              capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    assert same_weights(load(os.path.join(straight_run, "last.pth"))["model"], load(os.path.join(run_dir,
-                                                                                                 "last.pth"))["model"])
+    assert same_training_state(straight_run, run_dir)
 
 
 def test_a_second_ctrl_c_stops_at_once_and_keeps_the_checkpoint(prepared_root, tmp_path):

@@ -9,6 +9,7 @@ import signal
 import pytest
 import torch
 
+import checkpoint
 import engine
 import model_utils
 import presets
@@ -118,11 +119,27 @@ def test_a_run_that_fails_at_start_up_writes_nothing(prepared_root, tmp_path, ca
     assert all((run_dir / name).read_bytes() == data for name, data in before.items())
 
 
+# Every stateful piece of a run at once: MixUp and CutMix draws, EMA, early stopping's counter, gradual unfreezing
+# (head only in epoch 1, everything from epoch 2, where the stop lands), layer-wise LRs, label smoothing.
+EVERYTHING = dict(mixup_alpha=0.2, cutmix_alpha=1.0, ema_decay=0.9, early_stop_patience=5, trainable="head",
+                  freeze_epochs=1, layer_decay=0.7, label_smoothing=0.1, epochs=3)
+
+
+def same_optimizer_state(a, b):
+    return a["param_groups"] == b["param_groups"] and a["state"].keys() == b["state"].keys() and all(
+        same_weights(a["state"][k], b["state"][k]) for k in a["state"])
+
+
+def without_times(row):
+    return {k: v for k, v in row.items() if not k.endswith(("_time_s", "_per_s"))}
+
+
 @pytest.mark.parametrize("loader,cache", [("torch", False), ("dali", False), ("dali", True)])
-def test_a_mid_epoch_stop_resumes_to_the_same_weights(prepared_root, tmp_path, monkeypatch, loader, cache):
-    """Every loader: stop inside epoch 2, resume, end bit-identical to an uninterrupted run (deterministic). The
-    torch loader's crops come from the plan, not from worker RNGs, so this holds for it too."""
-    kw = dict(epochs=2, loader=loader, cache=cache, deterministic=True, workers=2 if loader == "torch" else 1)
+def test_a_mid_epoch_stop_resumes_to_the_same_state(prepared_root, tmp_path, monkeypatch, loader, cache):
+    """Every loader, every stateful piece on: stop inside epoch 2, resume, end bit-identical to an uninterrupted run
+    (weights, EMA weights, optimizer state, early-stopping state), and metrics.csv the same, times aside: the
+    resumed epoch reports the whole epoch. The torch loader's crops come from the plan, not from worker RNGs."""
+    kw = dict(EVERYTHING, loader=loader, cache=cache, deterministic=True, workers=2 if loader == "torch" else 1)
     straight = train.main(tiny_cfg(prepared_root, tmp_path / "straight", **kw))
     stopped = stopped_run(tiny_cfg(prepared_root, tmp_path / "halves", **kw), at=5, monkeypatch=monkeypatch)
     assert stopped["exit_code"] == 128 + signal.SIGTERM
@@ -130,8 +147,13 @@ def test_a_mid_epoch_stop_resumes_to_the_same_weights(prepared_root, tmp_path, m
     assert (state["next_epoch"], state["next_step"]) == (2, 2)  # 3 steps per epoch: stopped after step 5
     resumed = train.main(tiny_cfg(prepared_root, tmp_path / "halves", resume="auto", **kw))
     assert resumed["out_dir"] == stopped["out_dir"]
-    assert same_weights(load(os.path.join(straight["out_dir"], "last.pth"))["model"],
-                        load(os.path.join(resumed["out_dir"], "last.pth"))["model"])
+    a, b = (load(os.path.join(r["out_dir"], "last.pth")) for r in (straight, resumed))
+    assert same_weights(a["model"], b["model"])
+    assert same_weights(a["ema"]["module"], b["ema"]["module"]) and a["ema"]["updates"] == b["ema"]["updates"]
+    assert same_optimizer_state(a["optimizer"], b["optimizer"])
+    assert a["early_stopping"] == b["early_stopping"] and a["scheduler"] == b["scheduler"]
+    rows = [[without_times(r) for r in checkpoint.read_metrics(x["out_dir"])] for x in (straight, resumed)]
+    assert rows[0] == rows[1] and len(rows[0]) == 3
 
 
 def test_resume_takes_the_runs_settings_from_its_checkpoint(prepared_root, tmp_path, monkeypatch, capfd):

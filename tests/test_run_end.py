@@ -1,0 +1,167 @@
+"""Finished means finished: a relaunch of a finished or early-stopped run says so and touches nothing, a signal or a
+kill during the end-of-run work leaves nothing missing after --resume, a resumed run's config.json reruns it in a
+new folder, and the epoch a run resumed in reports the whole epoch. Through the real command line."""
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import torch
+
+import checkpoint
+import train_caltech101 as train
+from conftest import ROOT, one_line_error, run_cli, stopped_run, tiny_argv, tiny_cfg
+
+DRIVER = os.path.join(ROOT, "tests", "ddp_driver.py")
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def snapshot(folder):
+    """{relative path: (sha256, mtime_ns)} of every file below folder."""
+    out = {}
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = (hashlib.sha256(f.read()).hexdigest(), os.stat(path).st_mtime_ns)
+    return out
+
+
+def relaunch(out_dir, capfd, *extra):
+    return run_cli(train.cli, ["--exp", "cpu_smoke", "--out_dir", str(out_dir), "--resume", "auto", *extra], capfd)
+
+
+def test_a_finished_run_relaunched_says_so_and_touches_nothing(prepared_root, tmp_path, capfd):
+    result = train.main(tiny_cfg(prepared_root, tmp_path, epochs=2))
+    run_dir = result["out_dir"]
+    before = snapshot(tmp_path)
+    for extra in ([], ["--resume", os.path.join(run_dir, "last.pth")]):
+        code, out, err = relaunch(tmp_path, capfd, *extra)
+        assert code == 0, err
+        lines = out.splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"{run_dir} has finished all 2 epochs (best val_top1 ")
+        assert lines[0].endswith(f"at epoch {result['best_epoch']}): nothing to do") and not err.strip()
+        assert snapshot(tmp_path) == before  # no file written, not even rewritten with the same bytes
+
+
+def test_an_early_stopped_run_stays_stopped(prepared_root, tmp_path, capfd):
+    # min_delta 10: nothing after the first evaluation counts as an improvement, so patience 1 stops after epoch 2
+    result = train.main(tiny_cfg(prepared_root, tmp_path, epochs=5, early_stop_patience=1, monitor="val_loss",
+                                 min_delta=10.0))
+    assert [r["epoch"] for r in result["rows"]] == [1, 2] and result["summary"]["early_stop"]
+    before = snapshot(tmp_path)
+    for _ in range(2):  # every relaunch, not just the first
+        code, out, err = relaunch(tmp_path, capfd)
+        assert code == 0 and "has stopped early after epoch 2 (best val_loss" in out and "nothing to do" in out, err
+    assert snapshot(tmp_path) == before
+    assert [int(r["epoch"]) for r in checkpoint.read_metrics(result["out_dir"])] == [1, 2]
+
+
+def end_of_run_files(run_dir):
+    summary = json.load(open(os.path.join(run_dir, "summary.json")))
+    summary.pop("wall_time_s")
+    return summary, os.path.getsize(os.path.join(run_dir, "curves.png")) > 10_000
+
+
+def interrupted_at_the_end(prepared_root, out_dir, signum):
+    """A deterministic 2-epoch run through the real CLI, sent `signum` during its end-of-run work."""
+    cmd = [sys.executable, DRIVER, *tiny_argv(prepared_root, out_dir, "--deterministic", "true")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env=dict(os.environ, KIT_TEST_SLOW_END="3"))
+    lines = []
+    for line in proc.stdout:  # the driver says when the end-of-run work starts, then waits 3 s inside it
+        lines.append(line)
+        if line.startswith("end-of-run work"):
+            break
+    assert any(line.startswith("epoch 2/2") for line in lines), lines
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, "".join(lines) + out, err
+
+
+def test_sigterm_during_the_end_of_run_work_finishes_it(prepared_root, tmp_path, capfd):
+    straight = train.main(tiny_cfg(prepared_root, tmp_path / "straight", epochs=2, deterministic=True))
+    code, out, err = interrupted_at_the_end(prepared_root, tmp_path / "runs", signal.SIGTERM)
+    run_dir = str(tmp_path / "runs" / "cpu_smoke")
+    assert code == 0, err
+    assert "SIGTERM arrived during the end-of-run work: it was finished first" in out
+    assert "(Ctrl-C again" not in err  # a SIGTERM is not a Ctrl-C
+    assert end_of_run_files(run_dir) == end_of_run_files(straight["out_dir"])
+    code, out, _ = relaunch(tmp_path / "runs", capfd)
+    assert code == 0 and "nothing to do" in out
+
+
+def test_a_kill_during_the_end_of_run_work_is_completed_by_resume(prepared_root, tmp_path, capfd):
+    straight = train.main(tiny_cfg(prepared_root, tmp_path / "straight", epochs=2, deterministic=True))
+    code, _, _ = interrupted_at_the_end(prepared_root, tmp_path / "runs", signal.SIGKILL)
+    run_dir = str(tmp_path / "runs" / "cpu_smoke")
+    assert code == -signal.SIGKILL
+    assert not os.path.exists(os.path.join(run_dir, "summary.json"))
+    weights = snapshot(run_dir)
+    code, out, err = relaunch(tmp_path / "runs", capfd)
+    assert code == 0, err
+    assert "has finished all 2 epochs" in out and "writing its missing end-of-run files (curves.png, summary.json)" \
+        in out
+    assert end_of_run_files(run_dir) == end_of_run_files(straight["out_dir"])
+    after = snapshot(run_dir)
+    assert {k: v for k, v in after.items() if k not in ("summary.json", "curves.png")} == weights  # nothing else
+    code, out, _ = relaunch(tmp_path / "runs", capfd)
+    assert code == 0 and "nothing to do" in out
+
+
+def test_a_resumed_runs_config_json_reruns_it_in_a_new_folder(prepared_root, tmp_path, monkeypatch, capfd):
+    stopped = stopped_run(tiny_cfg(prepared_root, tmp_path, epochs=2), at=4, monkeypatch=monkeypatch)
+    code, _, err = relaunch(tmp_path, capfd)
+    assert code == 0, err
+    config_path = os.path.join(stopped["out_dir"], "config.json")
+    config = json.load(open(config_path))
+    assert "resume" not in config  # how a process was launched is not part of the run
+    code, out, err = run_cli(train.cli, ["--config", config_path], capfd)
+    assert code == 0, err
+    assert f"run folder {tmp_path / 'cpu_smoke_2'}" in out and "resumed from" not in out
+    # an older config.json (or a user's file) that says resume: it is ignored, with a note
+    with open(tmp_path / "old.json", "w") as f:
+        json.dump(dict(config, resume="auto", epochs=1), f)
+    code, out, err = run_cli(train.cli, ["--config", str(tmp_path / "old.json")], capfd)
+    assert code == 0 and "'resume' says how a process is launched" in err
+    assert f"run folder {tmp_path / 'cpu_smoke_3'}" in out
+
+
+def test_a_finished_run_with_a_changed_split_and_missing_files_is_refused(prepared_root, tmp_path, capfd):
+    import shutil
+
+    root = tmp_path / "root"
+    shutil.copytree(prepared_root, root)
+    result = train.main(tiny_cfg(str(root), tmp_path / "runs", epochs=1))
+    os.remove(os.path.join(result["out_dir"], "summary.json"))
+    lines = (root / "train.txt").read_text().splitlines()
+    (root / "train.txt").write_text("\n".join(lines[1:]) + "\n")
+    code, _, err = relaunch(tmp_path / "runs", capfd)
+    one_line_error(code, err, "the run has finished but lacks summary.json")
+
+
+def test_the_signal_message_offers_a_second_ctrl_c_only_for_ctrl_c(capsys):
+    stop = checkpoint.GracefulStop()
+    try:
+        stop._handle(signal.SIGTERM, None)
+        assert capsys.readouterr().err.strip() == "SIGTERM: stopping after this step"
+        signal.signal(signal.SIGINT, stop._handle)
+        stop._handle(signal.SIGINT, None)
+        assert capsys.readouterr().err.strip() == "SIGINT: stopping after this step (Ctrl-C again to abort now)"
+    finally:
+        stop.restore()
+
+
+def test_the_duration_estimate_is_per_phase_and_rough_where_it_must_be(prepared_root, tmp_path, capfd):
+    train.main(tiny_cfg(prepared_root, tmp_path / "a", epochs=2, trainable="head", freeze_epochs=1))
+    out = capfd.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("estimate:"))
+    assert "s per step frozen, " in line and "s per step training everything" in line and "rough:" in line
+    train.main(tiny_cfg(prepared_root, tmp_path / "b", epochs=1))
+    line = next(line for line in capfd.readouterr().out.splitlines() if line.startswith("estimate:"))
+    assert "per step frozen" not in line and "rough:" in line  # 3 steps: start-up and evaluation dominate
