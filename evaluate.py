@@ -76,14 +76,15 @@ def compare_runs(run_dirs):
     """A markdown table of runs, as the multi-architecture kit reports them: the best epoch, and the train (through
     the val transform), val and test top-1 of best.pth, with mean per-class accuracy; rows are told apart by run
     folder and the settings that differ between the runs. "-": no test split (or no figure)."""
-    runs = []
-    for run_dir in run_dirs:  # `--compare checkpoints/*` meets other folders too (an LR finder's, a file)
-        if not os.path.isfile(os.path.join(run_dir, "metrics.csv")):
+    # `--compare checkpoints/*` meets other folders too (an LR finder's, a file): each is skipped with a note.
+    found = [d for d in run_dirs if os.path.isfile(os.path.join(d, "metrics.csv"))]
+    if not found:
+        raise presets.ConfigError(f"--compare: none of the {len(run_dirs)} folder(s) given is a training run folder "
+                                  f"(no metrics.csv)")
+    for run_dir in run_dirs:
+        if run_dir not in found:
             print(f"note: skipped {run_dir}: not a training run folder (no metrics.csv)", file=sys.stderr)
-            continue
-        runs.append(run_row(run_dir))
-    if not runs:
-        raise presets.ConfigError(f"--compare: none of the {len(run_dirs)} folder(s) given is a training run folder")
+    runs = [run_row(d) for d in found]
     differing = [k for k in COMPARED if len({json.dumps(r["cfg"].get(k)) for r in runs}) > 1]
 
     def fmt(m, key):

@@ -134,9 +134,12 @@ def test_a_missing_test_split_says_what_works(trained_run, prepared_root, tmp_pa
 def test_bare_weights_of_another_arch_name_the_mismatch(trained_run, prepared_with_test, tmp_path, capfd):
     paths, _ = val_paths(prepared_with_test)
     shutil.copy(os.path.join(trained_run["out_dir"], "classes.txt"), tmp_path / "names.txt")
-    code, _, err = run_cli(predict.cli, [paths[0], "--checkpoint", os.path.join(trained_run["out_dir"], "best.pth"),
-                                         "--arch", "resnet34"], capfd)
-    one_line_error(code, err, "does not fit a resnet34: 48 tensors missing (e.g. layer1.2.bn1.bias)")
+    shutil.copy(os.path.join(trained_run["out_dir"], "best.pth"), tmp_path / "weights.pth")  # no run folder
+    code, _, err = run_cli(predict.cli, [paths[0], "--checkpoint", str(tmp_path / "weights.pth"), "--arch",
+                                         "resnet34", "--img_size", "32", "--classes", str(tmp_path / "names.txt")],
+                           capfd)
+    # resnet34 has 8 more BasicBlocks (3,4,6,3 vs 2,2,2,2), each 2 convs + 2 BatchNorms of 5 tensors: 96 tensors
+    one_line_error(code, err, "does not fit a resnet34: 96 tensors missing (e.g. layer1.2.bn1.bias)")
     assert "it fits resnet18 (--arch resnet18)" in err and len(err) < 300
 
 

@@ -315,7 +315,7 @@ def test_predict_and_evaluate_errors_are_one_line(trained_run, prepared_with_tes
              (predict.cli, [image, "--checkpoint", run, "--gradcam", "--layer", "fc"], "spatial map"),
              (predict.cli, [image, "--checkpoint", run, "--batch_size", "0"], "--batch_size must be at least 1"),
              (predict.cli, [image, "--checkpoint", os.path.join(run, "best.pth.missing")], "no checkpoint"),
-             (evaluate.cli, ["--compare", run, str(tmp_path)], "not a training run folder"),
+             (evaluate.cli, ["--compare", str(tmp_path)], "is a training run folder"),
              (evaluate.cli, ["--checkpoint", run, "--batch_size", "0"], "--batch_size must be at least 1"),
              (download.cli, ["--data_root", str(tmp_path / "r"), "--archive", __file__], "not a readable")]
     for cli, argv, expected in cases:
