@@ -23,8 +23,8 @@ from conftest import ROOT, one_line_error, run_cli, stopped_run, tiny_argv, tiny
 
 # Every stateful piece on (MixUp/CutMix, EMA, early stopping, gradual unfreezing at epoch 2, layer-wise LRs, label
 # smoothing), as in test_train.EVERYTHING.
-EVERYTHING = dict(mixup_alpha=0.2, cutmix_alpha=1.0, ema_decay=0.9, early_stop_patience=5, trainable="head",
-                  freeze_epochs=1, layer_decay=0.7, label_smoothing=0.1)
+EVERYTHING = dict(mixup_alpha=0.2, cutmix_alpha=1.0, ema_decay=0.9, early_stop_patience=5, min_delta=10.0,
+                  trainable="head", freeze_epochs=1, layer_decay=0.7, label_smoothing=0.1)
 # One image per step: 12 steps per epoch, so a signal sent right after a step's checkpoint lands inside the epoch.
 SLOW = ["--deterministic", "true", "--save_every_steps", "1", "--batch_size", "1", "--img_size", "64",
         *[part for key, value in EVERYTHING.items() for part in (f"--{key}", str(value))]]

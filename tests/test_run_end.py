@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -165,3 +166,24 @@ def test_the_duration_estimate_is_per_phase_and_rough_where_it_must_be(prepared_
     train.main(tiny_cfg(prepared_root, tmp_path / "b", epochs=1))
     line = next(line for line in capfd.readouterr().out.splitlines() if line.startswith("estimate:"))
     assert "per step frozen" not in line and "rough:" in line  # 3 steps: start-up and evaluation dominate
+
+
+def test_the_resumed_epoch_counts_the_time_before_the_stop(prepared_root, tmp_path, monkeypatch):
+    """Epoch 2's first two steps take at least 1.5 s each (a sleep), then the run stops and resumes: epoch 2's row
+    counts those 3 s in its train time and its wall time, as the uninterrupted epoch would."""
+    import engine
+
+    real_step, calls = engine.optimizer_step, []
+
+    def slow_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) in (4, 5):  # 3 steps per epoch: epoch 2, steps 1 and 2
+            time.sleep(1.5)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "optimizer_step", slow_step)
+    stopped_run(tiny_cfg(prepared_root, tmp_path, epochs=2), at=5, monkeypatch=monkeypatch)
+    resumed = train.main(tiny_cfg(prepared_root, tmp_path, epochs=2, resume="auto"))
+    first, second = resumed["rows"]
+    assert second["train_time_s"] >= 3.0
+    assert second["wall_time_s"] - first["wall_time_s"] >= 3.0

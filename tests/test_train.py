@@ -119,10 +119,11 @@ def test_a_run_that_fails_at_start_up_writes_nothing(prepared_root, tmp_path, ca
     assert all((run_dir / name).read_bytes() == data for name, data in before.items())
 
 
-# Every stateful piece of a run at once: MixUp and CutMix draws, EMA, early stopping's counter, gradual unfreezing
-# (head only in epoch 1, everything from epoch 2, where the stop lands), layer-wise LRs, label smoothing.
-EVERYTHING = dict(mixup_alpha=0.2, cutmix_alpha=1.0, ema_decay=0.9, early_stop_patience=5, trainable="head",
-                  freeze_epochs=1, layer_decay=0.7, label_smoothing=0.1, epochs=3)
+# Every stateful piece of a run at once: MixUp and CutMix draws, EMA, early stopping's best value and counter
+# (min_delta 10: only the first evaluation improves, so the counter runs), gradual unfreezing (head only in epoch 1,
+# everything from epoch 2), layer-wise LRs, label smoothing.
+EVERYTHING = dict(mixup_alpha=0.2, cutmix_alpha=1.0, ema_decay=0.9, early_stop_patience=5, min_delta=10.0,
+                  trainable="head", freeze_epochs=1, layer_decay=0.7, label_smoothing=0.1, epochs=3)
 
 
 def same_optimizer_state(a, b):
@@ -134,17 +135,19 @@ def without_times(row):
     return {k: v for k, v in row.items() if not k.endswith(("_time_s", "_per_s"))}
 
 
-@pytest.mark.parametrize("loader,cache", [("torch", False), ("dali", False), ("dali", True)])
-def test_a_mid_epoch_stop_resumes_to_the_same_state(prepared_root, tmp_path, monkeypatch, loader, cache):
-    """Every loader, every stateful piece on: stop inside epoch 2, resume, end bit-identical to an uninterrupted run
-    (weights, EMA weights, optimizer state, early-stopping state), and metrics.csv the same, times aside: the
-    resumed epoch reports the whole epoch. The torch loader's crops come from the plan, not from worker RNGs."""
+@pytest.mark.parametrize("loader,cache,at", [("torch", False, 5), ("dali", False, 5), ("dali", True, 5),
+                                             ("dali", False, 2)])
+def test_a_mid_epoch_stop_resumes_to_the_same_state(prepared_root, tmp_path, monkeypatch, loader, cache, at):
+    """Every loader, every stateful piece on: stop inside epoch 2 (the first that trains everything; at=2: inside
+    the frozen epoch 1), resume, end bit-identical to an uninterrupted run (weights, EMA weights, optimizer state,
+    early-stopping state), and metrics.csv the same, times aside: the resumed epoch reports the whole epoch. The
+    torch loader's crops come from the plan, not from worker RNGs."""
     kw = dict(EVERYTHING, loader=loader, cache=cache, deterministic=True, workers=2 if loader == "torch" else 1)
     straight = train.main(tiny_cfg(prepared_root, tmp_path / "straight", **kw))
-    stopped = stopped_run(tiny_cfg(prepared_root, tmp_path / "halves", **kw), at=5, monkeypatch=monkeypatch)
+    stopped = stopped_run(tiny_cfg(prepared_root, tmp_path / "halves", **kw), at=at, monkeypatch=monkeypatch)
     assert stopped["exit_code"] == 128 + signal.SIGTERM
     state = load(os.path.join(stopped["out_dir"], "last.pth"))
-    assert (state["next_epoch"], state["next_step"]) == (2, 2)  # 3 steps per epoch: stopped after step 5
+    assert (state["next_epoch"], state["next_step"]) == (at // 3 + 1, at % 3)  # 3 steps per epoch
     resumed = train.main(tiny_cfg(prepared_root, tmp_path / "halves", resume="auto", **kw))
     assert resumed["out_dir"] == stopped["out_dir"]
     a, b = (load(os.path.join(r["out_dir"], "last.pth")) for r in (straight, resumed))
