@@ -96,18 +96,16 @@ class BackgroundWriter:
     def __init__(self):
         self.thread, self.error = None, None
 
-    def submit(self, obj, *paths, after=None):
-        """Write obj to each path in turn, then call after() (e.g. remove older files, now that the new one is
-        safe)."""
+    def submit(self, obj, path, after=None):
+        """Write obj to path, then call after() (e.g. keep an epoch's copy, now that the new file is safe)."""
         self.wait()
         snapshot = cpu_copy(obj)  # taken now: the training step that follows changes the live tensors
-        self.thread = threading.Thread(target=self._write, args=(snapshot, paths, after), name="checkpoint-writer")
+        self.thread = threading.Thread(target=self._write, args=(snapshot, path, after), name="checkpoint-writer")
         self.thread.start()
 
-    def _write(self, obj, paths, after):
+    def _write(self, obj, path, after):
         try:
-            for path in paths:
-                save_atomic(obj, path)
+            save_atomic(obj, path)
             if after is not None:
                 after()
         except BaseException as e:  # noqa: BLE001 - handed to the training thread, which raises it
@@ -284,7 +282,7 @@ def resume_settings(ckpt, cfg, explicit, path):
     """The settings of a resumed run: the checkpoint's, except where the command line asked otherwise; a
     run-defining setting (presets.RUN_DEFINING) that differs is refused, any other is applied with a note.
     `explicit`: the keys the user set (None: every key of cfg counts as set)."""
-    saved, notes = dict(ckpt["config"]), []
+    saved, notes = {**presets.DEFAULTS, **ckpt["config"]}, []  # settings added since the file was written: defaults
     merged = dict(saved)
     for key in presets.DEFAULTS:
         if key in ("resume", "out_dir", "name") or cfg.get(key) == saved.get(key):  # the run folder is last.pth's
@@ -356,19 +354,23 @@ def restore(ckpt, path, parts, rank, world):
     else:
         notes.append(f"{path} was written by {len(ranks)} process(es), this run has {world}: the data order and crops "
                      f"continue exactly, each rank's MixUp/CutMix draws and BatchNorm batches start afresh")
-        tally = sum_tallies(tallies) if rank == 0 else None  # the epoch's sums so far, counted once
+        tally = moved_tally(tallies, rank)
     rows = ckpt["rows"]
     return {"next_epoch": ckpt["next_epoch"], "next_step": ckpt["next_step"], "rows": rows,
             "wall_time_s": ckpt.get("wall_time_s", rows[-1]["wall_time_s"] if rows else 0.0),
             "tally": tally if ckpt["next_step"] else None}, notes
 
 
-def sum_tallies(tallies):
-    tallies = [t for t in tallies if t is not None]
-    if not tallies:
+def moved_tally(tallies, rank):
+    """This rank's share of an unfinished epoch's tally written by another number of ranks: rank 0 takes the sums
+    (loss, correct, images, images seen: counted once, as the epoch's all-reduce adds ranks up); every rank keeps
+    the skipped-step count and the non-finite streak, which every rank shares (ranks skip together)."""
+    if tallies[0] is None:
         return None
-    total = {k: sum(t[k] for t in tallies) for k in tallies[0] if k != "seconds"}
-    return {**total, "seconds": max(t["seconds"] for t in tallies)}
+    shared = {k: tallies[0][k] for k in ("skipped", "bad_streak", "seconds")}
+    if rank == 0:
+        return {**{k: sum(t[k] for t in tallies) for k in ("loss_sum", "correct", "good_images", "seen")}, **shared}
+    return {**{k: tallies[0][k] * 0 for k in ("loss_sum", "correct", "good_images", "seen")}, **shared}
 
 
 def is_finished(ckpt):
@@ -378,10 +380,23 @@ def is_finished(ckpt):
     return ckpt["next_epoch"] > ckpt["config"]["epochs"] or ckpt["early_stopping"].get("reason") is not None
 
 
-def keep_epoch_checkpoints(run_dir, keep):
-    """After epoch_XXX.pth is safely written: remove all but the newest `keep` of them."""
-    found = sorted(name for name in os.listdir(run_dir) if re.fullmatch(r"epoch_\d+\.pth", name))
-    for name in found[:-keep]:
+def keep_epoch_checkpoints(last_path, epoch_path, keep):
+    """After last.pth is safely written: epoch_path becomes the same file (a hard link: last.pth is only ever
+    replaced, never rewritten in place, so the link keeps this epoch's state), then all but the newest `keep` epoch
+    files are removed."""
+    tmp = f"{epoch_path}.tmp.{os.getpid()}"
+    try:
+        os.link(last_path, tmp)
+        os.replace(tmp, epoch_path)
+    except OSError:  # a file system without hard links: write it again
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        shutil.copyfile(last_path, tmp)
+        os.replace(tmp, epoch_path)
+    run_dir = os.path.dirname(epoch_path)
+    found = sorted((int(m.group(1)), name) for name in os.listdir(run_dir)
+                   if (m := re.fullmatch(r"epoch_(\d+)\.pth", name)))
+    for _, name in found[:-keep]:
         os.remove(os.path.join(run_dir, name))
 
 

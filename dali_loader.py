@@ -141,9 +141,9 @@ def decode_error(err, recent_files):
         for path in batch:
             try:
                 splits.load_rgb(path)
-            except DataError:
-                return DataError(f"cannot decode {path}: the file is corrupt; re-run download.py (it re-checks "
-                                 f"every image) or remove it from the split lists")
+            except DataError as e:
+                return DataError(f"{e}; re-run download.py (it re-checks every image) or remove it from the split "
+                                 f"lists")
     text = str(err).strip()
     return DataError(f"the DALI pipeline failed: {text.splitlines()[-1] if text else repr(err)}")
 

@@ -123,10 +123,12 @@ def build_loader(data_root, split, img_size, batch_size, device, dtype=torch.flo
     files, labels = read_split(data_root, split)
     root = image_root(data_root)
     train = split == "train" if train is None else train
-    sizes = splits.image_sizes(root, files) if train else None
+    # Every header read (and over-limit images refused) before any decoder sees the files: DALI decodes them
+    # itself; train crops need the sizes too.
+    sizes = splits.image_sizes(root, files)
     plan = splits.SamplePlan(len(files), batch_size, train, seed=seed, rank=rank, world=world,
-                             drop_last=drop_last and train, sizes=sizes, crop_scale=(crop_scale_min, 1.0),
-                             fixed_shard=cache)
+                             drop_last=drop_last and train, sizes=sizes if train else None,
+                             crop_scale=(crop_scale_min, 1.0), fixed_shard=cache)
     if plan.num_local == 0 or plan.steps == 0:
         raise DataError(f"the {split} split ({len(files)} images) is too small for {world} rank(s) with "
                         f"{batch_size} images each per step")

@@ -14,6 +14,7 @@ bias parameters) with a linear warmup then cosine decay to zero, stepped every i
 """
 import copy
 import json
+import os
 import sys
 
 DEFAULT_EXP = "r18_pretrain_main"  # run 3 of the report, the kit's default
@@ -187,7 +188,7 @@ def expand_shorthands(values):
     """{setting: value} with SHORTHANDS (lr, scratch, gpu, freeze_backbone, ...) replaced by the settings they mean;
     a setting given itself wins over a shorthand's."""
     given = {k.replace("-", "_"): v for k, v in values.items()}
-    out = {k: v for k, v in values.items() if k.replace("-", "_") not in SHORTHANDS}
+    out = {KEY_ALIASES.get(k, k): v for k, v in given.items() if k not in SHORTHANDS}
     for key, (_, expand) in SHORTHANDS.items():
         if key in given:
             for setting, setting_value in expand(given[key]).items():
@@ -295,7 +296,7 @@ def load_config_file(path):
             out[key] = value
             continue
         if key in LAUNCH_KEYS:
-            if value is None:
+            if value is None or os.environ.get("RANK", "0") != "0":  # said once under torchrun
                 continue
             print(f"note: {path}: '{key}' says how a process is launched, not what the run is: ignored here (pass "
                   f"--{key} on the command line)", file=sys.stderr)

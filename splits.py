@@ -92,15 +92,31 @@ def read_split_lines(path):
     return files, labels
 
 
+def test_split_advice(data_root):
+    """How to get a test split for runs trained on data_root: a prepared root is never re-split (its runs trained
+    on its lists), so a new root, drawn with the same parameters (each class's training images are the first of
+    its seeded order, so they stay the same) plus test images taken from what was val."""
+    meta = read_split_meta(data_root)
+    evaluate = ("then `python evaluate.py --checkpoint RUN --data_root NEW_ROOT --split test --allow_other_split` "
+                "(refused if any test image is one the run trained on); a run's val figures stay comparable only on "
+                "its own split")
+    if meta.get("layout") == "train/val":
+        return (f"add a test/ folder of class folders beside {meta.get('folder')}/train and val, prepare a new root "
+                f"with `python download.py --folder {meta.get('folder')} --data_root NEW_ROOT`, {evaluate}")
+    draw = (f"--train_fraction {meta['train_fraction']}" if meta.get("train_fraction")
+            else f"--train_per_class {meta.get('train_per_class', 30)}")
+    source = f"--folder {meta['folder']}" if meta.get("folder") else f"--archive {image_root(data_root)}"
+    return (f"prepare a new root with the same training images and a test split, `python download.py --data_root "
+            f"NEW_ROOT {source} {draw} --seed {meta.get('seed', 0)} --min_val_per_class "
+            f"{meta.get('min_val_per_class', 1)} --test_per_class 10 --small_classes shrink_test`, {evaluate}")
+
+
 def read_split(data_root, split):
     """(files, labels) of one split list; paths are relative to image_root(data_root)."""
     path = os.path.join(data_root, f"{split}.txt")
     if not os.path.isfile(path):
-        if split == "test":  # a prepared root is never re-split (its runs trained on its lists): a new root
-            source = "--folder" if read_split_meta(data_root).get("image_root") else "--archive"
-            raise DataError(f"{data_root} has no test split: prepare a new root with one, e.g. `python download.py "
-                            f"--data_root NEW_ROOT {source} {image_root(data_root)} --test_per_class 10`, and "
-                            f"evaluate there; a run's own val figures stay comparable only on its own split")
+        if split == "test":
+            raise DataError(f"{data_root} has no test split: {test_split_advice(data_root)}")
         raise DataError(f"no {split} split at {path}: run `python download.py --data_root {data_root}`")
     files, labels = read_split_lines(path)
     if not files:

@@ -213,7 +213,8 @@ def finished_run(cfg, ckpt, resume_path, device, amp_dtype, eval_batch):
     stopper.load_state_dict(ckpt["early_stopping"])
     ended = f"stopped early after epoch {ckpt['epoch']}" if stopper.reason else f"finished all {ckpt['epoch']} epochs"
     best = f"best {cfg['monitor']} {stopper.best:.4f} at epoch {stopper.best_epoch}"
-    missing = [name for name in END_FILES if not os.path.isfile(os.path.join(run_dir, name))]
+    missing = distributed.broadcast_object([name for name in END_FILES  # rank 0's view decides for every rank
+                                            if not os.path.isfile(os.path.join(run_dir, name))])
     log = print if distributed.is_main() else (lambda *a, **k: None)
     if not missing:
         log(f"{run_dir} has {ended} ({best}): nothing to do")
@@ -336,9 +337,9 @@ def train(cfg, device, amp_dtype, use_scaler, batch, eval_batch, resume_path, ck
             next_epoch=next_epoch, next_step=next_step, tally=tally, wall_time_s=wall_time(), finished=finished))
         if main_rank:
             keep = cfg["keep_checkpoints"] if next_step == 0 else 0
-            extra = (os.path.join(run_dir, f"epoch_{next_epoch - 1:03d}.pth"),) if keep else ()
-            background.submit(snapshot, last_path, *extra,
-                              after=(lambda: checkpoint.keep_epoch_checkpoints(run_dir, keep)) if keep else None)
+            epoch_path = os.path.join(run_dir, f"epoch_{next_epoch - 1:03d}.pth")
+            background.submit(snapshot, last_path, after=(lambda: checkpoint.keep_epoch_checkpoints(
+                last_path, epoch_path, keep)) if keep else None)
             if wait:
                 background.wait()
 
@@ -399,10 +400,12 @@ def train(cfg, device, amp_dtype, use_scaler, batch, eval_batch, resume_path, ck
             background.wait()
         # last.pth says the run is finished: a signal now lets this work complete first, and a kill leaves a run
         # whose --resume writes the missing files (finished_run).
+        signalled_before = stop.requested
         summary = finish_run(cfg, run_dir, rows, stopper, device, amp_dtype, classes, eval_batch)
         if stop.requested:
-            log(f"{signal.Signals(stop.signum).name} arrived during the end-of-run work: it was finished first; the "
-                f"run is complete")
+            log(f"{signal.Signals(stop.signum).name} arrived "
+                + ("during the last epoch" if signalled_before else "during the end-of-run work")
+                + ": the end-of-run work was finished first; the run is complete")
     finally:
         stop.restore()
         if writer is not None:
@@ -451,9 +454,10 @@ def cli(argv=None):
         with dali_loader.QuietDecoderErrors():
             return main(cfg, explicit)["exit_code"]
     except KIT_ERRORS as e:
-        if distributed.env()[0] != 0:  # under torchrun every rank meets the same error: rank 0 says it
+        rank = distributed.env()[0]
+        if rank != 0 and isinstance(e, presets.ConfigError):  # a settings error every rank meets: rank 0 says it
             sys.exit(1)
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {e}" if rank == 0 else f"error (rank {rank}): {e}")
     except KeyboardInterrupt:
         checkpoint.exit_interrupted("interrupted: stopped at once; the last checkpoint written is intact "
                                     "(--resume auto)")

@@ -2,8 +2,8 @@
 KIT_TEST_BN_EVAL=1: BatchNorm runs in eval mode during training too, so a batch's update does not depend on how the
 batch is split across ranks (the DDP weights-equivalence test). KIT_TEST_SLOW_END=S: the end-of-run work prints
 "end-of-run work" and waits S seconds before it starts, so a test can send a signal inside it. Every other part is
-the kit's own. KIT_TEST_NAN_AT=K: rank 1's K-th training step gets a NaN pixel (the other ranks' batches stay
-clean)."""
+the kit's own. KIT_TEST_NAN_AT=K: rank 0's K-th training step gets a NaN pixel (the other ranks' batches stay
+clean; rank 0's BatchNorm statistics are the ones DDP broadcasts and the checkpoints hold)."""
 import os
 import sys
 import time
@@ -31,7 +31,7 @@ if os.environ.get("KIT_TEST_SLOW_END"):
 
     run_report.finish = slow_finish
 
-if os.environ.get("KIT_TEST_NAN_AT") and os.environ.get("RANK") == "1":
+if os.environ.get("KIT_TEST_NAN_AT") and os.environ.get("RANK") == "0":
     real_step, calls = engine.train_step, []
 
     def poisoned_step(model, images, *args, **kwargs):

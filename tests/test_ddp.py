@@ -88,8 +88,9 @@ def test_two_ranks_take_the_one_process_steps_and_evaluate_alike(prepared_root, 
 
 
 def test_a_nan_on_one_rank_makes_every_rank_skip_and_leaves_no_trace(prepared_root, tmp_path):
-    """Rank 1's second step sees a NaN pixel: both ranks skip that step (rank 0's own loss was finite), put their
-    BatchNorm statistics back, and the run ends with finite figures and a finite last.pth."""
+    """Rank 0's second step sees a NaN pixel: both ranks skip that step (rank 1's own loss was finite), rank 0 puts
+    its BatchNorm statistics back (the ones DDP broadcasts to every rank), and the run ends with finite figures and
+    a finite last.pth."""
     run([*TORCHRUN, DRIVER, *settings(prepared_root, tmp_path, epochs=1, batch=4)], {"KIT_TEST_NAN_AT": "2"})
     run_dir = str(tmp_path / "cpu_smoke")
     (row,) = rows(run_dir)

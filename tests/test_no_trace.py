@@ -221,11 +221,14 @@ def test_the_torch_loader_and_the_cache_refuse_a_hostile_training_image_in_one_l
         assert name in err
 
 
-def test_evaluate_refuses_a_hostile_val_image_in_one_line(trained_run, prepared_with_test, tmp_path, capfd):
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_evaluate_refuses_a_hostile_val_image_in_one_line(trained_run, prepared_with_test, tmp_path, capfd, loader):
+    """DALI decodes files itself: every split's headers are read first, so it never meets the file."""
     root, name = hostile_root(prepared_with_test, tmp_path, "val")
     code, _, err = run_cli(evaluate.cli, ["--checkpoint", trained_run["out_dir"], "--data_root", root, "--loader",
-                                          "torch", "--out_dir", str(tmp_path / "eval")], capfd)
+                                          loader, "--out_dir", str(tmp_path / "eval")], capfd)
     one_line_error(code, err, "pixel limit")
+    assert name in err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,3 +298,16 @@ def test_keep_checkpoints_keeps_the_newest_epochs_and_each_resumes(prepared_root
     # epoch 4's is the finished run: said in one line, nothing trained
     code, out, err = run_cli(train.cli, ["--resume", os.path.join(run_dir, "epoch_004.pth")], capfd)
     assert code == 0 and "has finished all 4 epochs" in out and "nothing to do" in out, err
+
+
+def test_epoch_checkpoints_are_pruned_by_number_not_by_name(tmp_path):
+    last = tmp_path / "last.pth"
+    for epoch in (998, 999):
+        (tmp_path / f"epoch_{epoch:03d}.pth").write_bytes(b"old")
+    last.write_bytes(b"epoch 1000")
+    checkpoint.keep_epoch_checkpoints(str(last), str(tmp_path / "epoch_1000.pth"), 2)
+    assert sorted(os.listdir(tmp_path)) == ["epoch_1000.pth", "epoch_999.pth", "last.pth"]  # 998 went, not 1000
+    assert (tmp_path / "epoch_1000.pth").read_bytes() == b"epoch 1000"
+    last.unlink()
+    last.write_bytes(b"epoch 1001")  # as save_atomic does: a new file, never the old one rewritten
+    assert (tmp_path / "epoch_1000.pth").read_bytes() == b"epoch 1000"

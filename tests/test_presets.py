@@ -135,6 +135,8 @@ def test_other_kits_flags_and_spellings():
     ("freeze_backbone: true\nlr_fc: 0.1\n", ["--freeze-backbone", "--lr_fc", "0.1"]),
     ("scratch: true\n", ["--scratch"]), ("gpu: 1\n", ["--gpu", "1"]), ("unfreeze-last: 1\n", ["--unfreeze-last", "1"]),
     ("training:\n  lr: 0.01\n  lr_fc: 0.1\n", ["--lr", "0.01", "--lr_fc", "0.1"]),
+    ("lr: 0.01\nlr-fc: 0.1\n", ["--lr", "0.01", "--lr-fc", "0.1"]),  # the setting beats the shorthand, any spelling
+    ("freeze: head\nunfreeze_all: true\n", ["--freeze", "head", "--unfreeze-all"]),
 ])
 def test_a_config_file_takes_what_the_command_line_takes(tmp_path, yaml_text, flags):
     path = tmp_path / "c.yaml"

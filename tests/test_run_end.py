@@ -90,7 +90,7 @@ def test_sigterm_during_the_end_of_run_work_finishes_it(prepared_root, tmp_path,
     code, out, err = interrupted_at_the_end(prepared_root, tmp_path / "runs", signal.SIGTERM)
     run_dir = str(tmp_path / "runs" / "cpu_smoke")
     assert code == 0, err
-    assert "SIGTERM arrived during the end-of-run work: it was finished first" in out
+    assert "SIGTERM arrived during the end-of-run work: the end-of-run work was finished first" in out
     assert "(Ctrl-C again" not in err  # a SIGTERM is not a Ctrl-C
     assert end_of_run_files(run_dir) == end_of_run_files(straight["out_dir"])
     code, out, _ = relaunch(tmp_path / "runs", capfd)
@@ -187,3 +187,30 @@ def test_the_resumed_epoch_counts_the_time_before_the_stop(prepared_root, tmp_pa
     first, second = resumed["rows"]
     assert second["train_time_s"] >= 3.0
     assert second["wall_time_s"] - first["wall_time_s"] >= 3.0
+
+
+def test_a_last_pth_from_before_newer_settings_resumes(prepared_root, tmp_path, monkeypatch, capfd):
+    """A last.pth whose config lacks settings added since (keep_checkpoints) resumes with their defaults."""
+    stopped = stopped_run(tiny_cfg(prepared_root, tmp_path, epochs=2), at=4, monkeypatch=monkeypatch)
+    path = os.path.join(stopped["out_dir"], "last.pth")
+    state = load(path)
+    del state["config"]["keep_checkpoints"]
+    torch.save(state, path)
+    code, out, err = relaunch(tmp_path, capfd)
+    assert code == 0 and "continuing at epoch 2 step 1" in out, err
+
+
+def test_an_unfinished_epochs_tally_moves_to_another_world_size():
+    """Known answer: two ranks' sums go to rank 0 once; the skip count and streak, which ranks share, stay."""
+    def tally(loss, correct, good, seen, skipped):
+        return {"loss_sum": torch.tensor(loss), "correct": torch.tensor(correct), "good_images": torch.tensor(good),
+                "skipped": torch.tensor(skipped), "bad_streak": torch.tensor(0), "seen": seen, "seconds": 4.0}
+
+    two = [tally(3.0, 5, 8, 8, 1), tally(2.5, 4, 8, 8, 1)]
+    rank0, rank1 = checkpoint.moved_tally(two, 0), checkpoint.moved_tally(two, 1)
+    assert (rank0["loss_sum"].item(), rank0["correct"].item(), rank0["good_images"].item(), rank0["seen"]) == \
+        (5.5, 9, 16, 16)
+    assert (rank1["loss_sum"].item(), rank1["correct"].item(), rank1["good_images"].item(), rank1["seen"]) == \
+        (0.0, 0, 0, 0)
+    assert rank0["skipped"].item() == rank1["skipped"].item() == 1  # skipped_steps = sum over ranks / world = 1
+    assert checkpoint.moved_tally([None, None], 0) is None  # saved at an epoch end: nothing to move
