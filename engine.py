@@ -117,6 +117,48 @@ def build_optimizer(groups, cfg):
     return optimizer
 
 
+def step_model_for(model, cfg, device, world):
+    """What the training step calls: the model, under DDP with several processes, compiled with --compile."""
+    wrapped = model
+    if world > 1:
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg["compile"]:
+        wrapped = torch.compile(wrapped, mode=None if cfg["compile_mode"] == "default" else cfg["compile_mode"])
+    return wrapped
+
+
+def build_model(cfg, num_classes, device, quiet=False):
+    """(model on the device, optimizer, stages frozen until freeze_epochs): the run's initialisation, trainable
+    parts, memory layout and parameter groups (layer-wise LRs, no decay on BatchNorm and bias)."""
+    model = model_utils.get_model(num_classes, pretrained=cfg["pretrained"] and not cfg["weights"],
+                                  arch=cfg["arch"], weights=cfg["weights"], quiet=quiet)
+    frozen_phase = cfg["freeze_epochs"] > 0
+    model_utils.apply_freeze(model, cfg["trainable"])
+    if cfg["sync_bn"]:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    memory_format = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format)
+    stage_lrs = presets.parse_stage_lrs(cfg["stage_lrs"]) if cfg["stage_lrs"] else None
+    groups = model_utils.param_groups(model, cfg["lr_backbone"], cfg["lr_fc"], cfg["weight_decay"],
+                                      cfg["layer_decay"], stage_lrs, per_stage=frozen_phase or None,
+                                      include_frozen=frozen_phase)
+    frozen_stages = {g["stage"] for g in groups if not any(p.requires_grad for p in g["params"])}
+    return model, build_optimizer(groups, cfg), frozen_stages
+
+
+def build_schedule(optimizer, cfg, steps_per_epoch, frozen_stages):
+    """One LR lambda per group: warmup then decay; stages frozen for the first freeze_epochs start at 0 and get
+    their own warmup from the unfreeze step, then follow the schedule to the end of the run."""
+    total = steps_per_epoch * cfg["epochs"]
+    warmup = int(round(cfg["warmup_epochs"] * steps_per_epoch))
+    unfreeze_step = cfg["freeze_epochs"] * steps_per_epoch
+    lambdas = [lr_lambda(total, warmup, cfg["schedule"], cfg["min_lr_ratio"],
+                                start_step=unfreeze_step if g["stage"] in frozen_stages else 0)
+               for g in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas), total, warmup
+
+
 def optimizer_step(optimizer, scaler, loss_is_finite):
     """Apply the update unless the loss was non-finite, without waiting on the device: fp16's GradScaler and, for
     bf16/fp32, the fused optimizers' own found_inf input both skip the update inside the kernel."""

@@ -29,7 +29,7 @@ import model_utils
 import plots
 import presets
 import splits
-import train_caltech101 as train
+import train_caltech101 as train  # its settings parser (the LR finder takes every training flag)
 
 
 def lr_find(model, loader, optimizer, scaler, mixer, amp_dtype, cfg, start=1e-7, end=10.0, steps=100, beta=0.98,
@@ -92,7 +92,7 @@ def main(cfg, steps=100, start=1e-7, end=10.0):
         loader=cfg["loader"], workers=cfg["workers"], seed=cfg["seed"], crop_scale_min=cfg["crop_scale_min"],
         cache=cfg["cache"], channels_last=cfg["channels_last"])
     classes = splits.read_classes(cfg["data_root"])
-    model, optimizer, _ = train.build_model(cfg, len(classes), device, quiet=False)
+    model, optimizer, _ = engine.build_model(cfg, len(classes), device, quiet=False)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     mixer = augment.MixupCutmix(len(classes), cfg["mixup_alpha"], cfg["cutmix_alpha"], cfg["mix_switch_prob"],
                                 cfg["label_smoothing"], seed=cfg["seed"])

@@ -280,11 +280,10 @@ def test_no_device_reads_between_log_points(prepared_root, monkeypatch):
 
 def test_lr_finder_restores_everything_and_stops_on_divergence(prepared_root, tmp_path):
     import find_lr
-    import train_caltech101 as train
     from conftest import tiny_cfg
 
     cfg = tiny_cfg(prepared_root, tmp_path, lr_fc=0.01, lr_backbone=0.001)
-    model, optimizer, _ = train.build_model(cfg, 3, CPU)
+    model, optimizer, _ = engine.build_model(cfg, 3, CPU)
     loader = data_utils.build_loader(prepared_root, "train", 32, 4, CPU, dtype=torch.bfloat16, workers=1)
     # One real step first, so the optimizer has state to restore.
     engine.train_step(model, *next(iter(loader)), optimizer, torch.amp.GradScaler("cpu", enabled=False),
