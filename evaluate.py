@@ -26,8 +26,8 @@ import engine
 import model_utils
 import plots
 import presets
+import runs
 import splits
-from checkpoint import read_metrics, read_run_config
 
 
 def write_per_class(m, classes, path):
@@ -49,8 +49,8 @@ def run_row(run_dir):
     """One run's figures: from summary.json (best epoch; train/val/test of best.pth) and metrics.csv."""
     if not os.path.isdir(run_dir) or not os.path.isfile(os.path.join(run_dir, "metrics.csv")):
         raise presets.ConfigError(f"{run_dir} is not a training run folder (no metrics.csv)")
-    cfg = read_run_config(run_dir)
-    rows = read_metrics(run_dir)
+    cfg = runs.read_run_config(run_dir)
+    rows = runs.read_metrics(run_dir)
     try:
         with open(os.path.join(run_dir, "summary.json")) as f:
             summary = json.load(f)
@@ -150,7 +150,7 @@ def check_split(run, data_root, split, allow_other):
 
 
 def evaluate_checkpoint(args):
-    run = checkpoint.open_run(args.checkpoint, args.arch, args.img_size, args.classes, args.data_root)
+    run = runs.open_run(args.checkpoint, args.arch, args.img_size, args.classes, args.data_root)
     cfg = dict(run.cfg)
     for key in ("data_root", "loader", "device", "workers"):
         if getattr(args, key) is not None:

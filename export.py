@@ -26,6 +26,7 @@ import checkpoint
 import data_utils
 import model_utils
 import presets
+import runs
 import splits
 
 OPSET = 18  # pinned: onnxruntime 1.16+ runs it, and torch's exporter targets it natively
@@ -159,7 +160,7 @@ def get_args_parser():
 
 
 def main(args):
-    run = checkpoint.open_run(args.checkpoint, args.arch, args.img_size, args.classes, args.data_root)
+    run = runs.open_run(args.checkpoint, args.arch, args.img_size, args.classes, args.data_root)
     formats = ("onnx", "pt2") if args.format == "both" else (args.format,)
     out_dir = args.out or os.path.join(run.run_dir, "export")
     report = export(run, out_dir, formats, args.data_root, args.check_images)

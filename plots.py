@@ -8,6 +8,7 @@ import os
 
 import checkpoint
 import data_utils
+import runs
 
 
 def plot_confusion(confusion, classes, path):
@@ -70,7 +71,7 @@ def plot_curves(run_dir, path=None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = checkpoint.read_metrics(run_dir)
+    rows = runs.read_metrics(run_dir)
     path = path or os.path.join(run_dir, "curves.png")
     epochs = [r["epoch"] for r in rows]
 

@@ -31,6 +31,7 @@ import data_utils
 import gradcam
 import model_utils
 import presets
+import runs
 import splits
 
 
@@ -38,7 +39,7 @@ class Predictor:
     """A trained run ready to predict: model, class names and the run's val preprocessing."""
 
     def __init__(self, run, device="cpu", data_root=None, arch=None, img_size=None, classes=None):
-        self.run = checkpoint.open_run(run, arch, img_size, classes, data_root)
+        self.run = runs.open_run(run, arch, img_size, classes, data_root)
         self.classes, self.img_size = self.run.classes, self.run.img_size
         self.device = torch.device(device)
         self.model = model_utils.load_trained(self.run.path, len(self.classes), self.run.arch).to(self.device).eval()

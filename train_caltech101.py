@@ -32,6 +32,7 @@ import model_utils
 import plots
 import presets
 import run_report
+import runs
 import splits
 
 KIT_ERRORS = (presets.ConfigError, splits.DataError, model_utils.ModelError, engine.TrainingError)
@@ -129,7 +130,7 @@ def find_resume(cfg):
     if not cfg["resume"]:
         return None, None
     name = cfg["name"] or cfg["exp"]
-    path = checkpoint.auto_resume_path(cfg["out_dir"], name) if cfg["resume"] == "auto" else cfg["resume"]
+    path = runs.auto_resume_path(cfg["out_dir"], name) if cfg["resume"] == "auto" else cfg["resume"]
     if path is None:
         if distributed.env()[0] == 0:
             print(f"note: --resume auto: no last.pth of {name} in {cfg['out_dir']} yet, starting a fresh run")
@@ -245,7 +246,7 @@ def train(cfg, device, amp_dtype, use_scaler, batch, eval_batch, resume_path, ck
         notes += restore_notes
 
     run_dir = os.path.dirname(os.path.abspath(resume_path)) if resume_path else \
-        distributed.broadcast_object(checkpoint.new_run_dir(cfg["out_dir"], cfg["name"] or cfg["exp"])
+        distributed.broadcast_object(runs.new_run_dir(cfg["out_dir"], cfg["name"] or cfg["exp"])
                                      if main_rank else None)
     last_path, best_path = os.path.join(run_dir, "last.pth"), os.path.join(run_dir, "best.pth")
     best_loss_path = os.path.join(run_dir, "best_loss.pth")
@@ -256,7 +257,7 @@ def train(cfg, device, amp_dtype, use_scaler, batch, eval_batch, resume_path, ck
         except OSError as e:
             raise presets.ConfigError(f"cannot write to the output folder {run_dir}: {e.strerror}") from None
         checkpoint.write_text_atomic("\n".join(classes) + "\n", os.path.join(run_dir, "classes.txt"))
-        checkpoint.copy_into_run(os.path.join(cfg["data_root"], "train.txt"), run_dir, "train_list.txt")
+        runs.copy_into_run(os.path.join(cfg["data_root"], "train.txt"), run_dir, "train_list.txt")
     distributed.barrier()
 
     log("config: " + json.dumps(cfg))

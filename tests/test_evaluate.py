@@ -124,11 +124,25 @@ def test_comparison_table(trained_run, prepared_root, tmp_path, capfd):
 
 
 def test_a_missing_test_split_says_what_works(trained_run, prepared_root, tmp_path, capfd):
+    """The advice is followed to the letter: its download command gives a root with the run's very training images
+    and a test split, and its evaluate command then evaluates the run on it."""
+    import shlex
+
+    import download
+
     code, _, err = run_cli(evaluate.cli, ["--checkpoint", trained_run["out_dir"], "--data_root", prepared_root,
                                           "--split", "test", "--out_dir", str(tmp_path)], capfd)
-    one_line_error(code, err, f"{prepared_root} has no test split: prepare a new root with one")
-    assert f"--data_root NEW_ROOT --archive {os.path.join(prepared_root, '101_ObjectCategories')} --test_per_class" \
-        in err and "comparable only on its own split" in err
+    one_line_error(code, err, f"{prepared_root} has no test split: prepare a new root with the same training images")
+    prepare, evaluate_cmd = (shlex.split(part.replace("NEW_ROOT", str(tmp_path / "new")).replace(
+        "RUN", trained_run["out_dir"])) for part in err.split("`")[1:4:2])
+    assert prepare[:2] == ["python", "download.py"] and "--train_per_class" in prepare and "--seed" in prepare
+    code, _, err = run_cli(download.cli, prepare[2:], capfd)
+    assert code == 0, err
+    assert open(tmp_path / "new" / "train.txt").read() == open(os.path.join(prepared_root, "train.txt")).read()
+    assert evaluate_cmd[:2] == ["python", "evaluate.py"]
+    code, out, err = run_cli(evaluate.cli, evaluate_cmd[2:] + ["--out_dir", str(tmp_path / "eval")], capfd)
+    assert code == 0, err
+    assert "test" in out and os.path.isfile(tmp_path / "eval" / "report.json")
 
 
 def test_bare_weights_of_another_arch_name_the_mismatch(trained_run, prepared_with_test, tmp_path, capfd):

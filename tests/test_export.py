@@ -10,6 +10,7 @@ import data_utils
 import export
 import model_utils
 import predict
+import runs
 from conftest import one_line_error, run_cli
 
 
@@ -118,12 +119,11 @@ def test_a_mismatch_exits_naming_the_figures(trained_run, tmp_path, monkeypatch)
 def test_real_val_images_drive_the_check(real_root, tmp_path):
     """With the real data: a 101-class ResNet-18 (random weights: the check is about the export, not accuracy),
     exported and checked on real val images of the split."""
-    import checkpoint
 
     model = model_utils.get_model(101)
     torch.save(model.state_dict(), tmp_path / "best.pth")
     (tmp_path / "classes.txt").write_text("\n".join(data_utils.read_classes(real_root)) + "\n")
-    run = checkpoint.open_run(str(tmp_path / "best.pth"), "resnet18", 64, str(tmp_path / "classes.txt"))
+    run = runs.open_run(str(tmp_path / "best.pth"), "resnet18", 64, str(tmp_path / "classes.txt"))
     report = export.export(run, str(tmp_path / "out"), ("onnx",), data_root=real_root, check_images=32)
     assert report["inputs"] == f"32 real val images of {real_root}"
     assert report["files"]["model.onnx"]["batch_8"]["top1_agreement"] == 1.0

@@ -23,6 +23,7 @@ import engine
 import evaluate
 import model_utils
 import predict
+import runs
 import split_lists
 import splits
 import train_caltech101 as train
@@ -237,16 +238,16 @@ def test_evaluate_refuses_a_hostile_val_image_in_one_line(trained_run, prepared_
 def slow_claim(args):
     """new_run_dir with the existence check slowed down, so that every process checks before any claims."""
     out_dir, barrier = args
-    real = checkpoint.holds_run
+    real = runs.holds_run
 
     def slow(folder):
         answer = real(folder)
         time.sleep(0.3)
         return answer
 
-    checkpoint.holds_run = slow
+    runs.holds_run = slow
     barrier.wait()
-    return checkpoint.new_run_dir(out_dir, "cpu_smoke")
+    return runs.new_run_dir(out_dir, "cpu_smoke")
 
 
 def test_processes_claiming_at_once_get_different_folders(tmp_path):
@@ -256,7 +257,7 @@ def test_processes_claiming_at_once_get_different_folders(tmp_path):
         folders = pool.map(slow_claim, [(str(tmp_path), barrier)] * 6)
     assert len(set(folders)) == 6
     assert sorted(os.listdir(tmp_path)) == sorted(["cpu_smoke"] + [f"cpu_smoke_{n}" for n in range(2, 7)])
-    assert all(os.path.isfile(os.path.join(f, checkpoint.CLAIM_FILE)) for f in folders)
+    assert all(os.path.isfile(os.path.join(f, runs.CLAIM_FILE)) for f in folders)
 
 
 def test_runs_started_together_end_in_their_own_complete_folders(prepared_root, tmp_path):
@@ -272,7 +273,7 @@ def test_runs_started_together_end_in_their_own_complete_folders(prepared_root, 
     for folder in said:
         assert {"config.json", "last.pth", "best.pth", "metrics.csv", "summary.json", "curves.png",
                 "run.claim"} <= set(os.listdir(folder))
-        assert len(checkpoint.read_metrics(folder)) == 1
+        assert len(runs.read_metrics(folder)) == 1
         assert load(os.path.join(folder, "last.pth"))["finished"]
 
 

@@ -18,6 +18,7 @@ import download
 import evaluate
 import model_utils
 import predict
+import runs
 import train_caltech101 as train
 from conftest import ROOT, one_line_error, run_cli, stopped_run, tiny_argv, tiny_cfg
 
@@ -53,7 +54,7 @@ def same_training_state(run_a, run_b):
     """Weights, EMA weights, optimizer moments and steps, early-stopping state and metrics (times aside)."""
     a, b = (load(os.path.join(run, "last.pth")) for run in (run_a, run_b))
     rows = [[{k: v for k, v in r.items() if not k.endswith(("_time_s", "_per_s"))} for r in
-             checkpoint.read_metrics(run)] for run in (run_a, run_b)]
+             runs.read_metrics(run)] for run in (run_a, run_b)]
     moments_a, moments_b = a["optimizer"]["state"], b["optimizer"]["state"]
     return (same_weights(a["model"], b["model"]) and same_weights(a["ema"]["module"], b["ema"]["module"])
             and a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]

@@ -12,6 +12,7 @@ import time
 import torch
 
 import checkpoint
+import runs
 import train_caltech101 as train
 from conftest import ROOT, one_line_error, run_cli, stopped_run, tiny_argv, tiny_cfg
 
@@ -60,7 +61,7 @@ def test_an_early_stopped_run_stays_stopped(prepared_root, tmp_path, capfd):
         code, out, err = relaunch(tmp_path, capfd)
         assert code == 0 and "has stopped early after epoch 2 (best val_loss" in out and "nothing to do" in out, err
     assert snapshot(tmp_path) == before
-    assert [int(r["epoch"]) for r in checkpoint.read_metrics(result["out_dir"])] == [1, 2]
+    assert [int(r["epoch"]) for r in runs.read_metrics(result["out_dir"])] == [1, 2]
 
 
 def end_of_run_files(run_dir):

@@ -9,10 +9,10 @@ import signal
 import pytest
 import torch
 
-import checkpoint
 import engine
 import model_utils
 import presets
+import runs
 import train_caltech101 as train
 from conftest import one_line_error, run_cli, stop_at, stopped_run, tiny_argv, tiny_cfg
 
@@ -155,7 +155,7 @@ def test_a_mid_epoch_stop_resumes_to_the_same_state(prepared_root, tmp_path, mon
     assert same_weights(a["ema"]["module"], b["ema"]["module"]) and a["ema"]["updates"] == b["ema"]["updates"]
     assert same_optimizer_state(a["optimizer"], b["optimizer"])
     assert a["early_stopping"] == b["early_stopping"] and a["scheduler"] == b["scheduler"]
-    rows = [[without_times(r) for r in checkpoint.read_metrics(x["out_dir"])] for x in (straight, resumed)]
+    rows = [[without_times(r) for r in runs.read_metrics(x["out_dir"])] for x in (straight, resumed)]
     assert rows[0] == rows[1] and len(rows[0]) == 3
 
 

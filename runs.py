@@ -1,0 +1,171 @@
+"""Run folders: what one holds, the rule that a new run never reuses one (claimed atomically), finding the newest
+run of a preset, and reading a run back for evaluation, prediction and export (its weights, config, classes,
+training list, metrics). Nothing here imports the training engine or the data loaders.
+
+    run_dir = runs.new_run_dir("checkpoints", "cpu_smoke")     # never an existing run's folder
+    run = runs.open_run("checkpoints/cpu_smoke")                # weights path, settings, class names, split
+    rows = runs.read_metrics("checkpoints/cpu_smoke")           # metrics.csv, numbers as floats
+
+A run folder holds: best.pth (released weights), best_loss.pth (lowest val loss), last.pth (everything to resume),
+config.json (the resolved settings, the split's identity, the world size), classes.txt, train_list.txt (the
+training images, so evaluation can refuse an overlapping split), metrics.csv, summary.json, tb/, curves.png,
+run.claim, and with --keep_checkpoints epoch_XXX.pth.
+"""
+import csv
+import json
+import os
+import re
+import shutil
+import socket
+import time
+
+import model_utils
+import presets
+import splits
+
+CLAIM_FILE = "run.claim"  # created exclusively: the one step that makes a folder this run's
+RUN_MARKERS = (CLAIM_FILE, "config.json", "last.pth", "best.pth", "metrics.csv")
+
+
+def holds_run(folder):
+    return any(os.path.exists(os.path.join(folder, name)) for name in RUN_MARKERS)
+
+
+def run_folders(out_dir, exp):
+    """Existing run folders of `exp` in out_dir, oldest first: exp, exp_2, exp_3, ..."""
+    try:
+        names = os.listdir(out_dir)
+    except FileNotFoundError:
+        return []
+    pattern = re.compile(re.escape(exp) + r"(?:_(\d+))?$")
+    found = [(int(m.group(1) or 1), name) for name in names if (m := pattern.match(name))
+             and os.path.isdir(os.path.join(out_dir, name))]
+    return [os.path.join(out_dir, name) for _, name in sorted(found)]
+
+
+def new_run_dir(out_dir, exp):
+    """Claim out_dir/exp, or the first of exp_2, exp_3, ... that holds no run, for a new run: a new run never
+    overwrites an old one, and runs started at the same moment (a sweep's workers, a job array) never share a
+    folder. The claim is one exclusive, atomic step (O_CREAT | O_EXCL of the folder's run.claim): of two
+    processes that reach the same folder together, exactly one creates it; the other moves on to the next name."""
+    for n in range(1, 10_000):
+        folder = os.path.join(out_dir, exp if n == 1 else f"{exp}_{n}")
+        if holds_run(folder):
+            continue
+        try:
+            os.makedirs(folder, exist_ok=True)
+            fd = os.open(os.path.join(folder, CLAIM_FILE), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            continue  # claimed by another run between the check and here
+        except OSError as e:
+            raise presets.ConfigError(f"cannot write to the output folder {folder}: {e.strerror}") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(f"pid {os.getpid()} on {socket.gethostname()} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        return folder
+    raise presets.ConfigError(f"{out_dir} holds 9,999 runs of {exp}: clean it up")
+
+
+def auto_resume_path(out_dir, exp):
+    """--resume auto: the last.pth of the newest run folder of exp (None: start fresh)."""
+    for folder in reversed(run_folders(out_dir, exp)):
+        if os.path.isfile(os.path.join(folder, "last.pth")):
+            return os.path.join(folder, "last.pth")
+    return None
+
+
+def resolve_checkpoint(path):
+    """(checkpoint file, run folder) for a .pth or a run folder (its best.pth)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "best.pth")
+    if not os.path.isfile(path):
+        raise model_utils.ModelError(f"no checkpoint at {path}")
+    return path, os.path.dirname(os.path.abspath(path))
+
+
+def read_run_config(run_dir, required=True):
+    path = os.path.join(run_dir, "config.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        if not required:
+            return None
+        raise presets.ConfigError(f"no config.json in {run_dir}: not a run folder (for bare weights pass --arch, "
+                                  f"--img_size and --classes)") from None
+    except ValueError as e:
+        raise presets.ConfigError(f"{path} is not valid JSON: {e}") from None
+
+
+def _number(text):
+    if text in ("", None):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def read_metrics(run_dir):
+    path = os.path.join(run_dir, "metrics.csv")
+    try:
+        with open(path) as f:
+            return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    except FileNotFoundError:
+        raise presets.ConfigError(f"no metrics.csv in {run_dir}: is it a training run folder?") from None
+
+
+def copy_into_run(src, run_dir, name):
+    shutil.copyfile(src, os.path.join(run_dir, name))
+
+
+class Run:
+    """A trained model's context for evaluation and prediction: where its weights are, its settings, its class
+    names and (for a run folder) the identity of its split and its training list."""
+
+    def __init__(self, path, run_dir, cfg, classes, split=None, train_files=None):
+        self.path, self.run_dir, self.cfg, self.classes = path, run_dir, cfg, classes
+        self.split, self.train_files = split, train_files
+
+    @property
+    def arch(self):
+        return self.cfg["arch"]
+
+    @property
+    def img_size(self):
+        return self.cfg["img_size"]
+
+
+def open_run(path, arch=None, img_size=None, classes=None, data_root=None):
+    """A Run from a run folder, a .pth in one, or bare released weights (then arch, img_size and a class file are
+    needed, and the missing ones are named). The class names come from the run folder itself, so a copied run
+    folder predicts without its data root; an older run without classes.txt reads the data root's, and refuses
+    them if they are not the ones it was trained on."""
+    path, run_dir = resolve_checkpoint(path)
+    cfg = read_run_config(run_dir, required=False)
+    if cfg is None:
+        missing = [flag for flag, value in (("--arch", arch), ("--img_size", img_size), ("--classes", classes))
+                   if value is None]
+        if missing:
+            raise presets.ConfigError(f"{path} has no config.json beside it (bare weights): pass "
+                                      f"{', '.join(missing)}")
+        cfg = presets.resolve("r18_pretrain_main", {"arch": arch, "img_size": img_size, "pretrained": False,
+                                                    **({"data_root": data_root} if data_root else {})})
+        return Run(path, run_dir, cfg, splits.read_class_file(classes))
+    for key, value in (("arch", arch), ("img_size", img_size)):
+        if value is not None and value != cfg[key]:
+            raise presets.ConfigError(f"--{key} {value}: the run in {run_dir} is {key}={cfg[key]}")
+    split = cfg.get("split")
+    if classes:
+        names = splits.read_class_file(classes)
+    elif os.path.isfile(os.path.join(run_dir, "classes.txt")):
+        names = splits.read_class_file(os.path.join(run_dir, "classes.txt"))
+    else:
+        root = data_root or cfg["data_root"]
+        names = splits.read_classes(root)
+        recorded = (split or {}).get("classes")
+        if recorded and splits.file_digest(os.path.join(root, "classes.txt")) != recorded:
+            raise presets.ConfigError(f"{root}/classes.txt is not the class list {run_dir} was trained with; pass "
+                                      f"the right one with --classes FILE")
+    train_list = os.path.join(run_dir, "train_list.txt")
+    train_files = splits.read_split_lines(train_list)[0] if os.path.isfile(train_list) else None
+    return Run(path, run_dir, cfg, names, split, train_files)
