@@ -43,6 +43,7 @@ import cache_loader
 import dali_loader
 import data_utils
 import engine
+import errors
 import model_utils
 import presets
 import splits
@@ -509,8 +510,9 @@ def main(args):
     return results
 
 
+def cli(argv=None):
+    return errors.run_cli(lambda args: main(args) and 0, get_args_parser().parse_args(argv))
+
+
 if __name__ == "__main__":
-    try:
-        main(get_args_parser().parse_args())
-    except (presets.ConfigError, data_utils.DataError, model_utils.ModelError) as e:
-        sys.exit(f"error: {e}")
+    sys.exit(cli())

@@ -23,9 +23,10 @@ import numpy as np
 import torch
 
 import distributed
+import errors
 import model_utils
 import presets
-from engine import TrainingError
+from errors import TrainingError
 
 # ---------------------------------------------------------------------------------------------
 # writing
@@ -92,7 +93,7 @@ class BackgroundWriter:
         """Write obj to path, then call after() (e.g. keep an epoch's copy, now that the new file is safe)."""
         self.wait()
         snapshot = cpu_copy(obj)  # taken now: the training step that follows changes the live tensors
-        self.thread = threading.Thread(target=self._write, args=(snapshot, path, after), name="checkpoint-writer")
+        self.thread = threading.Thread(target=self._write, args=(snapshot, path, after), name=errors.WRITER_THREAD)
         self.thread.start()
 
     def _write(self, obj, path, after):
@@ -102,14 +103,6 @@ class BackgroundWriter:
                 after()
         except BaseException as e:  # noqa: BLE001 - handed to the training thread, which raises it
             self.error = e
-
-    @staticmethod
-    def finish_all():
-        """Let writes already in flight complete (a second Ctrl-C then exits without leaving a temp file)."""
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a write takes well under a second; do not break it
-        for thread in threading.enumerate():
-            if thread.name == "checkpoint-writer":
-                thread.join()
 
     def wait(self):
         if self.thread is not None:
@@ -163,16 +156,6 @@ class GracefulStop:
     def restore(self):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
-
-
-def exit_interrupted(message="interrupted", code=128 + signal.SIGINT):
-    """Ctrl-C that should stop at once: finish checkpoint writes in flight, print one line, and skip interpreter
-    teardown, where destroying a DALI pipeline interrupted inside a run aborts the process (std::terminate)."""
-    BackgroundWriter.finish_all()
-    print(message, file=sys.stderr)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 def rng_state():

@@ -28,6 +28,7 @@ import urllib.error
 import urllib.request
 import zipfile
 
+import errors
 from split_lists import (  # noqa: F401 - re-exported: download.py is the data preparation's entry point
     PrepareError,
     check_resplit,
@@ -283,13 +284,9 @@ def main(args):
 
 
 def cli(argv=None):
-    try:
-        main(get_args_parser().parse_args(argv))
-    except PrepareError as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit("interrupted: run the same command again to finish (partial work is detected and redone)")
-    return 0
+    return errors.run_cli(main, get_args_parser().parse_args(argv),
+                          interrupted="interrupted: run the same command again to finish (partial work is detected "
+                                      "and redone)")
 
 
 if __name__ == "__main__":

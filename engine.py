@@ -23,12 +23,11 @@ import torch.nn.functional as F
 
 import augment
 import distributed
+import errors
 import model_utils
 import presets
 
-
-class TrainingError(Exception):
-    """The run cannot go on (too many non-finite losses, a checkpoint that cannot be written): one line."""
+TrainingError = errors.TrainingError  # raised here when a run cannot go on; the kit's errors live in errors.py
 
 
 def nvidia_gpu_present():

@@ -19,10 +19,10 @@ import sys
 
 import torch
 
-import checkpoint
 import dali_loader
 import data_utils
 import engine
+import errors
 import model_utils
 import plots
 import presets
@@ -208,14 +208,8 @@ def main(args):
 
 
 def cli(argv=None):
-    try:
-        with dali_loader.QuietDecoderErrors():
-            main(get_args_parser().parse_args(argv))
-    except (presets.ConfigError, data_utils.DataError, model_utils.ModelError) as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        checkpoint.exit_interrupted()
-    return 0
+    with dali_loader.QuietDecoderErrors():
+        return errors.run_cli(lambda args: main(args) and 0, get_args_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -22,10 +22,9 @@ import sys
 import numpy as np
 import torch
 
-import checkpoint
 import data_utils
+import errors
 import model_utils
-import presets
 import runs
 import splits
 
@@ -34,8 +33,7 @@ RTOL, ATOL = 1e-3, 1e-5  # PyTorch's ONNX tutorial's tolerance for exported mode
 EXPORT_BATCH, CHECK_BATCHES = 2, (1, 8)
 
 
-class ExportError(Exception):
-    """The export does not match the eager model, or cannot be written: one line."""
+ExportError = errors.ExportError  # raised here; the kit's errors live in errors.py
 
 
 def preprocess_spec(img_size, classes, arch):
@@ -169,13 +167,7 @@ def main(args):
 
 
 def cli(argv=None):
-    try:
-        main(get_args_parser().parse_args(argv))
-    except (presets.ConfigError, splits.DataError, model_utils.ModelError, ExportError) as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        checkpoint.exit_interrupted()
-    return 0
+    return errors.run_cli(lambda args: main(args) and 0, get_args_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 
 import augment
-import checkpoint
 import dali_loader
 import data_utils
 import engine
+import errors
 import model_utils
 import plots
 import presets
@@ -132,17 +132,14 @@ def cli(argv=None):
     steps, start, end = args.steps, args.start, args.end
     del args.steps, args.start, args.end
     exp, config, overrides, _ = train.settings_from_args(args)
-    try:
+
+    def run():
         if steps < 3 or not 0 < start < end:
             raise presets.ConfigError("--steps must be at least 3 and 0 < --start < --end")
-        cfg = presets.resolve(exp, overrides, config=config)
         with dali_loader.QuietDecoderErrors():
-            main(cfg, steps, start, end)
-    except train.KIT_ERRORS as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        checkpoint.exit_interrupted()
-    return 0
+            main(presets.resolve(exp, overrides, config=config), steps, start, end)
+
+    return errors.run_cli(run)
 
 
 if __name__ == "__main__":

@@ -16,13 +16,14 @@ import torch
 import torch.nn as nn
 import torchvision
 
+import errors
+
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 HEAD_PREFIX = "fc."
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP and torch.compile wrappers
 
 
-class ModelError(Exception):
-    """A user-facing model or weights problem: the scripts print it as one line and exit non-zero."""
+ModelError = errors.ModelError  # raised here for weights files; the kit's errors live in errors.py
 
 
 def strip_prefixes(state_dict):

@@ -26,8 +26,8 @@ import sys
 
 import torch
 
-import checkpoint
 import data_utils
+import errors
 import gradcam
 import model_utils
 import presets
@@ -241,12 +241,7 @@ def main(args):
 
 
 def cli(argv=None):
-    try:
-        return main(get_args_parser().parse_args(argv))
-    except (presets.ConfigError, data_utils.DataError, model_utils.ModelError) as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        checkpoint.exit_interrupted()
+    return errors.run_cli(main, get_args_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

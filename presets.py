@@ -17,6 +17,8 @@ import json
 import os
 import sys
 
+import errors
+
 DEFAULT_EXP = "r18_pretrain_main"  # run 3 of the report, the kit's default
 
 # key: (default, meaning). The meaning is the flag's --help text.
@@ -162,8 +164,7 @@ PRESETS = {
 }
 
 
-class ConfigError(Exception):
-    """A bad preset name, key or value: reported as one line."""
+ConfigError = errors.ConfigError  # raised here for settings; the kit's errors live in errors.py
 
 
 def canonical(key, value, where="setting"):

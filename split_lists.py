@@ -12,6 +12,7 @@ import random
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
+import errors
 from splits import IMAGE_EXTENSIONS, IMAGES_DIR, DataError, open_image
 
 EXCLUDED_CLASSES = ("BACKGROUND_Google",)  # clutter, not a class (torchvision drops it too)
@@ -19,8 +20,7 @@ EXCLUDED_CLASSES = ("BACKGROUND_Google",)  # clutter, not a class (torchvision d
 DECODABLE_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "PPM", "WEBP")
 
 
-class PrepareError(Exception):
-    """A user-facing failure: the scripts print it as one line and exit non-zero."""
+PrepareError = errors.PrepareError  # raised here; the kit's errors live in errors.py
 
 
 def check_image(path):

@@ -18,6 +18,8 @@ import warnings
 
 import numpy as np
 
+import errors
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RRC_SCALE = (0.08, 1.0)  # torchvision RandomResizedCrop defaults: fraction of the image area
@@ -26,8 +28,7 @@ IMAGES_DIR = "101_ObjectCategories"  # where download.py puts Caltech-101's imag
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".webp")
 
 
-class DataError(Exception):
-    """A user-facing data problem: the scripts print it as one line and exit non-zero."""
+DataError = errors.DataError  # raised here for data problems; the kit's errors live in errors.py
 
 
 def resize_size(img_size):

@@ -28,6 +28,7 @@ import dali_loader
 import data_utils
 import distributed
 import engine
+import errors
 import model_utils
 import plots
 import presets
@@ -35,7 +36,6 @@ import run_report
 import runs
 import splits
 
-KIT_ERRORS = (presets.ConfigError, splits.DataError, model_utils.ModelError, engine.TrainingError)
 FLAG_ALIASES = {}  # setting -> its other kits' flags: presets.KEY_ALIASES read the other way
 for _alias, _key in presets.KEY_ALIASES.items():
     FLAG_ALIASES.setdefault(_key, []).append(f"--{_alias}")
@@ -400,26 +400,23 @@ def evaluate_epoch(cfg, epoch, row, model, eval_model, ema, val_loader, num_clas
 
 
 def cli(argv=None):
-    """The command line: parse, resolve settings, train; one-line errors."""
-    exp, config, overrides, show_model = settings_from_args(get_args_parser().parse_args(argv))
-    try:
-        file_values = presets.load_config_file(config) if config else {}
-        cfg = presets.resolve(exp, overrides, config=file_values)
-        explicit = {presets.canonical(k, v)[0] for k, v in {**file_values, **overrides}.items()
-                    if k not in presets.RECORD_KEYS}
-        if show_model:
-            return run_report.print_model(cfg, len(splits.read_classes(cfg["data_root"]))
-                               if os.path.isfile(os.path.join(cfg["data_root"], "classes.txt")) else 101)["exit_code"]
-        with dali_loader.QuietDecoderErrors():
-            return main(cfg, explicit)["exit_code"]
-    except KIT_ERRORS as e:
-        rank = distributed.env()[0]
-        if rank != 0 and isinstance(e, presets.ConfigError):  # a settings error every rank meets: rank 0 says it
-            sys.exit(1)
-        sys.exit(f"error: {e}" if rank == 0 else f"error (rank {rank}): {e}")
-    except KeyboardInterrupt:
-        checkpoint.exit_interrupted("interrupted: stopped at once; the last checkpoint written is intact "
-                                    "(--resume auto)")
+    """The command line: parse, resolve settings, train; one-line errors (errors.run_cli)."""
+    return errors.run_cli(run, *settings_from_args(get_args_parser().parse_args(argv)),
+                          interrupted="interrupted: stopped at once; the last checkpoint written is intact "
+                                      "(--resume auto)")
+
+
+def run(exp, config, overrides, show_model):
+    """Resolve the settings (defaults < preset < config file < flags) and train, or print the model."""
+    file_values = presets.load_config_file(config) if config else {}
+    cfg = presets.resolve(exp, overrides, config=file_values)
+    explicit = {presets.canonical(k, v)[0] for k, v in {**file_values, **overrides}.items()
+                if k not in presets.RECORD_KEYS}
+    if show_model:
+        return run_report.print_model(cfg, len(splits.read_classes(cfg["data_root"]))
+                           if os.path.isfile(os.path.join(cfg["data_root"], "classes.txt")) else 101)["exit_code"]
+    with dali_loader.QuietDecoderErrors():
+        return main(cfg, explicit)["exit_code"]
 
 
 if __name__ == "__main__":
