@@ -41,7 +41,6 @@ import torch.nn.functional as F
 import augment
 import cache_loader
 import dali_loader
-import data_utils
 import engine
 import errors
 import model_utils
@@ -68,7 +67,7 @@ def time_images(batches, device):
 
 def split_subset(data_root, split, images):
     """(files, labels) of a split, or a fixed random subset of `images` of them (0: all)."""
-    files, labels = data_utils.read_split(data_root, split)
+    files, labels = splits.read_split(data_root, split)
     if 0 < images < len(files):
         keep = np.sort(np.random.default_rng(0).permutation(len(files))[:images])
         files, labels = [files[i] for i in keep], [labels[i] for i in keep]
@@ -83,14 +82,14 @@ class PlainLoader:
         import torchvision
 
         self.link_root = tempfile.mkdtemp(prefix="bench-imagefolder-")
-        image_root = os.path.abspath(data_utils.image_root(data_root))
+        image_root = os.path.abspath(splits.image_root(data_root))
         for name in files:
             os.makedirs(os.path.join(self.link_root, os.path.dirname(name)), exist_ok=True)
             os.symlink(os.path.join(image_root, name), os.path.join(self.link_root, name))
         T = torchvision.transforms
         spatial = [T.RandomResizedCrop(img_size, antialias=True), T.RandomHorizontalFlip()] if train else \
-            [T.Resize(data_utils.resize_size(img_size), antialias=True), T.CenterCrop(img_size)]
-        transform = T.Compose(spatial + [T.ToTensor(), T.Normalize(data_utils.IMAGENET_MEAN, data_utils.IMAGENET_STD)])
+            [T.Resize(splits.resize_size(img_size), antialias=True), T.CenterCrop(img_size)]
+        transform = T.Compose(spatial + [T.ToTensor(), T.Normalize(splits.IMAGENET_MEAN, splits.IMAGENET_STD)])
         dataset = torchvision.datasets.ImageFolder(self.link_root, transform)
         # pin_memory: the reference scripts' setting, so the baseline's copies to a GPU do not block either.
         self.loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=train, num_workers=workers,
@@ -116,7 +115,7 @@ class DecodeOnly:
     None); the stream runs on into the next epoch, as the kit's does."""
 
     def __init__(self, data_root, files, batch_size, workers, device):
-        root = data_utils.image_root(data_root)
+        root = splits.image_root(data_root)
         plan = splits.SamplePlan(len(files), batch_size, True, sizes=splits.image_sizes(root, files))
         self.pipe = dali_loader.first_step_pipe(root, files, plan, device, workers, train=True)
         self.root, self.files, self.steps, self.num_images = root, files, plan.steps, len(files)
@@ -129,7 +128,7 @@ class DecodeOnly:
 def kit_loader(args, device, files, labels, train_split, cache, batch_size):
     """The kit's DALI or cache loader over a list of files (the data section uses the whole train split)."""
     amp_dtype, _ = engine.resolve_amp(args.amp, device)
-    root = data_utils.image_root(args.data_root)
+    root = splits.image_root(args.data_root)
     sizes = splits.image_sizes(root, files) if train_split else None
     plan = splits.SamplePlan(len(files), batch_size, train_split, sizes=sizes, fixed_shard=cache)
     common = dict(device=device, dtype=amp_dtype or torch.float32, workers=args.workers)
@@ -181,7 +180,7 @@ def row(name, kit_name, kit, plain_name, plain, **extra):
 
 
 def bench_data(args, device):
-    files, labels = data_utils.read_split(args.data_root, "train")
+    files, labels = splits.read_split(args.data_root, "train")
     dali = kit_loader(args, device, files, labels, True, False, args.batch_size)
     cache = kit_loader(args, device, files, labels, True, True, args.batch_size)
     per_image = PerImageCache(cache)
@@ -348,9 +347,9 @@ def bench_infer(args, device):
     import export
 
     files, _ = split_subset(args.data_root, "val", 64)
-    root = data_utils.image_root(args.data_root)
-    transform = data_utils.val_transform(args.img_size)
-    images = torch.stack([transform(data_utils.load_rgb(os.path.join(root, f))) for f in files])
+    root = splits.image_root(args.data_root)
+    transform = splits.val_transform(args.img_size)
+    images = torch.stack([transform(splits.load_rgb(os.path.join(root, f))) for f in files])
     torch.manual_seed(0)
     model = model_utils.get_model(101, arch=args.arch).eval()
     kit = model_utils.get_model(101, arch=args.arch).eval().to(memory_format=torch.channels_last)

@@ -19,25 +19,6 @@ import torch
 import cache_loader
 import dali_loader
 import splits
-from dali_loader import HAVE_DALI  # noqa: F401 - re-exported: scripts check it here
-from splits import (  # noqa: F401 - re-exported: the data API in one place
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    IMAGES_DIR,
-    RRC_RATIO,
-    RRC_SCALE,
-    CentreCrop,
-    DataError,
-    ResizeShorter,
-    centre_crop_offsets,
-    image_root,
-    load_rgb,
-    random_resized_crops,
-    read_classes,
-    read_split,
-    resize_size,
-    val_transform,
-)
 
 LOADERS = ("dali", "torch")
 
@@ -47,12 +28,12 @@ class PlanDataset(torch.utils.data.Dataset):
 
     def __init__(self, root, files, labels, img_size):
         self.root, self.files, self.labels, self.img_size = root, files, labels, img_size
-        self.val = val_transform(img_size)
+        self.val = splits.val_transform(img_size)
 
     def __getitem__(self, item):
         from torchvision.transforms import functional as TF
 
-        image = load_rgb(os.path.join(self.root, self.files[item[0]]))
+        image = splits.load_rgb(os.path.join(self.root, self.files[item[0]]))
         if len(item) == 1:
             return self.val(image), self.labels[item[0]]
         _, y, x, h, w, flip = item
@@ -60,7 +41,7 @@ class PlanDataset(torch.utils.data.Dataset):
                                 TF.InterpolationMode.BILINEAR, antialias=True)
         if flip:
             image = TF.hflip(image)
-        return TF.normalize(TF.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD), self.labels[item[0]]
+        return TF.normalize(TF.to_tensor(image), splits.IMAGENET_MEAN, splits.IMAGENET_STD), self.labels[item[0]]
 
 
 class PlanBatches:
@@ -108,20 +89,20 @@ class TorchLoader(splits.PlanPosition):
             for images, labels in self.loader:
                 self.epoch, self.batches_done = splits.next_position(self.epoch, self.batches_done, self.plan.steps)
                 yield splits.to_model_input(images, labels, self.device, self.dtype, self.channels_last)
-        except DataError as e:  # from a worker, its message carries the worker's traceback: keep the last line
-            raise DataError(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
+        except splits.DataError as e:  # from a worker, its message carries the worker's traceback: keep the last line
+            raise splits.DataError(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
 
 
 def build_loader(data_root, split, img_size, batch_size, device, dtype=torch.float32, loader="dali", workers=4,
-                 seed=0, rank=0, world=1, drop_last=False, crop_scale_min=RRC_SCALE[0], cache=False,
+                 seed=0, rank=0, world=1, drop_last=False, crop_scale_min=splits.RRC_SCALE[0], cache=False,
                  channels_last=True, train=None, hw_decoder_load=dali_loader.HW_DECODER_LOAD):
     """One loader over one split of a prepared root. `batch_size` is per rank. Train (by default the train split)
     augments and reshuffles every epoch; val/test, or train=False, is the deterministic val transform.
     cache=True decodes the rank's images once (with `loader`'s decoder) and keeps them on the device."""
     if loader not in LOADERS:
-        raise DataError(f"unknown loader '{loader}': choose dali or torch")
-    files, labels = read_split(data_root, split)
-    root = image_root(data_root)
+        raise splits.DataError(f"unknown loader '{loader}': choose dali or torch")
+    files, labels = splits.read_split(data_root, split)
+    root = splits.image_root(data_root)
     train = split == "train" if train is None else train
     # Every header read (and over-limit images refused) before any decoder sees the files: DALI decodes them
     # itself; train crops need the sizes too.
@@ -130,22 +111,22 @@ def build_loader(data_root, split, img_size, batch_size, device, dtype=torch.flo
                              drop_last=drop_last and train, sizes=sizes if train else None,
                              crop_scale=(crop_scale_min, 1.0), fixed_shard=cache)
     if plan.num_local == 0 or plan.steps == 0:
-        raise DataError(f"the {split} split ({len(files)} images) is too small for {world} rank(s) with "
+        raise splits.DataError(f"the {split} split ({len(files)} images) is too small for {world} rank(s) with "
                         f"{batch_size} images each per step")
     common = dict(device=device, dtype=dtype, workers=workers, channels_last=channels_last)
     if cache:
-        return cache_loader.CacheLoader(root, files, labels, plan, img_size, use_dali=loader == "dali" and HAVE_DALI,
-                                        **common)
+        return cache_loader.CacheLoader(root, files, labels, plan, img_size,
+                                        use_dali=loader == "dali" and dali_loader.HAVE_DALI, **common)
     if loader == "dali":
         return dali_loader.DaliLoader(root, files, labels, plan, img_size, hw_decoder_load=hw_decoder_load, **common)
     return TorchLoader(root, files, labels, plan, img_size, **common)
 
 
 def build_loaders(data_root, img_size, batch_size, device, dtype=torch.float32, loader="dali", workers=4, seed=0,
-                  eval_batch_size=None, rank=0, world=1, drop_last=False, crop_scale_min=RRC_SCALE[0], cache=False,
-                  channels_last=True, hw_decoder_load=dali_loader.HW_DECODER_LOAD):
+                  eval_batch_size=None, rank=0, world=1, drop_last=False, crop_scale_min=splits.RRC_SCALE[0],
+                  cache=False, channels_last=True, hw_decoder_load=dali_loader.HW_DECODER_LOAD):
     """(train_loader, val_loader, classes) for a prepared data root; batch sizes are per rank."""
-    classes = read_classes(data_root)
+    classes = splits.read_classes(data_root)
     common = dict(img_size=img_size, device=device, dtype=dtype, loader=loader, workers=workers, seed=seed,
                   rank=rank, world=world, cache=cache, channels_last=channels_last, hw_decoder_load=hw_decoder_load)
     train = build_loader(data_root, "train", batch_size=batch_size, drop_last=drop_last,

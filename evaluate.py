@@ -130,7 +130,7 @@ def get_args_parser():
 def check_split(run, data_root, split, allow_other):
     """Refuse figures that would silently be wrong: a re-split data root (unless asked), evaluated images that the
     run trained on (always), class lists that differ."""
-    files, _ = data_utils.read_split(data_root, split)
+    files, _ = splits.read_split(data_root, split)
     if run.train_files is not None:
         overlap = set(files) & set(run.train_files)
         if overlap:
@@ -144,7 +144,7 @@ def check_split(run, data_root, split, allow_other):
                                       f"--allow_other_split evaluates anyway")
         print(f"WARNING: {data_root} holds another split than the one this run was trained on: these figures are "
               f"not comparable with the run's own", file=sys.stderr)
-    if data_utils.read_classes(data_root) != run.classes:
+    if splits.read_classes(data_root) != run.classes:
         raise presets.ConfigError(f"{data_root}/classes.txt differs from the classes the run was trained on")
     return files
 
@@ -176,7 +176,7 @@ def evaluate_checkpoint(args):
     os.makedirs(out_dir, exist_ok=True)
     write_per_class(m, classes, os.path.join(out_dir, "per_class.csv"))
     plots.plot_confusion(m["confusion"], classes, os.path.join(out_dir, "confusion.png"))
-    wrong = plots.plot_wrong(logits, m["pred"], labels, files, data_utils.image_root(cfg["data_root"]), classes,
+    wrong = plots.plot_wrong(logits, m["pred"], labels, files, splits.image_root(cfg["data_root"]), classes,
                              os.path.join(out_dir, "wrong.png"))
     report = {"checkpoint": os.path.abspath(run.path), "split": args.split, "tta": args.tta, "arch": cfg["arch"],
               "img_size": cfg["img_size"], "amp": str(amp_dtype),

@@ -22,7 +22,6 @@ import sys
 import numpy as np
 import torch
 
-import data_utils
 import errors
 import model_utils
 import runs
@@ -51,14 +50,14 @@ def preprocess_spec(img_size, classes, arch):
 def check_inputs(run, data_root, count):
     """(images, source): preprocessed real val images of the run's split, or generated ones without the data."""
     try:
-        files, _ = data_utils.read_split(data_root, "val")
+        files, _ = splits.read_split(data_root, "val")
     except splits.DataError:
         generator = torch.Generator().manual_seed(0)
         return torch.randn(max(count, 16), 3, run.img_size, run.img_size, generator=generator), "generated inputs"
     files = files if count <= 0 else files[:count]
-    transform = data_utils.val_transform(run.img_size)
-    root = data_utils.image_root(data_root)
-    images = torch.stack([transform(data_utils.load_rgb(os.path.join(root, f))) for f in files])
+    transform = splits.val_transform(run.img_size)
+    root = splits.image_root(data_root)
+    images = torch.stack([transform(splits.load_rgb(os.path.join(root, f))) for f in files])
     return images, f"{len(files)} real val images of {data_root}"
 
 

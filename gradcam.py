@@ -14,7 +14,7 @@ coefficients built from the second and third powers of the gradient (the exponen
 import torch
 import torch.nn.functional as F
 
-import data_utils
+import splits
 
 LAYERS = ("conv1", "layer1", "layer2", "layer3", "layer4")  # ResNet layers with a spatial feature map
 
@@ -88,7 +88,7 @@ def centre_crop_box(width, height, resize_shorter, crop):
     """The region of a width x height image that 'resize shorter side, then centre crop' keeps, in its pixels."""
     scale = resize_shorter / min(width, height)
     resized_w, resized_h = round(width * scale), round(height * scale)
-    left, top = (int(data_utils.centre_crop_offsets(side, crop)) for side in (resized_w, resized_h))
+    left, top = (int(splits.centre_crop_offsets(side, crop)) for side in (resized_w, resized_h))
     x0, y0 = int(round(left / scale)), int(round(top / scale))
     x1, y1 = min(width, int(round((left + crop) / scale))), min(height, int(round((top + crop) / scale)))
     return x0, y0, x1, y1

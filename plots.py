@@ -7,8 +7,8 @@ import math
 import os
 
 import checkpoint
-import data_utils
 import runs
+import splits
 
 
 def plot_confusion(confusion, classes, path):
@@ -54,7 +54,7 @@ def plot_wrong(logits, pred, labels, files, image_root, classes, path, count=16)
     for ax in axes.flat:
         ax.axis("off")
     for ax, item in zip(axes.flat, listed):
-        ax.imshow(data_utils.load_rgb(os.path.join(image_root, item["file"])))
+        ax.imshow(splits.load_rgb(os.path.join(image_root, item["file"])))
         ax.set_title(f"true: {item['true']}\npred: {item['predicted']} ({item['confidence']:.2f})", fontsize=8)
     if not listed:
         axes.flat[0].text(0.5, 0.5, "no wrong predictions", ha="center")

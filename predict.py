@@ -26,7 +26,6 @@ import sys
 
 import torch
 
-import data_utils
 import errors
 import gradcam
 import model_utils
@@ -43,13 +42,13 @@ class Predictor:
         self.classes, self.img_size = self.run.classes, self.run.img_size
         self.device = torch.device(device)
         self.model = model_utils.load_trained(self.run.path, len(self.classes), self.run.arch).to(self.device).eval()
-        self.transform = data_utils.val_transform(self.img_size)
+        self.transform = splits.val_transform(self.img_size)
 
     def load(self, image):
         """A PIL RGB image from a path or a PIL image; DataError naming the file if it is not an image."""
         from PIL import Image
 
-        return image.convert("RGB") if isinstance(image, Image.Image) else data_utils.load_rgb(image)
+        return image.convert("RGB") if isinstance(image, Image.Image) else splits.load_rgb(image)
 
     def batch(self, pil_images):
         return torch.stack([self.transform(img) for img in pil_images]).to(self.device)
@@ -87,7 +86,7 @@ class Predictor:
             heat = gradcam.class_activation_map(self.model, x, class_idx, layer=layer, method=method)[0]
         except ValueError as e:
             raise presets.ConfigError(str(e)) from None
-        box = gradcam.centre_crop_box(pil.width, pil.height, data_utils.resize_size(self.img_size), self.img_size)
+        box = gradcam.centre_crop_box(pil.width, pil.height, splits.resize_size(self.img_size), self.img_size)
         gradcam.save_overlay(pil, heat, out_path, box=box)
         return self.classes[class_idx]
 
@@ -112,7 +111,7 @@ class OnnxPredictor(Predictor):
         self.classes, self.img_size = spec["classes"], spec["input"]["height"]
         self.input_name = spec["input"]["name"]
         self.device = torch.device("cpu")
-        self.transform = data_utils.val_transform(self.img_size)
+        self.transform = splits.val_transform(self.img_size)
 
     def probabilities(self, images):
         if not images:
@@ -213,7 +212,7 @@ def main(args):
             try:
                 images.append(predictor.load(path))
                 chunk.append(path)
-            except data_utils.DataError as e:
+            except splits.DataError as e:
                 failures.append(path)
                 print(f"error: {e}", file=sys.stderr)
         if not images:

@@ -36,7 +36,7 @@ def test_decode_only_ceiling_yields_each_epoch_exactly(prepared_root):
     pass is one whole epoch (5 + 5 + 2 for 12 images in batches of 5)."""
     import torch
 
-    files, _ = bench.data_utils.read_split(prepared_root, "train")
+    files, _ = bench.splits.read_split(prepared_root, "train")
     decode = bench.DecodeOnly(prepared_root, files, 5, 1, torch.device("cpu"))
     assert decode.steps == 3
     for _ in range(2):

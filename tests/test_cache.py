@@ -14,8 +14,8 @@ import splits
 from conftest import CountOps
 
 CPU = torch.device("cpu")
-MEAN = torch.tensor(data_utils.IMAGENET_MEAN).view(1, 3, 1, 1) * 255
-STD = torch.tensor(data_utils.IMAGENET_STD).view(1, 3, 1, 1) * 255
+MEAN = torch.tensor(splits.IMAGENET_MEAN).view(1, 3, 1, 1) * 255
+STD = torch.tensor(splits.IMAGENET_STD).view(1, 3, 1, 1) * 255
 
 
 def epoch_of(loader):
@@ -36,8 +36,8 @@ def test_cache_val_is_the_dali_val_exactly(prepared_root, split):
     # The cache stores DALI's own val crops: the tensors differ only by the order of float operations of the
     # normalisation (observed max 2.4e-7: two float32 steps at |x| ~ 2; one grey level is 0.017). The train split
     # goes through the val transform too, for more image shapes.
-    files, labels = data_utils.read_split(prepared_root, split)
-    root = data_utils.image_root(prepared_root)
+    files, labels = splits.read_split(prepared_root, split)
+    root = splits.image_root(prepared_root)
     dali, cache = loaders(root, files, labels, False, 40, 4)
     (dali_images, dali_labels), (cache_images, cache_labels) = epoch_of(dali), epoch_of(cache)
     assert torch.equal(dali_labels, cache_labels)
@@ -45,8 +45,8 @@ def test_cache_val_is_the_dali_val_exactly(prepared_root, split):
 
 
 def test_cache_without_dali_matches_the_torch_val(prepared_root):
-    files, labels = data_utils.read_split(prepared_root, "val")
-    root = data_utils.image_root(prepared_root)
+    files, labels = splits.read_split(prepared_root, "val")
+    root = splits.image_root(prepared_root)
     plan = splits.SamplePlan(len(files), 4, False)
     torch_images, torch_labels = epoch_of(data_utils.TorchLoader(root, files, labels, plan, 40, CPU, workers=0))
     cache = cache_loader.CacheLoader(root, files, labels, plan, 40, CPU, workers=1, use_dali=False)
@@ -109,8 +109,8 @@ def test_cache_train_crops_are_as_sharp_as_dali(prepared_root):
     """The cache keeps originals and antialiases like DALI's resize. Observed on this data: sharpness within 1%,
     per-image mean difference 0.012; on the real split at 96 and 224 px: 0.1862 vs 0.1844 and 0.1206 vs 0.1203
     (the old cache, cropping from val-resized images, was 15-20% blurrier)."""
-    files, labels = data_utils.read_split(prepared_root, "train")
-    root = data_utils.image_root(prepared_root)
+    files, labels = splits.read_split(prepared_root, "train")
+    root = splits.image_root(prepared_root)
     for size, scale in ((32, (0.35, 1.0)), (96, (0.08, 1.0))):
         dali, cache = loaders(root, files, labels, True, size, 6, seed=1, crop_scale=scale)
         a, b = epoch_of(dali)[0], epoch_of(cache)[0]
@@ -122,8 +122,8 @@ def test_cache_train_crops_are_as_sharp_as_dali(prepared_root):
 def test_a_batch_is_a_fixed_number_of_tensor_operations(prepared_root, train):
     """The GPU path's promise, counted on the CPU: the aten operations one batch dispatches do not depend on how
     many images it holds (the old per-image loop dispatched about 11 per image)."""
-    files, labels = data_utils.read_split(prepared_root, "train")
-    root = data_utils.image_root(prepared_root)
+    files, labels = splits.read_split(prepared_root, "train")
+    root = splits.image_root(prepared_root)
     counts = []
     for batch in (2, 8):
         _, cache = loaders(root, files, labels, train, 32, batch, crop_scale=(0.08, 1.0))
@@ -153,8 +153,8 @@ def test_big_images_are_capped_and_memory_is_bounded(tmp_path):
 
 def test_real_cache_memory_and_agreement(real_root):
     """The real train split at 96 px (cpu_smoke's settings): cached sizes and the crops' agreement with DALI."""
-    files, labels = data_utils.read_split(real_root, "train")
-    root = data_utils.image_root(real_root)
+    files, labels = splits.read_split(real_root, "train")
+    root = splits.image_root(real_root)
     dali, cache = loaders(root, files[:256], labels[:256], True, 96, 64, seed=2, crop_scale=(0.35, 1.0))
     assert cache.nbytes < 256 * 190 * 260 * 3  # shorter sides capped at 187 px
     a, b = epoch_of(dali)[0], epoch_of(cache)[0]

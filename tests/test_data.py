@@ -14,8 +14,8 @@ import splits
 from conftest import CLASS_COLOURS
 
 CPU = torch.device("cpu")
-MEAN = torch.tensor(data_utils.IMAGENET_MEAN).view(1, 3, 1, 1)
-STD = torch.tensor(data_utils.IMAGENET_STD).view(1, 3, 1, 1)
+MEAN = torch.tensor(splits.IMAGENET_MEAN).view(1, 3, 1, 1)
+STD = torch.tensor(splits.IMAGENET_STD).view(1, 3, 1, 1)
 GRAY = "alpha/gray.jpg"
 KINDS = [("dali", False), ("torch", False), ("dali", True)]  # (loader, cache)
 
@@ -48,7 +48,7 @@ def test_batches_are_model_ready(prepared_root, kind, split):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_val_epochs_are_exact_and_labels_match_pixels(prepared_root, kind):
-    files, labels = data_utils.read_split(prepared_root, "val")
+    files, labels = splits.read_split(prepared_root, "val")
     ld = build(prepared_root, "val", kind, batch_size=4)
     assert len(ld) == -(-len(files) // 4)  # the short last batch is kept
     for _ in range(2):  # two epochs: the stream goes on
@@ -82,7 +82,7 @@ def test_loaders_draw_the_same_order_crops_and_flips(prepared_root):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_ranks_split_an_epoch_as_the_plan_says(prepared_root, kind):
-    files, labels = data_utils.read_split(prepared_root, "train")  # 12 images; 2 ranks x 5: steps of 5+5, 1+1
+    files, labels = splits.read_split(prepared_root, "train")  # 12 images; 2 ranks x 5: steps of 5+5, 1+1
     parts = [build(prepared_root, "train", kind, rank=r, world=2) for r in (0, 1)]
     assert len(parts[0]) == len(parts[1]) == 2
     seen = []
@@ -92,7 +92,7 @@ def test_ranks_split_an_epoch_as_the_plan_says(prepared_root, kind):
         seen += got.tolist()
     assert collections.Counter(seen) == collections.Counter(labels)
     val = [build(prepared_root, "val", kind, rank=r, world=2, batch_size=4) for r in (0, 1)]
-    assert torch.cat([epoch_of(ld)[1] for ld in val]).tolist() == data_utils.read_split(prepared_root, "val")[1]
+    assert torch.cat([epoch_of(ld)[1] for ld in val]).tolist() == splits.read_split(prepared_root, "val")[1]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -113,7 +113,7 @@ def test_mid_epoch_resume_is_exact(prepared_root, kind):
 
 
 def test_drop_last_drops_the_train_remainder(prepared_root):
-    files, _ = data_utils.read_split(prepared_root, "train")
+    files, _ = splits.read_split(prepared_root, "train")
     ld = build(prepared_root, "train", ("dali", False), drop_last=True)
     _, got = epoch_of(ld)
     assert len(ld) == len(files) // 5 and len(got) == len(files) // 5 * 5
@@ -143,14 +143,14 @@ def exif_rotated_jpeg(path):
 
 
 def test_awkward_images_become_upright_rgb(prepared_root, tmp_path):
-    root = os.path.join(prepared_root, data_utils.IMAGES_DIR)
+    root = os.path.join(prepared_root, splits.IMAGES_DIR)
     for name in ("alpha/gray.jpg", "bravo/cmyk.jpg", "charlie/png_named.jpg"):
-        image = data_utils.val_transform(32)(data_utils.load_rgb(os.path.join(root, name)))
+        image = splits.val_transform(32)(splits.load_rgb(os.path.join(root, name)))
         assert image.shape == (3, 32, 32)
-    gray = data_utils.val_transform(32)(data_utils.load_rgb(os.path.join(root, GRAY))) * STD[0] + MEAN[0]
+    gray = splits.val_transform(32)(splits.load_rgb(os.path.join(root, GRAY))) * STD[0] + MEAN[0]
     assert torch.allclose(gray[0], gray[1], atol=1e-5) and torch.allclose(gray[1], gray[2], atol=1e-5)
     exif_rotated_jpeg(tmp_path / "rotated.jpg")
-    assert data_utils.load_rgb(str(tmp_path / "rotated.jpg")).size == (40, 80)  # upright: portrait
+    assert splits.load_rgb(str(tmp_path / "rotated.jpg")).size == (40, 80)  # upright: portrait
     heights, widths = splits.image_sizes(str(tmp_path), ["rotated.jpg"])
     assert (int(heights[0]), int(widths[0])) == (80, 40)
     for loader in ("dali", "torch"):  # both decoders rotate it: red on top after a clockwise turn
@@ -163,23 +163,23 @@ def test_awkward_images_become_upright_rgb(prepared_root, tmp_path):
 
 
 def test_dali_needs_a_thread(prepared_root):
-    with pytest.raises(data_utils.DataError, match="at least 1 thread"):
+    with pytest.raises(splits.DataError, match="at least 1 thread"):
         build(prepared_root, "train", ("dali", False), workers=0)
 
 
 def test_missing_data_root_and_missing_files_are_clear(prepared_root, tmp_path):
-    with pytest.raises(data_utils.DataError, match="download.py"):
+    with pytest.raises(splits.DataError, match="download.py"):
         data_utils.build_loaders(str(tmp_path / "nowhere"), 32, 4, CPU)
     root = tmp_path / "root"
     root.mkdir()
     (root / "classes.txt").write_text("a\n")
     (root / "train.txt").write_text("a/missing.jpg 0\n")
-    with pytest.raises(data_utils.DataError, match="missing files"):
-        data_utils.read_split(str(root), "train")
+    with pytest.raises(splits.DataError, match="missing files"):
+        splits.read_split(str(root), "train")
 
 
 def test_real_val_split_through_dali(real_root):
-    files, labels = data_utils.read_split(real_root, "val")
+    files, labels = splits.read_split(real_root, "val")
     ld = data_utils.build_loader(real_root, "val", 64, 256, CPU, loader="dali", workers=2)
     count, hist = 0, collections.Counter()
     for images, got in ld:

@@ -144,9 +144,9 @@ def test_own_image_folders_pre_split_and_single(tmp_path, capfd):
     assert "ignored 1 file(s) that are not images" in out
     assert open(pre / "classes.txt").read().split() == ["cat", "fish"]
     assert "train/cat/broken.jpg" in open(pre / "bad_files.txt").read()
-    import data_utils
+    import splits
 
-    files, labels = data_utils.read_split(str(pre), "train")
+    files, labels = splits.read_split(str(pre), "train")
     assert len(files) == 10 and files[0].startswith("train/cat/") and labels.count(1) == 5
     single = tmp_path / "flat"
     for cls in ("a", "b", "c"):
@@ -156,7 +156,7 @@ def test_own_image_folders_pre_split_and_single(tmp_path, capfd):
     code, out, _ = run_cli(download.cli, ["--folder", str(single), "--data_root", str(tmp_path / "lists"),
                                           "--train_fraction", "0.6"], capfd)
     assert code == 0 and "train: 12  val: 9" in out  # round(0.6 * 7) = 4 per class
-    assert data_utils.image_root(str(tmp_path / "lists")) == os.path.join(str(tmp_path / "lists"),
+    assert splits.image_root(str(tmp_path / "lists")) == os.path.join(str(tmp_path / "lists"),
                                                                            os.path.relpath(single, tmp_path / "lists"))
     code, _, err = run_cli(download.cli, ["--folder", str(single), "--data_root", str(tmp_path / "x")], capfd)
     one_line_error(code, err, "--train_per_class N or --train_fraction F")

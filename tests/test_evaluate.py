@@ -158,8 +158,8 @@ def test_bare_weights_of_another_arch_name_the_mismatch(trained_run, prepared_wi
 
 
 def val_paths(root, count=4):
-    files, labels = data_utils.read_split(root, "val")
-    return [os.path.join(data_utils.image_root(root), f) for f in files[:count]], labels[:count]
+    files, labels = splits.read_split(root, "val")
+    return [os.path.join(splits.image_root(root), f) for f in files[:count]], labels[:count]
 
 
 def test_predictor_from_python(trained_run, prepared_with_test):
@@ -303,11 +303,11 @@ def test_centre_crop_box_matches_the_val_transform():
     width, height, img_size = 240, 180, 64
     xs, ys = np.meshgrid(np.arange(width), np.arange(height))
     coords = np.stack([xs, ys, np.zeros_like(xs)], axis=-1).astype(np.uint8)
-    tensor = data_utils.val_transform(img_size)(Image.fromarray(coords))
-    mean = torch.tensor(data_utils.IMAGENET_MEAN).view(3, 1, 1) * 255
-    std = torch.tensor(data_utils.IMAGENET_STD).view(3, 1, 1) * 255
+    tensor = splits.val_transform(img_size)(Image.fromarray(coords))
+    mean = torch.tensor(splits.IMAGENET_MEAN).view(3, 1, 1) * 255
+    std = torch.tensor(splits.IMAGENET_STD).view(3, 1, 1) * 255
     kept = tensor * std + mean
-    x0, y0, x1, y1 = gradcam.centre_crop_box(width, height, data_utils.resize_size(img_size), img_size)
+    x0, y0, x1, y1 = gradcam.centre_crop_box(width, height, splits.resize_size(img_size), img_size)
     assert abs(kept[0, :, 0].mean() - x0) <= 1.5 and abs(kept[0, :, -1].mean() - (x1 - 1)) <= 1.5
     assert abs(kept[1, 0, :].mean() - y0) <= 1.5 and abs(kept[1, -1, :].mean() - (y1 - 1)) <= 1.5
     assert 0 < y0 < y1 < height and 0 < x0 < x1 < width  # 64/73 of the shorter side is kept, centred

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-import data_utils
 import export
 import model_utils
 import predict
 import runs
+import splits
 from conftest import one_line_error, run_cli
 
 
@@ -51,7 +51,7 @@ def test_preprocess_json_round_trips_classes_and_transform(exported, trained_run
     spec = json.load(open(os.path.join(out, "preprocess.json")))
     assert spec["classes"] == open(os.path.join(trained_run["out_dir"], "classes.txt")).read().split()
     assert (spec["input"]["height"], spec["resize"]["shorter_side"], spec["center_crop"]["size"]) == (32, 36, 32)
-    assert spec["mean"] == list(data_utils.IMAGENET_MEAN) and spec["std"] == list(data_utils.IMAGENET_STD)
+    assert spec["mean"] == list(splits.IMAGENET_MEAN) and spec["std"] == list(splits.IMAGENET_STD)
     assert spec["input"]["layout"] == "NCHW" and spec["input"]["channels"] == "RGB"
     # A deployment following the spec by hand (numpy, PIL) gets the kit's own input tensor.
     from PIL import Image
@@ -65,13 +65,13 @@ def test_preprocess_json_round_trips_classes_and_transform(exported, trained_run
     top = int(np.round((resized.height - size) / 2 + 1e-9))
     crop = np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.float32) / 255
     manual = torch.from_numpy(((crop - spec["mean"]) / spec["std"]).transpose(2, 0, 1).astype(np.float32))
-    assert torch.allclose(manual, data_utils.val_transform(32)(image), atol=1e-6)
+    assert torch.allclose(manual, splits.val_transform(32)(image), atol=1e-6)
 
 
 def test_predict_onnx_equals_predict_pytorch(exported, trained_run, prepared_with_test, tmp_path, capfd):
     out, _ = exported
-    files, _ = data_utils.read_split(prepared_with_test, "val")
-    paths = [os.path.join(data_utils.image_root(prepared_with_test), f) for f in files[:10]]
+    files, _ = splits.read_split(prepared_with_test, "val")
+    paths = [os.path.join(splits.image_root(prepared_with_test), f) for f in files[:10]]
     torch_top = [r[0][0] for r in predict.Predictor(trained_run["out_dir"]).predict(paths)]
     onnx_top = [r[0][0] for r in predict.OnnxPredictor(os.path.join(out, "model.onnx")).predict(paths)]
     assert onnx_top == torch_top
@@ -122,7 +122,7 @@ def test_real_val_images_drive_the_check(real_root, tmp_path):
 
     model = model_utils.get_model(101)
     torch.save(model.state_dict(), tmp_path / "best.pth")
-    (tmp_path / "classes.txt").write_text("\n".join(data_utils.read_classes(real_root)) + "\n")
+    (tmp_path / "classes.txt").write_text("\n".join(splits.read_classes(real_root)) + "\n")
     run = runs.open_run(str(tmp_path / "best.pth"), "resnet18", 64, str(tmp_path / "classes.txt"))
     report = export.export(run, str(tmp_path / "out"), ("onnx",), data_root=real_root, check_images=32)
     assert report["inputs"] == f"32 real val images of {real_root}"

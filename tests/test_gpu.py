@@ -26,8 +26,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
                                                   reason="needs a CUDA device (this is the GPU suite: pytest -m gpu)")]
 GPU = torch.device("cuda", 0) if torch.cuda.is_available() else None
 CPU = torch.device("cpu")
-MEAN = torch.tensor(data_utils.IMAGENET_MEAN).view(1, 3, 1, 1)
-STD = torch.tensor(data_utils.IMAGENET_STD).view(1, 3, 1, 1)
+MEAN = torch.tensor(splits.IMAGENET_MEAN).view(1, 3, 1, 1)
+STD = torch.tensor(splits.IMAGENET_STD).view(1, 3, 1, 1)
 
 
 def epoch_of(loader):
@@ -94,8 +94,8 @@ def test_amp_auto_follows_the_compute_capability():
 
 
 def test_a_cache_batch_is_a_fixed_number_of_kernels_on_the_gpu(prepared_root):
-    files, labels = data_utils.read_split(prepared_root, "train")
-    root = data_utils.image_root(prepared_root)
+    files, labels = splits.read_split(prepared_root, "train")
+    root = splits.image_root(prepared_root)
     counts = []
     for batch in (2, 8):
         plan = splits.SamplePlan(len(files), batch, True, sizes=splits.image_sizes(root, files), fixed_shard=True)
@@ -138,8 +138,8 @@ def test_no_host_device_sync_between_log_points(prepared_root):
 
 
 def test_the_decode_pass_releases_dali_memory(prepared_root):
-    files, _ = data_utils.read_split(prepared_root, "val")
-    arrays = cache_loader.decode_all(data_utils.image_root(prepared_root), files, GPU, 2, True, img_size=64)
+    files, _ = splits.read_split(prepared_root, "val")
+    arrays = cache_loader.decode_all(splits.image_root(prepared_root), files, GPU, 2, True, img_size=64)
     assert len(arrays) == len(files) and arrays[0].shape == (64, 64, 3)
     dali_loader.release_unused_memory()  # callable on a GPU machine; the cache has its own copy
 

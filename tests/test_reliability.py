@@ -13,12 +13,12 @@ import pytest
 import torch
 
 import checkpoint
-import data_utils
 import download
 import evaluate
 import model_utils
 import predict
 import runs
+import splits
 import train_caltech101 as train
 from conftest import ROOT, one_line_error, run_cli, stopped_run, tiny_argv, tiny_cfg
 
@@ -259,8 +259,8 @@ def test_prefixed_state_dicts_load_and_head_mismatch_is_explained(tmp_path):
 def test_a_corrupt_image_through_the_cli_is_one_line(prepared_root, tmp_path, capfd, loader):
     root = str(tmp_path / "root")
     shutil.copytree(prepared_root, root)
-    files, _ = data_utils.read_split(root, "train")
-    victim = os.path.join(data_utils.image_root(root), files[5])
+    files, _ = splits.read_split(root, "train")
+    victim = os.path.join(splits.image_root(root), files[5])
     data = open(victim, "rb").read()
     open(victim, "wb").write(data[: len(data) // 3])
     code, _, err = run_cli(train.cli, tiny_argv(root, tmp_path / "out", "--loader", loader, "--workers", "2"), capfd)
@@ -287,7 +287,7 @@ def test_bad_paths_fail_in_one_line(prepared_root, tmp_path, capfd):
     blocker.write_text("x")
     broken_split = tmp_path / "broken_split"
     shutil.copytree(prepared_root, broken_split)
-    os.remove(broken_split / data_utils.IMAGES_DIR / data_utils.read_split(prepared_root, "train")[0][0])
+    os.remove(broken_split / splits.IMAGES_DIR / splits.read_split(prepared_root, "train")[0][0])
     cases = [(("--data_root", str(empty)), "download.py"),
              (("--data_root", str(broken_split)), "missing files"),
              (("--out_dir", str(blocker / "sub")), "cannot write to the output folder")]
@@ -309,8 +309,8 @@ def test_the_real_cli_prints_one_line(prepared_root, tmp_path):
 
 
 def test_predict_and_evaluate_errors_are_one_line(trained_run, prepared_with_test, tmp_path, capfd):
-    files, _ = data_utils.read_split(prepared_with_test, "val")
-    image = os.path.join(data_utils.image_root(prepared_with_test), files[0])
+    files, _ = splits.read_split(prepared_with_test, "val")
+    image = os.path.join(splits.image_root(prepared_with_test), files[0])
     run = trained_run["out_dir"]
     cases = [(predict.cli, [image, "--checkpoint", run, "--gradcam", "--layer", "layer9"], "layer9"),
              (predict.cli, [image, "--checkpoint", run, "--gradcam", "--layer", "fc"], "spatial map"),
@@ -326,8 +326,8 @@ def test_predict_and_evaluate_errors_are_one_line(trained_run, prepared_with_tes
 
 def test_the_python_predictor_takes_one_image_or_none(trained_run, prepared_with_test):
     predictor = predict.Predictor(trained_run["out_dir"])
-    files, _ = data_utils.read_split(prepared_with_test, "val")
-    path = os.path.join(data_utils.image_root(prepared_with_test), files[0])
+    files, _ = splits.read_split(prepared_with_test, "val")
+    path = os.path.join(splits.image_root(prepared_with_test), files[0])
     assert predictor.predict([]) == []
     single = predictor.predict(path, topk=2)
     assert len(single) == 1 and single == predictor.predict([path], topk=2)
