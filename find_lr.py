@@ -29,7 +29,6 @@ import model_utils
 import plots
 import presets
 import splits
-import train_caltech101 as train  # its settings parser (the LR finder takes every training flag)
 
 
 def lr_find(model, loader, optimizer, scaler, mixer, amp_dtype, cfg, start=1e-7, end=10.0, steps=100, beta=0.98,
@@ -119,8 +118,8 @@ def main(cfg, steps=100, start=1e-7, end=10.0):
 
 
 def get_args_parser():
-    parser = train.get_args_parser()
-    parser.description = "LR finder: sweep a multiplier on every group's peak LR over real batches, plot, suggest."
+    parser = presets.settings_parser("LR finder: sweep a multiplier on every group's peak LR over real batches, plot, "
+                                     "suggest. Takes every training flag.")
     parser.add_argument("--steps", type=int, default=100, help="sweep length in training steps (default: 100)")
     parser.add_argument("--start", type=float, default=1e-7, help="first multiplier (default: 1e-7)")
     parser.add_argument("--end", type=float, default=10.0, help="last multiplier (default: 10)")
@@ -131,7 +130,7 @@ def cli(argv=None):
     args = get_args_parser().parse_args(argv)
     steps, start, end = args.steps, args.start, args.end
     del args.steps, args.start, args.end
-    exp, config, overrides, _ = train.settings_from_args(args)
+    exp, config, overrides, _ = presets.settings_from_args(args)
 
     def run():
         if steps < 3 or not 0 < start < end:

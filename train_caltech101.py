@@ -12,7 +12,6 @@ Writes checkpoints/<exp>/ (a folder that already holds a run is never reused: <e
 dict of the best model by --monitor), best_loss.pth (lowest val loss), last.pth (everything --resume needs),
 config.json, classes.txt, train_list.txt, metrics.csv, summary.json, tb/ (TensorBoard), curves.png.
 """
-import argparse
 import json
 import math
 import os
@@ -36,76 +35,10 @@ import run_report
 import runs
 import splits
 
-FLAG_ALIASES = {}  # setting -> its other kits' flags: presets.KEY_ALIASES read the other way
-for _alias, _key in presets.KEY_ALIASES.items():
-    FLAG_ALIASES.setdefault(_key, []).append(f"--{_alias}")
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not the whole usage block
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _bool(text):
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def _optional_str(text):
-    return None if text.lower() in ("", "none", "null") else text
-
-
-def _gpu_index(text):
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"expected a GPU index, got {text!r}")
-    return int(text)
-
 
 def get_args_parser():
-    epilog = "presets (--exp):\n" + "\n".join(
-        f"  {name}: " + ", ".join(f"{k}={v}" for k, v in p.items()) for name, p in presets.PRESETS.items())
-    parser = ArgumentParser(description="Train a ResNet on Caltech-101. Flags override the preset chosen by --exp "
-                                        "and the --config file. Every flag also takes its hyphenated spelling "
-                                        "(--batch-size).", epilog=epilog,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--exp", default=argparse.SUPPRESS, choices=list(presets.PRESETS), metavar="NAME",
-                        help=f"preset name (default: {presets.DEFAULT_EXP}); see the list below")
-    parser.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",
-                        help="YAML or JSON file of settings (a run's config.json reruns it); flags beat it")
-    for key, default in presets.DEFAULTS.items():
-        kind = {bool: _bool, int: int, float: float}.get(type(default), _optional_str)
-        choices = presets.CHOICES.get(key)
-        if key in presets.VALUE_ALIASES:
-            choices = list(choices) + [v for v in presets.VALUE_ALIASES[key] if v not in choices]
-        # SUPPRESS: only flags given on the command line appear in args, so they (and only they) beat the preset.
-        extra = dict(nargs="?", const=True) if kind is _bool else {}  # a bare --cache means --cache true
-        common = dict(dest=key, type=kind, default=argparse.SUPPRESS, choices=choices,
-                      metavar=None if choices else ("BOOL" if kind is _bool else key.upper()), **extra)
-        names = [f"--{key}"] + FLAG_ALIASES.get(key, [])
-        parser.add_argument(*names, help=f"{presets.HELP[key]} (default: {default})", **common)
-        hyphenated = [n.replace("_", "-") for n in names if "_" in n]
-        if hyphenated:  # --batch-size etc.: accepted, not listed twice
-            parser.add_argument(*hyphenated, help=argparse.SUPPRESS, **common)
-    other = parser.add_argument_group("flags of the kits this one replaces (config files take them too)")
-    for key, (meaning, _) in presets.SHORTHANDS.items():
-        kind = dict(type=float) if key == "lr" else dict(type=_gpu_index, metavar="N") if key == "gpu" else \
-            dict(type=_bool, nargs="?", const=True, metavar="BOOL")
-        names = [f"--{key}"] + ([f"--{key.replace('_', '-')}"] if "_" in key else [])
-        other.add_argument(*names, dest=key, default=argparse.SUPPRESS, help=meaning, **kind)
-    other.add_argument("--print_model", "--print-model", type=_bool, nargs="?", const=True, default=False,
-                       metavar="BOOL", help="print the ImageNet-shaped model and the adapted one, what trains under "
-                                            "--freeze, the parameter counts; then exit")
-    return parser
-
-
-def settings_from_args(args):
-    """(preset name or None, config file or None, {setting: value} given as flags, print_model) from parsed args."""
-    values = vars(args).copy()
-    exp, config, print_model = values.pop("exp", None), values.pop("config", None), values.pop("print_model")
-    return exp, config, presets.expand_shorthands(values), print_model
+    return presets.settings_parser("Train a ResNet on Caltech-101. Flags override the preset chosen by --exp and the "
+                                   "--config file. Every flag also takes its hyphenated spelling (--batch-size).")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,7 +334,7 @@ def evaluate_epoch(cfg, epoch, row, model, eval_model, ema, val_loader, num_clas
 
 def cli(argv=None):
     """The command line: parse, resolve settings, train; one-line errors (errors.run_cli)."""
-    return errors.run_cli(run, *settings_from_args(get_args_parser().parse_args(argv)),
+    return errors.run_cli(run, *presets.settings_from_args(get_args_parser().parse_args(argv)),
                           interrupted="interrupted: stopped at once; the last checkpoint written is intact "
                                       "(--resume auto)")
 

@@ -104,7 +104,7 @@ def test_unknown_preset_lists_the_valid_ones():
 
 
 def parse(*argv):
-    exp, config, overrides, show = train.settings_from_args(train.get_args_parser().parse_args(list(argv)))
+    exp, config, overrides, show = presets.settings_from_args(train.get_args_parser().parse_args(list(argv)))
     return presets.resolve(exp, overrides, config=config), show
 
 
