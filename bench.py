@@ -12,8 +12,9 @@ Sections (each prints images/s for the kit and the plain baseline, and their rat
   step  one training step of the kit (AMP + channels_last, MixUp/CutMix, fused AdamW; --compile adds a
         torch.compile row) against plain fp32 NCHW with the same model, optimizer, batch and image size, on a
         fixed batch (no data loading).
-  e2e   a whole training epoch: the kit's train_one_epoch fed by DALI and by the cache, against reference_epoch()
-        below (ImageFolder + PIL DataLoader, fp32 NCHW, same model, optimizer and batch). The cache row also
+  e2e   a whole training epoch: the kit's train_one_epoch fed by DALI and by the cache, against
+        bench_baselines.reference_epoch() (ImageFolder + PIL DataLoader, fp32 NCHW, same model, optimizer and
+        batch). The cache row also
         gives the share of the epoch spent producing batches.
   eval  the kit's evaluate() (DALI val pipeline, AMP, channels_last) against a plain fp32 NCHW loop over an
         ImageFolder + PIL DataLoader with Resize + CenterCrop.
@@ -28,7 +29,6 @@ is reported. Timing synchronises CUDA before reading the clock.
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -36,7 +36,6 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import augment
 import cache_loader
@@ -46,23 +45,9 @@ import errors
 import model_utils
 import presets
 import splits
+from bench_baselines import DecodeOnly, PerImageCache, PlainLoader, RepeatBatch, reference_epoch, sync, time_images
 
 SECTIONS = ("data", "step", "e2e", "eval", "infer", "overhead")
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_images(batches, device):
-    """images/s over an iterable of (images, labels), timed with synchronisation."""
-    sync(device)
-    start, seen = time.perf_counter(), 0
-    for images, _ in batches:
-        seen += len(images)
-    sync(device)
-    return seen / (time.perf_counter() - start)
 
 
 def split_subset(data_root, split, images):
@@ -72,57 +57,6 @@ def split_subset(data_root, split, images):
         keep = np.sort(np.random.default_rng(0).permutation(len(files))[:images])
         files, labels = [files[i] for i in keep], [labels[i] for i in keep]
     return files, labels
-
-
-class PlainLoader:
-    """The reference scripts' way: torchvision ImageFolder (over a folder of links to the listed files) + PIL
-    transforms + DataLoader. Use as a context manager; the links are removed at exit."""
-
-    def __init__(self, data_root, files, img_size, batch_size, workers, train, pin_memory=False):
-        import torchvision
-
-        self.link_root = tempfile.mkdtemp(prefix="bench-imagefolder-")
-        image_root = os.path.abspath(splits.image_root(data_root))
-        for name in files:
-            os.makedirs(os.path.join(self.link_root, os.path.dirname(name)), exist_ok=True)
-            os.symlink(os.path.join(image_root, name), os.path.join(self.link_root, name))
-        T = torchvision.transforms
-        spatial = [T.RandomResizedCrop(img_size, antialias=True), T.RandomHorizontalFlip()] if train else \
-            [T.Resize(splits.resize_size(img_size), antialias=True), T.CenterCrop(img_size)]
-        transform = T.Compose(spatial + [T.ToTensor(), T.Normalize(splits.IMAGENET_MEAN, splits.IMAGENET_STD)])
-        dataset = torchvision.datasets.ImageFolder(self.link_root, transform)
-        # pin_memory: the reference scripts' setting, so the baseline's copies to a GPU do not block either.
-        self.loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=train, num_workers=workers,
-                                                  persistent_workers=workers > 0, pin_memory=pin_memory)
-        self.num_images = len(dataset)
-
-    def __iter__(self):
-        return iter(self.loader)
-
-    def __len__(self):
-        return len(self.loader)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        shutil.rmtree(self.link_root, ignore_errors=True)
-
-
-class DecodeOnly:
-    """The DALI train pipeline's first step alone (JPEG decode of the plan's crop boxes, variable-size uint8, no
-    resize, flip or normalise): a ceiling for the whole pipeline on this device. Iterates one epoch of (images,
-    None); the stream runs on into the next epoch, as the kit's does."""
-
-    def __init__(self, data_root, files, batch_size, workers, device):
-        root = splits.image_root(data_root)
-        plan = splits.SamplePlan(len(files), batch_size, True, sizes=splits.image_sizes(root, files))
-        self.pipe = dali_loader.first_step_pipe(root, files, plan, device, workers, train=True)
-        self.root, self.files, self.steps, self.num_images = root, files, plan.steps, len(files)
-
-    def __iter__(self):
-        for images in dali_loader.epoch_batches(self.pipe, self.steps, self.root, self.files):
-            yield images, None
 
 
 def kit_loader(args, device, files, labels, train_split, cache, batch_size):
@@ -135,34 +69,6 @@ def kit_loader(args, device, files, labels, train_split, cache, batch_size):
     if cache:
         return cache_loader.CacheLoader(root, files, labels, plan, args.img_size, **common)
     return dali_loader.DaliLoader(root, files, labels, plan, args.img_size, **common)
-
-
-class PerImageCache:
-    """The previous --cache batch, as a reference row: the same cached pixels and the same plan's boxes, but one
-    crop, antialiased uint8 resize, flip and copy per image (about 11 tensor operations each)."""
-
-    def __init__(self, cache):
-        self.cache = cache
-        self.num_images = cache.num_images
-
-    def __iter__(self):
-        c, size = self.cache, self.cache.img_size
-        for step in c.plan.epoch(0):
-            local = c.local[step["index"]]
-            batch = torch.empty(len(local), size, size, 3, device=c.device)
-            for j, i in enumerate(local.tolist()):
-                height, width, offset = int(c.heights[i]), int(c.widths[i]), int(c.offsets[i])
-                image = c.pixels[offset:offset + height * width * 3].view(height, width, 3)
-                y0, x0 = int(step["y"][j] * c.scale_y[i]), int(step["x"][j] * c.scale_x[i])
-                h, w = max(1, int(step["h"][j] * c.scale_y[i])), max(1, int(step["w"][j] * c.scale_x[i]))
-                region = image[y0:y0 + h, x0:x0 + w].permute(2, 0, 1)[None]
-                region = region.contiguous(memory_format=torch.channels_last) if region.device.type == "cpu" \
-                    else region.float()
-                region = F.interpolate(region, size=(size, size), mode="bilinear", antialias=True)
-                if step["flip"][j]:
-                    region = region.flip(-1)
-                batch[j] = region[0].permute(1, 2, 0)
-            yield c.finish(batch.permute(0, 3, 1, 2), step["index"])
 
 
 def median_rounds(rounds, **variants):
@@ -210,20 +116,6 @@ def bench_data(args, device):
                 plain_name, rates["plain"], images=len(files))]
 
 
-class RepeatBatch:
-    """A loader that yields one fixed batch `steps` times: the step is measured without the data path."""
-
-    def __init__(self, images, labels, steps):
-        self.images, self.labels, self.steps = images, labels, steps
-
-    def __len__(self):
-        return self.steps
-
-    def __iter__(self):
-        for _ in range(self.steps):
-            yield self.images, self.labels
-
-
 def make_model(args, device, channels_last, fused):
     torch.manual_seed(0)
     model = model_utils.get_model(101, arch=args.arch).to(device)
@@ -245,22 +137,6 @@ def kit_trainer(args, device, compile_model=False, guard_bn=True):
     cfg = dict(grad_clip=0.0, log_every=10 ** 9, progress=False)
     return lambda loader: engine.train_one_epoch(step_model, loader, optimizer, scheduler, scaler, mixer, amp_dtype,
                                                 cfg, epoch=0, guard_bn=guard_bn)
-
-
-def reference_epoch(model, optimizer, loader, device):
-    """The plain loop the kit is measured against: fp32, NCHW, host batches copied in, no AMP. images/s."""
-    model.train()
-    sync(device)
-    start, seen = time.perf_counter(), 0
-    for images, labels in loader:
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        loss = F.cross_entropy(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        seen += images.shape[0]
-    sync(device)
-    return seen / (time.perf_counter() - start)
 
 
 def bench_step(args, device):

@@ -5,6 +5,7 @@ import json
 import pytest
 
 import bench
+import bench_baselines
 
 
 def test_bench_reports_both_sides_and_their_ratio(prepared_root, tmp_path):
@@ -37,7 +38,7 @@ def test_decode_only_ceiling_yields_each_epoch_exactly(prepared_root):
     import torch
 
     files, _ = bench.splits.read_split(prepared_root, "train")
-    decode = bench.DecodeOnly(prepared_root, files, 5, 1, torch.device("cpu"))
+    decode = bench_baselines.DecodeOnly(prepared_root, files, 5, 1, torch.device("cpu"))
     assert decode.steps == 3
     for _ in range(2):
         sizes = [len(images) for images, _ in decode]

@@ -1,0 +1,139 @@
+"""What bench.py measures the kit against, and how it times: the plain ways of doing the same jobs (a torchvision
+ImageFolder + PIL DataLoader, the plain fp32 NCHW training epoch), the ceilings and previous implementations it
+reports beside them (the DALI pipeline's decode step alone, the previous per-image --cache loop), a fixed-batch
+loader for timing the step without data, and synchronised timing. Run bench.py; this module only supplies it.
+"""
+import os
+import shutil
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+import dali_loader
+import splits
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_images(batches, device):
+    """images/s over an iterable of (images, labels), timed with synchronisation."""
+    sync(device)
+    start, seen = time.perf_counter(), 0
+    for images, _ in batches:
+        seen += len(images)
+    sync(device)
+    return seen / (time.perf_counter() - start)
+
+
+class PlainLoader:
+    """The reference scripts' way: torchvision ImageFolder (over a folder of links to the listed files) + PIL
+    transforms + DataLoader. Use as a context manager; the links are removed at exit."""
+
+    def __init__(self, data_root, files, img_size, batch_size, workers, train, pin_memory=False):
+        import torchvision
+
+        self.link_root = tempfile.mkdtemp(prefix="bench-imagefolder-")
+        image_root = os.path.abspath(splits.image_root(data_root))
+        for name in files:
+            os.makedirs(os.path.join(self.link_root, os.path.dirname(name)), exist_ok=True)
+            os.symlink(os.path.join(image_root, name), os.path.join(self.link_root, name))
+        T = torchvision.transforms
+        spatial = [T.RandomResizedCrop(img_size, antialias=True), T.RandomHorizontalFlip()] if train else \
+            [T.Resize(splits.resize_size(img_size), antialias=True), T.CenterCrop(img_size)]
+        transform = T.Compose(spatial + [T.ToTensor(), T.Normalize(splits.IMAGENET_MEAN, splits.IMAGENET_STD)])
+        dataset = torchvision.datasets.ImageFolder(self.link_root, transform)
+        # pin_memory: the reference scripts' setting, so the baseline's copies to a GPU do not block either.
+        self.loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=train, num_workers=workers,
+                                                  persistent_workers=workers > 0, pin_memory=pin_memory)
+        self.num_images = len(dataset)
+
+    def __iter__(self):
+        return iter(self.loader)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        shutil.rmtree(self.link_root, ignore_errors=True)
+
+
+class DecodeOnly:
+    """The DALI train pipeline's first step alone (JPEG decode of the plan's crop boxes, variable-size uint8, no
+    resize, flip or normalise): a ceiling for the whole pipeline on this device. Iterates one epoch of (images,
+    None); the stream runs on into the next epoch, as the kit's does."""
+
+    def __init__(self, data_root, files, batch_size, workers, device):
+        root = splits.image_root(data_root)
+        plan = splits.SamplePlan(len(files), batch_size, True, sizes=splits.image_sizes(root, files))
+        self.pipe = dali_loader.first_step_pipe(root, files, plan, device, workers, train=True)
+        self.root, self.files, self.steps, self.num_images = root, files, plan.steps, len(files)
+
+    def __iter__(self):
+        for images in dali_loader.epoch_batches(self.pipe, self.steps, self.root, self.files):
+            yield images, None
+
+
+class PerImageCache:
+    """The previous --cache batch, as a reference row: the same cached pixels and the same plan's boxes, but one
+    crop, antialiased uint8 resize, flip and copy per image (about 11 tensor operations each)."""
+
+    def __init__(self, cache):
+        self.cache = cache
+        self.num_images = cache.num_images
+
+    def __iter__(self):
+        c, size = self.cache, self.cache.img_size
+        for step in c.plan.epoch(0):
+            local = c.local[step["index"]]
+            batch = torch.empty(len(local), size, size, 3, device=c.device)
+            for j, i in enumerate(local.tolist()):
+                height, width, offset = int(c.heights[i]), int(c.widths[i]), int(c.offsets[i])
+                image = c.pixels[offset:offset + height * width * 3].view(height, width, 3)
+                y0, x0 = int(step["y"][j] * c.scale_y[i]), int(step["x"][j] * c.scale_x[i])
+                h, w = max(1, int(step["h"][j] * c.scale_y[i])), max(1, int(step["w"][j] * c.scale_x[i]))
+                region = image[y0:y0 + h, x0:x0 + w].permute(2, 0, 1)[None]
+                region = region.contiguous(memory_format=torch.channels_last) if region.device.type == "cpu" \
+                    else region.float()
+                region = F.interpolate(region, size=(size, size), mode="bilinear", antialias=True)
+                if step["flip"][j]:
+                    region = region.flip(-1)
+                batch[j] = region[0].permute(1, 2, 0)
+            yield c.finish(batch.permute(0, 3, 1, 2), step["index"])
+
+
+class RepeatBatch:
+    """A loader that yields one fixed batch `steps` times: the step is measured without the data path."""
+
+    def __init__(self, images, labels, steps):
+        self.images, self.labels, self.steps = images, labels, steps
+
+    def __len__(self):
+        return self.steps
+
+    def __iter__(self):
+        for _ in range(self.steps):
+            yield self.images, self.labels
+
+
+def reference_epoch(model, optimizer, loader, device):
+    """The plain loop the kit is measured against: fp32, NCHW, host batches copied in, no AMP. images/s."""
+    model.train()
+    sync(device)
+    start, seen = time.perf_counter(), 0
+    for images, labels in loader:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        loss = F.cross_entropy(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        seen += images.shape[0]
+    sync(device)
+    return seen / (time.perf_counter() - start)
