@@ -38,14 +38,22 @@ import numpy as np
 import torch
 
 import augment
-import cache_loader
-import dali_loader
+import data_utils
 import engine
 import errors
 import model_utils
 import presets
 import splits
-from bench_baselines import DecodeOnly, PerImageCache, PlainLoader, RepeatBatch, reference_epoch, sync, time_images
+from bench_baselines import (
+    DecodeOnly,
+    PerImageCache,
+    PlainLoader,
+    RepeatBatch,
+    plain_model,
+    reference_epoch,
+    sync,
+    time_images,
+)
 
 SECTIONS = ("data", "step", "e2e", "eval", "infer", "overhead")
 
@@ -59,16 +67,20 @@ def split_subset(data_root, split, images):
     return files, labels
 
 
+def kit_settings(args):
+    """The settings the kit's own builders get here: the bench's flags over the defaults, from scratch."""
+    return presets.resolve(overrides=dict(arch=args.arch, img_size=args.img_size, amp=args.amp, workers=args.workers,
+                                          data_root=args.data_root, pretrained=False, optimizer="adamw",
+                                          lr_backbone=1e-4, lr_fc=1e-3, weight_decay=1e-4))
+
+
 def kit_loader(args, device, files, labels, train_split, cache, batch_size):
-    """The kit's DALI or cache loader over a list of files (the data section uses the whole train split)."""
+    """The kit's DALI or cache loader (data_utils' own builder) over a list of files (the data section uses the
+    whole train split)."""
     amp_dtype, _ = engine.resolve_amp(args.amp, device)
-    root = splits.image_root(args.data_root)
-    sizes = splits.image_sizes(root, files) if train_split else None
-    plan = splits.SamplePlan(len(files), batch_size, train_split, sizes=sizes, fixed_shard=cache)
-    common = dict(device=device, dtype=amp_dtype or torch.float32, workers=args.workers)
-    if cache:
-        return cache_loader.CacheLoader(root, files, labels, plan, args.img_size, **common)
-    return dali_loader.DaliLoader(root, files, labels, plan, args.img_size, **common)
+    return data_utils.loader_over(splits.image_root(args.data_root), files, labels, args.img_size, batch_size, device,
+                                  dtype=amp_dtype or torch.float32, loader="dali", workers=args.workers, cache=cache,
+                                  train=train_split)
 
 
 def median_rounds(rounds, **variants):
@@ -116,20 +128,17 @@ def bench_data(args, device):
                 plain_name, rates["plain"], images=len(files))]
 
 
-def make_model(args, device, channels_last, fused):
+def make_model(args, device):
+    """(model, optimizer) from the kit's own builder (engine.build_model): channels_last, fused AdamW."""
     torch.manual_seed(0)
-    model = model_utils.get_model(101, arch=args.arch).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    groups = model_utils.param_groups(model, 1e-4, 1e-3, 1e-4)
-    return model, torch.optim.AdamW(groups, fused=fused)
+    return engine.build_model(kit_settings(args), 101, device, quiet=True)[:2]
 
 
 def kit_trainer(args, device, compile_model=False, guard_bn=True):
     """A function(loader) -> train_one_epoch statistics, with the kit's model, optimizer, AMP and mixing
     (guard_bn=False: without the BatchNorm restore that makes a skipped step leave no trace)."""
     amp_dtype, use_scaler = engine.resolve_amp(args.amp, device)
-    model, optimizer = make_model(args, device, channels_last=True, fused=True)
+    model, optimizer = make_model(args, device)
     step_model = torch.compile(model) if compile_model else model
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
@@ -145,14 +154,14 @@ def bench_step(args, device):
     labels = torch.randint(0, 101, (args.batch_size,), generator=generator).to(device)
     amp_dtype, _ = engine.resolve_amp(args.amp, device)
     kit_images = images.to(device, dtype=amp_dtype or torch.float32, memory_format=torch.channels_last)
-    plain_model, plain_opt = make_model(args, device, channels_last=False, fused=False)
+    baseline, baseline_opt = plain_model(args.arch, device)
     plain_batches = RepeatBatch(images.to(device), labels, args.steps)
     variants = {"kit": kit_trainer(args, device), "unguarded": kit_trainer(args, device, guard_bn=False)}
     if args.compile:
         variants["compiled"] = kit_trainer(args, device, compile_model=True)
     rounds = {name: (lambda t=trainer: t(RepeatBatch(kit_images, labels, args.steps))["train_images_per_s"])
               for name, trainer in variants.items()}
-    rounds["plain"] = lambda: reference_epoch(plain_model, plain_opt, plain_batches, device)
+    rounds["plain"] = lambda: reference_epoch(baseline, baseline_opt, plain_batches, device)
     for fn in rounds.values():  # warm-up: allocator, oneDNN/cuDNN algorithm choice, compilation
         fn()
     rates = median_rounds(args.rounds, **rounds)
@@ -171,13 +180,13 @@ def bench_e2e(args, device):
     dali = kit_loader(args, device, files, labels, True, False, args.batch_size)
     cache = kit_loader(args, device, files, labels, True, True, args.batch_size)
     kit_dali, kit_cache = kit_trainer(args, device), kit_trainer(args, device)
-    plain_model, plain_opt = make_model(args, device, channels_last=False, fused=False)
+    baseline, baseline_opt = plain_model(args.arch, device)
     with PlainLoader(args.data_root, files, args.img_size, args.batch_size, args.workers, True,
                      pin_memory=device.type == "cuda") as plain:
         rounds = dict(dali=lambda: kit_dali(dali)["train_images_per_s"],
                       cache=lambda: kit_cache(cache)["train_images_per_s"],
                       cache_data=lambda: time_images(cache, device),
-                      plain=lambda: reference_epoch(plain_model, plain_opt, plain, device))
+                      plain=lambda: reference_epoch(baseline, baseline_opt, plain, device))
         rates = median_rounds(args.rounds, **rounds)
     plain_name = "reference loop (ImageFolder + PIL, fp32 NCHW)"
     data_share = rates["cache"] / rates["cache_data"]  # data-only time over whole-epoch time
@@ -192,17 +201,17 @@ def bench_eval(args, device):
     files, labels = split_subset(args.data_root, "val", args.images)
     amp_dtype, _ = engine.resolve_amp(args.amp, device)
     val = kit_loader(args, device, files, labels, False, False, args.eval_batch_size)
-    kit_model, _ = make_model(args, device, channels_last=True, fused=False)
-    plain_model, _ = make_model(args, device, channels_last=False, fused=False)
+    kit_model, _ = make_model(args, device)
+    baseline, _ = plain_model(args.arch, device)
 
     @torch.no_grad()
     def plain_eval(loader):
-        plain_model.eval()
+        baseline.eval()
         sync(device)
         start, seen = time.perf_counter(), 0
         for images, labels in loader:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            plain_model(images).argmax(1).eq(labels).sum()
+            baseline(images).argmax(1).eq(labels).sum()
             seen += images.shape[0]
         sync(device)
         return seen / (time.perf_counter() - start)
@@ -244,7 +253,7 @@ def bench_infer(args, device):
         return seen / (time.perf_counter() - start)
 
     def kit_forward(x):
-        with torch.autocast("cpu", dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with engine.autocast(torch.device("cpu"), amp_dtype):
             return kit(x.contiguous(memory_format=torch.channels_last))
 
     rows = []
@@ -267,7 +276,7 @@ def bench_overhead(args, device):
     share with the background writer), and a val evaluation, relative to the steps of one train epoch."""
     import checkpoint
 
-    model, optimizer = make_model(args, device, channels_last=True, fused=True)
+    model, optimizer = make_model(args, device)
     amp_dtype, _ = engine.resolve_amp(args.amp, device)
     images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device).to(
         memory_format=torch.channels_last, dtype=amp_dtype or torch.float32)
@@ -287,8 +296,7 @@ def bench_overhead(args, device):
         model.eval()
         sync(device)
         start = time.perf_counter()
-        with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                                                    enabled=amp_dtype is not None):
+        with torch.inference_mode(), engine.autocast(device, amp_dtype):
             for _ in range(args.steps):
                 model(images)
         sync(device)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import dali_loader
+import model_utils
 import splits
 
 
@@ -121,6 +122,14 @@ class RepeatBatch:
     def __iter__(self):
         for _ in range(self.steps):
             yield self.images, self.labels
+
+
+def plain_model(arch, device):
+    """The baseline's model and optimizer: plain fp32 NCHW, the unfused AdamW, the same initialisation and LRs as
+    bench.make_model."""
+    torch.manual_seed(0)
+    model = model_utils.get_model(101, arch=arch).to(device)
+    return model, torch.optim.AdamW(model_utils.param_groups(model, 1e-4, 1e-3, 1e-4), fused=False)
 
 
 def reference_epoch(model, optimizer, loader, device):

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import dali_loader
+import model_utils
 import splits
 
 MAX_SUPERSAMPLE = 4  # samples per output pixel and axis when a crop shrinks (antialiasing up to 4x downscaling)
@@ -70,9 +71,9 @@ class CacheLoader(splits.PlanPosition):
     kind = "cache"
 
     def __init__(self, image_root, files, labels, plan, img_size, device, dtype=torch.float32, workers=2,
-                 channels_last=True, use_dali=dali_loader.HAVE_DALI):
+                 channels_last=True, use_dali=dali_loader.HAVE_DALI, hw_decoder_load=None):  # DALI loader only
         self.plan, self.img_size, self.device, self.dtype = plan, img_size, device, dtype
-        self.layout = torch.channels_last if channels_last else torch.contiguous_format
+        self.layout = model_utils.memory_format(channels_last)
         n = len(files)
         # The images this rank can be given: its fixed shard for train, its contiguous part for val/test.
         self.mine = np.arange(plan.rank, n, plan.world) if plan.train else np.arange(plan.lo, plan.hi)

@@ -262,6 +262,31 @@ def training_state(parts, cfg, split_id, num_classes, rows, position):
             "split": split_id, "world_size": distributed.world()}
 
 
+class LastCheckpoint:
+    """Writes a run's last.pth (training_state) through the background writer, with --keep_checkpoints' epoch files.
+    Every rank calls save() (the state gathers); rank 0 writes."""
+
+    def __init__(self, parts, cfg, split_id, num_classes, rows, run_dir, main_rank):
+        self.parts, self.cfg, self.split_id, self.num_classes, self.rows = parts, cfg, split_id, num_classes, rows
+        self.path, self.run_dir, self.main_rank = os.path.join(run_dir, "last.pth"), run_dir, main_rank
+        self.writer = BackgroundWriter()
+
+    def save(self, next_epoch, next_step, wall_time_s, tally=None, wait=False, finished=False):
+        snapshot = training_state(self.parts, self.cfg, self.split_id, self.num_classes, self.rows, dict(
+            next_epoch=next_epoch, next_step=next_step, tally=tally, wall_time_s=wall_time_s, finished=finished))
+        if self.main_rank:
+            keep = self.cfg["keep_checkpoints"] if next_step == 0 else 0
+            epoch_path = os.path.join(self.run_dir, f"epoch_{next_epoch - 1:03d}.pth")
+            self.writer.submit(snapshot, self.path, after=(lambda: keep_epoch_checkpoints(
+                self.path, epoch_path, keep)) if keep else None)
+            if wait:
+                self.writer.wait()
+
+    def wait(self):
+        if self.main_rank:
+            self.writer.wait()
+
+
 def restore(ckpt, path, parts, rank, world):
     """Put every piece of training state back from a last.pth; returns (loop state, notes). The loop state:
     next_epoch, next_step, rows, wall_time_s and tally (this rank's unfinished-epoch sums, or None)."""

@@ -20,8 +20,6 @@ import cache_loader
 import dali_loader
 import splits
 
-LOADERS = ("dali", "torch")
-
 
 class PlanDataset(torch.utils.data.Dataset):
     """Items are the plan's per-image entries: (index,) for val, (index, y, x, h, w, flip) for train."""
@@ -74,7 +72,7 @@ class TorchLoader(splits.PlanPosition):
     kind = "torch"
 
     def __init__(self, image_root, files, labels, plan, img_size, device, dtype=torch.float32, workers=2,
-                 channels_last=True):
+                 channels_last=True, hw_decoder_load=None):  # hw_decoder_load: DALI's decoder only
         self.plan, self.device, self.dtype, self.channels_last = plan, device, dtype, channels_last
         self.num_images = plan.num_local
         self.batches = PlanBatches(plan)
@@ -93,17 +91,30 @@ class TorchLoader(splits.PlanPosition):
             raise splits.DataError(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
 
 
+# name -> loader class (a splits.PlanPosition). presets.CHOICES["loader"] lists the names; a test keeps them equal.
+LOADERS = {"dali": dali_loader.DaliLoader, "torch": TorchLoader}
+
+
 def build_loader(data_root, split, img_size, batch_size, device, dtype=torch.float32, loader="dali", workers=4,
                  seed=0, rank=0, world=1, drop_last=False, crop_scale_min=splits.RRC_SCALE[0], cache=False,
                  channels_last=True, train=None, hw_decoder_load=dali_loader.HW_DECODER_LOAD):
     """One loader over one split of a prepared root. `batch_size` is per rank. Train (by default the train split)
     augments and reshuffles every epoch; val/test, or train=False, is the deterministic val transform.
     cache=True decodes the rank's images once (with `loader`'s decoder) and keeps them on the device."""
-    if loader not in LOADERS:
-        raise splits.DataError(f"unknown loader '{loader}': choose dali or torch")
     files, labels = splits.read_split(data_root, split)
-    root = splits.image_root(data_root)
-    train = split == "train" if train is None else train
+    return loader_over(splits.image_root(data_root), files, labels, img_size, batch_size, device, dtype=dtype,
+                       loader=loader, workers=workers, seed=seed, rank=rank, world=world, drop_last=drop_last,
+                       crop_scale_min=crop_scale_min, cache=cache, channels_last=channels_last,
+                       train=split == "train" if train is None else train, hw_decoder_load=hw_decoder_load,
+                       what=f"the {split} split")
+
+
+def loader_over(root, files, labels, img_size, batch_size, device, dtype=torch.float32, loader="dali", workers=4,
+                seed=0, rank=0, world=1, drop_last=False, crop_scale_min=splits.RRC_SCALE[0], cache=False,
+                channels_last=True, train=True, hw_decoder_load=dali_loader.HW_DECODER_LOAD, what="the list"):
+    """build_loader over a list of files under `root` (paths relative to it) instead of a split."""
+    if loader not in LOADERS:
+        raise splits.DataError(f"unknown loader '{loader}': choose one of {', '.join(LOADERS)}")
     # Every header read (and over-limit images refused) before any decoder sees the files: DALI decodes them
     # itself; train crops need the sizes too.
     sizes = splits.image_sizes(root, files)
@@ -111,15 +122,13 @@ def build_loader(data_root, split, img_size, batch_size, device, dtype=torch.flo
                              drop_last=drop_last and train, sizes=sizes if train else None,
                              crop_scale=(crop_scale_min, 1.0), fixed_shard=cache)
     if plan.num_local == 0 or plan.steps == 0:
-        raise splits.DataError(f"the {split} split ({len(files)} images) is too small for {world} rank(s) with "
-                        f"{batch_size} images each per step")
+        raise splits.DataError(f"{what} ({len(files)} images) is too small for {world} rank(s) with "
+                               f"{batch_size} images each per step")
     common = dict(device=device, dtype=dtype, workers=workers, channels_last=channels_last)
     if cache:
         return cache_loader.CacheLoader(root, files, labels, plan, img_size,
                                         use_dali=loader == "dali" and dali_loader.HAVE_DALI, **common)
-    if loader == "dali":
-        return dali_loader.DaliLoader(root, files, labels, plan, img_size, hw_decoder_load=hw_decoder_load, **common)
-    return TorchLoader(root, files, labels, plan, img_size, **common)
+    return LOADERS[loader](root, files, labels, plan, img_size, hw_decoder_load=hw_decoder_load, **common)
 
 
 def build_loaders(data_root, img_size, batch_size, device, dtype=torch.float32, loader="dali", workers=4, seed=0,
@@ -133,3 +142,14 @@ def build_loaders(data_root, img_size, batch_size, device, dtype=torch.float32, 
                          crop_scale_min=crop_scale_min, **common)
     val = build_loader(data_root, "val", batch_size=eval_batch_size or batch_size, **common)
     return train, val, classes
+
+
+def loader_from_settings(cfg, split, batch_size, device, dtype, rank=0, world=1, train=None, cache=None):
+    """build_loader with a run's data settings: the one place each setting of the data path is passed on (a new
+    one is added here and in presets.SETTINGS). cache=None: the run's --cache; evaluations of a finished run pass
+    False (one pass over a split gains nothing from caching it)."""
+    return build_loader(cfg["data_root"], split, cfg["img_size"], batch_size, device, dtype=dtype,
+                        loader=cfg["loader"], workers=cfg["workers"], seed=cfg["seed"], rank=rank, world=world,
+                        drop_last=cfg["drop_last"] or cfg["compile"],  # static shapes for torch.compile
+                        crop_scale_min=cfg["crop_scale_min"], cache=cfg["cache"] if cache is None else cache,
+                        channels_last=cfg["channels_last"], train=train, hw_decoder_load=cfg["hw_decoder_load"])

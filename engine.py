@@ -1,5 +1,5 @@
 """The training engine: device and precision choice, optimizer and LR schedule, one training epoch, weight EMA,
-early stopping, and the one evaluation loop and metrics definition that training, evaluate.py and bench.py use.
+early stopping, and the one evaluation loop that training, evaluate.py and bench.py use (its figures: metrics.py).
 
     import engine
     device = engine.resolve_device("auto"); amp_dtype, use_scaler = engine.resolve_amp("auto", device)
@@ -19,11 +19,12 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import augment
+import data_utils
 import distributed
 import errors
+import metrics
 import model_utils
 import presets
 
@@ -77,15 +78,33 @@ def resolve_amp(amp, device):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp], amp == "fp16"
 
 
+def autocast(device, amp_dtype):
+    """The one autocast context of the kit: amp_dtype (bf16/fp16) on the device's autocast, or off when None."""
+    return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
+# Decay after warmup: progress through the decay phase (0 to 1) -> fraction of the way from min_lr_ratio to the
+# peak. A new schedule is an entry here; presets.CHOICES["schedule"] lists the names (a test keeps them equal).
+SCHEDULES = {
+    "cosine": lambda progress: 0.5 * (1.0 + math.cos(math.pi * progress)),
+    "linear": lambda progress: 1.0 - progress,
+    "constant": lambda progress: 1.0,
+}
+
+
 def lr_lambda(total_steps, warmup_steps, schedule, min_lr_ratio, start_step=0):
     """Multiplier of a group's peak LR at each step: 0 before start_step (a frozen stage), then a linear warmup
-    over warmup_steps, then cosine/linear/constant decay to min_lr_ratio at total_steps."""
+    over warmup_steps, then the schedule's decay to min_lr_ratio at total_steps."""
+    if schedule not in SCHEDULES:
+        raise presets.ConfigError(f"unknown schedule '{schedule}': choose one of {', '.join(SCHEDULES)}")
+    decay = SCHEDULES[schedule]
+
     def factor(step):
         if step < start_step:
             return 0.0
@@ -93,13 +112,7 @@ def lr_lambda(total_steps, warmup_steps, schedule, min_lr_ratio, start_step=0):
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - start_step - warmup_steps))
-        if schedule == "cosine":
-            decay = 0.5 * (1.0 + math.cos(math.pi * progress))
-        elif schedule == "linear":
-            decay = 1.0 - progress
-        else:
-            decay = 1.0
-        return min_lr_ratio + (1.0 - min_lr_ratio) * decay
+        return min_lr_ratio + (1.0 - min_lr_ratio) * decay(progress)
     return factor
 
 
@@ -136,8 +149,7 @@ def build_model(cfg, num_classes, device, quiet=False):
     model_utils.apply_freeze(model, cfg["trainable"])
     if cfg["sync_bn"]:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    memory_format = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
-    model = model.to(device, memory_format=memory_format)
+    model = model.to(device, memory_format=model_utils.memory_format(cfg["channels_last"]))
     stage_lrs = presets.parse_stage_lrs(cfg["stage_lrs"]) if cfg["stage_lrs"] else None
     groups = model_utils.param_groups(model, cfg["lr_backbone"], cfg["lr_fc"], cfg["weight_decay"],
                                       cfg["layer_decay"], stage_lrs, per_stage=frozen_phase or None,
@@ -221,7 +233,7 @@ class EarlyStopping:
 
     def __init__(self, monitor="val_top1", patience=0, min_delta=0.0):
         self.monitor, self.patience, self.min_delta = monitor, patience, min_delta
-        self.minimize = monitor == "val_loss"
+        self.minimize = metrics.minimized(monitor)
         self.best, self.best_epoch, self.wait, self.reason = (math.inf if self.minimize else -math.inf), 0, 0, None
 
     def improves(self, value):
@@ -274,7 +286,7 @@ def train_step(model, images, labels, optimizer, scaler, mixer, amp_dtype, grad_
     bn_stats = batchnorm_stats(model) if bn_stats is None else bn_stats
     saved = [buf.clone() for buf in bn_stats]
     images, targets = mixer(images, labels)
-    with torch.autocast(images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+    with autocast(images.device, amp_dtype):
         logits = model(images)
     loss = augment.soft_target_cross_entropy(logits, targets)
     loss_value = loss.detach()
@@ -421,7 +433,7 @@ def collect_logits(model, loader, amp_dtype, tta="none", static_batch=None):
         if static_batch and n < static_batch:
             images = torch.cat([images, images.new_zeros((static_batch - n,) + images.shape[1:])])
             images = images.contiguous(memory_format=torch.channels_last) if images.dim() == 4 else images
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with autocast(device, amp_dtype):
             # clone(): under torch.compile's CUDA graphs an output is overwritten by the next call.
             logits = model(images).float().clone()
             if tta == "flip":
@@ -431,40 +443,27 @@ def collect_logits(model, loader, amp_dtype, tta="none", static_batch=None):
     return distributed.gather_rows(torch.cat(all_logits)), distributed.gather_rows(torch.cat(all_labels))
 
 
-def split_metrics(logits, labels, num_classes):
-    """Overall and per-class figures of a split (per-class accuracy is per-class recall). The one definition
-    that training's evaluation and evaluate.py both use, so their figures agree exactly."""
-    top5 = logits.topk(min(5, num_classes), dim=1).indices
-    pred = top5[:, 0]  # not argmax: bf16 logits tie, and argmax and topk may break ties differently
-    support = torch.bincount(labels, minlength=num_classes)
-    correct = torch.bincount(labels[pred == labels], minlength=num_classes)
-    predicted = torch.bincount(pred, minlength=num_classes)
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=labels.device)
-    confusion.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
-    present = support > 0
-    recall = correct.double() / support.clamp(min=1)
-    precision = correct.double() / predicted.clamp(min=1)
-    return {
-        "top1": (pred == labels).double().mean().item(),
-        "top5": (top5 == labels[:, None]).any(1).double().mean().item(),
-        "mean_class_acc": recall[present].mean().item(),
-        "loss": F.cross_entropy(logits, labels).item(),
-        "images": int(labels.numel()),
-        "support": support.tolist(), "correct": correct.tolist(), "predicted": predicted.tolist(),
-        "recall": recall.tolist(), "precision": precision.tolist(), "confusion": confusion.cpu(), "pred": pred,
-    }
-
-
 def evaluate(model, loader, num_classes, amp_dtype, prefix="val", static_batch=None):
-    """Loss, top-1, top-5 and mean per-class accuracy over a whole split (the short last batch included), as
-    {prefix}_loss, {prefix}_top1, ...; under torchrun every rank returns the figures of the whole split."""
+    """Every metrics.METRICS figure of a whole split (the short last batch included), as {prefix}_top1, ...;
+    under torchrun every rank returns the figures of the whole split."""
     device = next(model.parameters()).device
     start = time.perf_counter()
     logits, labels = collect_logits(model, loader, amp_dtype, static_batch=static_batch)
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    m = split_metrics(logits, labels, num_classes)
-    return {f"{prefix}_loss": m["loss"], f"{prefix}_top1": m["top1"], f"{prefix}_top5": m["top5"],
-            f"{prefix}_mean_class_acc": m["mean_class_acc"], f"{prefix}_images": m["images"],
-            f"{prefix}_images_per_s": m["images"] / elapsed}
+    m = metrics.split_metrics(logits, labels, num_classes)
+    return {**metrics.prefixed(m, prefix), f"{prefix}_images_per_s": m["images"] / elapsed}
+
+
+def evaluate_weights(path, cfg, split, num_classes, device, amp_dtype, batch_size, tta="none", rank=0, world=1):
+    """(logits, labels, figures) of a weights file (best.pth, last.pth, released weights) on one split of cfg's
+    data root, evaluated as the run evaluates: its arch, memory layout, val transform, loader and AMP. Training's
+    end-of-run table and evaluate.py both call it; logits and labels come back on the CPU."""
+    model = model_utils.load_trained(path, num_classes, cfg["arch"])
+    model = model.to(device, memory_format=model_utils.memory_format(cfg["channels_last"]))
+    loader = data_utils.loader_from_settings(cfg, split, batch_size, device, amp_dtype or torch.float32, rank=rank,
+                                             world=world, train=False, cache=False)
+    logits, labels = collect_logits(model, loader, amp_dtype, tta)
+    logits, labels = logits.cpu(), labels.cpu()
+    return logits, labels, metrics.split_metrics(logits, labels, num_classes)

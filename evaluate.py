@@ -17,13 +17,10 @@ import json
 import os
 import sys
 
-import torch
-
 import dali_loader
-import data_utils
 import engine
 import errors
-import model_utils
+import metrics
 import plots
 import presets
 import runs
@@ -56,15 +53,16 @@ def run_row(run_dir):
             summary = json.load(f)
     except FileNotFoundError:
         summary = None
-    evaluated = [r for r in rows if r.get("val_top1") is not None]
-    best_epoch = summary["best"]["epoch"] if summary else (max(evaluated, key=lambda r: r["val_top1"])["epoch"]
+    monitor = cfg.get("monitor", presets.DEFAULTS["monitor"])
+    evaluated = [r for r in rows if r.get(monitor) is not None]
+    sign = -1 if metrics.minimized(monitor) else 1  # an unfinished run: its best epoch so far, as its monitor says
+    best_epoch = summary["best"]["epoch"] if summary else (max(evaluated, key=lambda r: sign * r[monitor])["epoch"]
                                                             if evaluated else None)
     figures = {}
     for split in ("train", "val", "test"):
         m = (summary or {}).get("splits", {}).get(split)
         if m is None and split == "val" and best_epoch is not None:
-            row = next(r for r in rows if r["epoch"] == best_epoch)
-            m = {"top1": row["val_top1"], "mean_class_acc": row["val_mean_class_acc"]}
+            m = metrics.of_split(next(r for r in rows if r["epoch"] == best_epoch), "val")
         figures[split] = m
     return {"run": run_dir, "cfg": cfg, "best_epoch": best_epoch, "figures": figures,
             "epochs": f"{int(rows[-1]['epoch'])}/{cfg.get('epochs')}" if rows else "0",
@@ -90,16 +88,16 @@ def compare_runs(run_dirs):
     def fmt(m, key):
         return f"{m[key]:.4f}" if m and m.get(key) is not None else "-"
 
-    head = ["run", "preset", *differing, "best epoch", "epochs run", "train top-1", "val top-1", "test top-1",
-            "val mean per-class", "test mean per-class", "wall time"]
+    columns = [(split, name) for name in metrics.SUMMARY for split in ("train", "val", "test")]
+    head = ["run", "preset", *differing, "best epoch", "epochs run",
+            *[f"{split} {metrics.METRICS[name][0]}" for split, name in columns], "wall time"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in runs:
         f = r["figures"]
         cells = [os.path.normpath(r["run"]), str(r["cfg"].get("exp")),
                  *[str(r["cfg"].get(k)) for k in differing], str(int(r["best_epoch"])) if r["best_epoch"] else "-",
-                 r["epochs"] + (" (early stop)" if r["stopped"] else ""), fmt(f["train"], "top1"),
-                 fmt(f["val"], "top1"), fmt(f["test"], "top1"), fmt(f["val"], "mean_class_acc"),
-                 fmt(f["test"], "mean_class_acc"), f"{r['wall'] / 60:.1f} min"]
+                 r["epochs"] + (" (early stop)" if r["stopped"] else ""),
+                 *[fmt(f[split], name) for split, name in columns], f"{r['wall'] / 60:.1f} min"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -111,14 +109,12 @@ def get_args_parser():
     p.add_argument("--split", default="val", choices=("val", "test"))
     p.add_argument("--tta", default="none", choices=("none", "flip"), help="flip: mean of image and mirror logits")
     p.add_argument("--data_root", default=None, help="override the run's data root")
-    p.add_argument("--loader", default=None, choices=("dali", "torch"), help="override the run's loader")
+    p.add_argument("--loader", default=None, choices=presets.CHOICES["loader"], help="override the run's loader")
     p.add_argument("--device", default=None, help="override the run's device (auto, cpu, cuda, cuda:N)")
     p.add_argument("--batch_size", type=int, default=None, help="images per step (default: the run's eval batch)")
     p.add_argument("--workers", type=int, default=None, help="loader threads (default: the run's)")
     p.add_argument("--out_dir", default=None, help="where reports go (default: <run>/eval_<split>[_flip])")
-    p.add_argument("--arch", default=None, choices=model_utils.ARCHS, help="bare weights: the architecture")
-    p.add_argument("--img_size", type=int, default=None, help="bare weights: the training image size")
-    p.add_argument("--classes", default=None, help="bare weights: class names, one per line (label order)")
+    runs.add_weight_flags(p)
     p.add_argument("--allow_other_split", action="store_true",
                    help="evaluate although the data root's split lists are not the ones the run was trained on "
                         "(figures not comparable; never on images it trained on)")
@@ -161,16 +157,8 @@ def evaluate_checkpoint(args):
     device = engine.resolve_device(cfg["device"])
     amp_dtype, _ = engine.resolve_amp(cfg["amp"], device)
     classes = run.classes
-    model = model_utils.load_trained(run.path, len(classes), cfg["arch"])
-    memory_format = torch.channels_last if cfg.get("channels_last", True) else torch.contiguous_format
-    model = model.to(device, memory_format=memory_format)
-    loader = data_utils.build_loader(cfg["data_root"], args.split, cfg["img_size"],
-                                     args.batch_size or cfg["eval_batch_size"], device,
-                                     dtype=amp_dtype or torch.float32, loader=cfg["loader"], workers=cfg["workers"],
-                                     seed=cfg["seed"], channels_last=cfg.get("channels_last", True))
-    logits, labels = engine.collect_logits(model, loader, amp_dtype, args.tta)
-    logits, labels = logits.cpu(), labels.cpu()
-    m = engine.split_metrics(logits, labels, len(classes))
+    logits, labels, m = engine.evaluate_weights(run.path, cfg, args.split, len(classes), device, amp_dtype,
+                                                args.batch_size or cfg["eval_batch_size"], tta=args.tta)
     out_dir = args.out_dir or os.path.join(run.run_dir, f"eval_{args.split}" + ("_flip" if args.tta == "flip"
                                                                                  else ""))
     os.makedirs(out_dir, exist_ok=True)
@@ -180,14 +168,13 @@ def evaluate_checkpoint(args):
                              os.path.join(out_dir, "wrong.png"))
     report = {"checkpoint": os.path.abspath(run.path), "split": args.split, "tta": args.tta, "arch": cfg["arch"],
               "img_size": cfg["img_size"], "amp": str(amp_dtype),
-              **{k: m[k] for k in ("top1", "top5", "mean_class_acc", "loss", "images")},
+              **{k: m[k] for k in (*metrics.METRICS, "images")},
               "per_class": {c: {"support": m["support"][i], "accuracy": m["recall"][i],
                                 "precision": m["precision"][i]} for i, c in enumerate(classes)},
               "most_confident_wrong": wrong}
     with open(os.path.join(out_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
-    print(f"{run.path} on {args.split} ({m['images']} images, tta={args.tta}): top-1 {m['top1']:.4f}  "
-          f"top-5 {m['top5']:.4f}  mean per-class {m['mean_class_acc']:.4f}  loss {m['loss']:.4f}")
+    print(f"{run.path} on {args.split} ({m['images']} images, tta={args.tta}): {metrics.describe(m)}")
     worst = sorted((i for i in range(len(classes)) if m["support"][i]), key=lambda i: m["recall"][i])[:10]
     print("| worst classes | accuracy | precision | support |\n|---|---|---|---|")
     for i in worst:

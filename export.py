@@ -150,9 +150,7 @@ def get_args_parser():
     p.add_argument("--out", default=None, help="output folder (default: <run>/export)")
     p.add_argument("--data_root", default=None, help="where the check's val images are (default: the run's)")
     p.add_argument("--check_images", type=int, default=64, help="val images to check on (0: the whole split)")
-    p.add_argument("--arch", default=None, choices=model_utils.ARCHS, help="bare weights: the architecture")
-    p.add_argument("--img_size", type=int, default=None, help="bare weights: the training image size")
-    p.add_argument("--classes", default=None, help="bare weights: class names, one per line (label order)")
+    runs.add_weight_flags(p)
     return p
 
 

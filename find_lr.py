@@ -86,10 +86,8 @@ def main(cfg, steps=100, start=1e-7, end=10.0):
     device = engine.resolve_device(cfg["device"])
     amp_dtype, use_scaler = engine.resolve_amp(cfg["amp"], device)
     engine.seed_everything(cfg["seed"])
-    train_loader = data_utils.build_loader(
-        cfg["data_root"], "train", cfg["img_size"], cfg["batch_size"], device, dtype=amp_dtype or torch.float32,
-        loader=cfg["loader"], workers=cfg["workers"], seed=cfg["seed"], crop_scale_min=cfg["crop_scale_min"],
-        cache=cfg["cache"], channels_last=cfg["channels_last"])
+    train_loader = data_utils.loader_from_settings(cfg, "train", cfg["batch_size"], device,
+                                                   amp_dtype or torch.float32)
     classes = splits.read_classes(cfg["data_root"])
     model, optimizer, _ = engine.build_model(cfg, len(classes), device, quiet=False)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)

@@ -143,6 +143,12 @@ def get_model(num_classes=101, pretrained=False, arch="resnet18", weights=None, 
     return model
 
 
+def memory_format(channels_last):
+    """The memory layout of the model and its inputs: NHWC (channels_last, the fast layout for convolutions with
+    AMP) or plain NCHW. Every place that moves a model or a batch asks here."""
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 def unwrap(model):
     """The plain module under DDP / torch.compile wrappers."""
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
@@ -164,11 +170,14 @@ def stage_of(name):
     return "head" if first == "fc" else first if first.startswith("layer") else "stem"
 
 
+# --trainable: what trains -> the parameter-name prefixes that do (None: everything); and the old --freeze values.
+TRAINABLE = {"all": None, "layer4+head": ("layer4.", HEAD_PREFIX), "head": (HEAD_PREFIX,)}
+TRAINABLE_ALIASES = {"none": "all", "layer4": "layer4+head"}
+
+
 def trainable_prefixes(trainable):
-    """Parameter-name prefixes that train (None: everything). `trainable` names what trains; the old --freeze
-    values none and layer4 mean all and layer4+head."""
-    trainable = {"none": "all", "layer4": "layer4+head"}.get(trainable, trainable)
-    return {"all": None, "layer4+head": ("layer4.", HEAD_PREFIX), "head": (HEAD_PREFIX,)}[trainable]
+    """Parameter-name prefixes that train (None: everything)."""
+    return TRAINABLE[TRAINABLE_ALIASES.get(trainable, trainable)]
 
 
 def apply_freeze(model, trainable):

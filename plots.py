@@ -7,6 +7,7 @@ import math
 import os
 
 import checkpoint
+import metrics
 import runs
 import splits
 
@@ -81,11 +82,11 @@ def plot_curves(run_dir, path=None):
 
     fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(16, 4.5))
     ax_loss.plot(*series("train_loss"), label="train (mixed targets)")
-    ax_loss.plot(*series("val_loss"), "o-", label="val")
-    ax_loss.set_title("loss")
     ax_acc.plot(*series("train_acc"), label="train top-1")
-    ax_acc.plot(*series("val_top1"), "o-", label="val top-1")
-    ax_acc.plot(*series("val_mean_class_acc"), "s-", label="val mean per-class")
+    for name, (label, goal) in metrics.METRICS.items():  # losses beside the train loss, the rest as accuracies
+        ax = ax_loss if goal == "min" else ax_acc
+        ax.plot(*series(f"val_{name}"), "o-", label=f"val {label}")
+    ax_loss.set_title("loss")
     ax_acc.set_title("accuracy")
     for key in (k for k in rows[0] if k.startswith("lr_")):
         ax_lr.plot(*series(key), label=key[3:])

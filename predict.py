@@ -29,7 +29,6 @@ import torch
 import errors
 import gradcam
 import model_utils
-import presets
 import runs
 import splits
 
@@ -81,11 +80,11 @@ class Predictor:
         elif target in self.classes:
             class_idx = self.classes.index(target)
         else:
-            raise presets.ConfigError(f"unknown --target class '{target}'; see classes.txt")
+            raise errors.ConfigError(f"unknown --target class '{target}'; see classes.txt")
         try:
             heat = gradcam.class_activation_map(self.model, x, class_idx, layer=layer, method=method)[0]
         except ValueError as e:
-            raise presets.ConfigError(str(e)) from None
+            raise errors.ConfigError(str(e)) from None
         box = gradcam.centre_crop_box(pil.width, pil.height, splits.resize_size(self.img_size), self.img_size)
         gradcam.save_overlay(pil, heat, out_path, box=box)
         return self.classes[class_idx]
@@ -103,11 +102,11 @@ class OnnxPredictor(Predictor):
             with open(spec_path) as f:
                 spec = json.load(f)
         except OSError:
-            raise presets.ConfigError(f"no preprocess.json beside {onnx_path}: export with export.py") from None
+            raise errors.ModelError(f"no preprocess.json beside {onnx_path}: export with export.py") from None
         try:
             self.session = onnxruntime.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own classes for unreadable models
-            raise presets.ConfigError(f"cannot load {onnx_path} with onnxruntime: {str(e).splitlines()[0]}") from None
+            raise errors.ModelError(f"cannot load {onnx_path} with onnxruntime: {str(e).splitlines()[0]}") from None
         self.classes, self.img_size = spec["classes"], spec["input"]["height"]
         self.input_name = spec["input"]["name"]
         self.device = torch.device("cpu")
@@ -121,7 +120,7 @@ class OnnxPredictor(Predictor):
         return logits.float().softmax(1)
 
     def heatmap(self, *args, **kwargs):
-        raise presets.ConfigError("Grad-CAM needs the PyTorch model: use --checkpoint instead of --onnx")
+        raise errors.ConfigError("Grad-CAM needs the PyTorch model: use --checkpoint instead of --onnx")
 
 
 def expand_inputs(inputs):
@@ -167,9 +166,7 @@ def get_args_parser():
     p.add_argument("--seed", type=int, default=0, help="seed of --random's choice")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--data_root", default=None, help="where classes.txt is, for runs that do not hold it")
-    p.add_argument("--arch", default=None, choices=model_utils.ARCHS, help="bare weights: the architecture")
-    p.add_argument("--img_size", type=int, default=None, help="bare weights: the training image size")
-    p.add_argument("--classes", default=None, help="bare weights: class names, one per line (label order)")
+    runs.add_weight_flags(p)
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--batch_size", type=int, default=32, help="images per forward pass")
     p.add_argument("--gradcam", action="store_true", help="write a heatmap overlay PNG per image")
@@ -183,23 +180,23 @@ def get_args_parser():
 def main(args):
     for name in ("topk", "batch_size"):
         if getattr(args, name) < 1:
-            raise presets.ConfigError(f"--{name} must be at least 1, got {getattr(args, name)}")
+            raise errors.ConfigError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.random < 0:
-        raise presets.ConfigError(f"--random must be >= 0, got {args.random}")
+        raise errors.ConfigError(f"--random must be >= 0, got {args.random}")
     if args.gradcam and args.layer not in gradcam.LAYERS:
-        raise presets.ConfigError(f"--layer {args.layer}: Grad-CAM needs a layer with a spatial map: "
+        raise errors.ConfigError(f"--layer {args.layer}: Grad-CAM needs a layer with a spatial map: "
                                   f"{', '.join(gradcam.LAYERS)}")
     if bool(args.checkpoint) == bool(args.onnx):
-        raise presets.ConfigError("give --checkpoint (a run or weights) or --onnx (an exported model), one of them")
+        raise errors.ConfigError("give --checkpoint (a run or weights) or --onnx (an exported model), one of them")
     if args.onnx and args.gradcam:
-        raise presets.ConfigError("Grad-CAM needs the PyTorch model: use --checkpoint instead of --onnx")
+        raise errors.ConfigError("Grad-CAM needs the PyTorch model: use --checkpoint instead of --onnx")
     if args.onnx:
         predictor = OnnxPredictor(args.onnx)
     else:
         predictor = Predictor(args.checkpoint, device=args.device, data_root=args.data_root, arch=args.arch,
                               img_size=args.img_size, classes=args.classes)
     if args.gradcam and args.target is not None and args.target not in predictor.classes:
-        raise presets.ConfigError(f"unknown --target class '{args.target}'; see classes.txt")
+        raise errors.ConfigError(f"unknown --target class '{args.target}'; see classes.txt")
     files, skipped = expand_inputs(args.inputs)
     if skipped:
         print(f"skipped {skipped} file(s) that are not images by their extension", file=sys.stderr)

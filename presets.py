@@ -21,6 +21,8 @@ import os
 import sys
 
 import errors
+import metrics
+import model_utils
 
 DEFAULT_EXP = "r18_pretrain_main"  # run 3 of the report, the kit's default
 
@@ -68,7 +70,7 @@ SETTINGS = {
     "ema_warmup": (True, "EMA decay ramps as min(decay, (1 + n) / (10 + n)) over its first updates"),
     # evaluation and stopping
     "eval_every": (1, "evaluate on val every N epochs (and always after the last)"),
-    "monitor": ("val_top1", "val_top1 | val_mean_class_acc | val_loss: chooses best.pth and early stopping"),
+    "monitor": ("val_top1", f"{' | '.join(metrics.MONITORS)}: chooses best.pth and early stopping"),
     "early_stop_patience": (0, "stop after this many evaluations without improvement of `monitor` (0: off)"),
     "min_delta": (0.0, "an improvement must beat the best `monitor` value by more than this"),
     # run
@@ -94,15 +96,17 @@ SETTINGS = {
 DEFAULTS = {key: default for key, (default, _) in SETTINGS.items()}
 HELP = {key: meaning for key, (_, meaning) in SETTINGS.items()}
 
-CHOICES = dict(loader=("dali", "torch"), arch=("resnet18", "resnet34", "resnet50", "resnet101"),
-               trainable=("all", "layer4+head", "head"), frozen_bn=("eval", "train"), optimizer=("adamw", "sgd"),
-               schedule=("cosine", "linear", "constant"), amp=("auto", "bf16", "fp16", "off"),
-               monitor=("val_top1", "val_mean_class_acc", "val_loss"),
+# The allowed values of the settings that have a list. Architectures, trainable parts and monitored metrics come
+# from their homes; loader and schedule names are registered here (data_utils.LOADERS and engine.SCHEDULES import
+# this module, and a test keeps the names equal).
+CHOICES = dict(loader=("dali", "torch"), arch=model_utils.ARCHS, trainable=tuple(model_utils.TRAINABLE),
+               frozen_bn=("eval", "train"), optimizer=("adamw", "sgd"), schedule=("cosine", "linear", "constant"),
+               amp=("auto", "bf16", "fp16", "off"), monitor=metrics.MONITORS,
                compile_mode=("default", "reduce-overhead", "max-autotune"))
 # Other kits' names for a setting, and the old names of trainable's values (freeze=layer4 trains layer4 + head).
 KEY_ALIASES = {"output_dir": "out_dir", "num_workers": "workers", "freeze": "trainable", "data_dir": "data_root",
                "experiment_name": "name"}
-VALUE_ALIASES = {"trainable": {"none": "all", "layer4": "layer4+head"},
+VALUE_ALIASES = {"trainable": model_utils.TRAINABLE_ALIASES,
                  "amp": {"0": "off", "1": "auto", "false": "off", "true": "auto"}}  # YAML reads `amp: off` as false
 # Other kits' shorthands for several settings at once (flags and config-file keys alike): name -> (meaning, expand).
 SHORTHANDS = {  # the first of the freeze shorthands given decides, as in the transfer-learning reference

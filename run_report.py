@@ -2,19 +2,18 @@
 estimate, the epoch line with its ETA, and the final train / val / test table of best.pth (summary.json).
 
     run_report.describe(...)           # world size, batches, steps, every parameter group's peak LR
-    summary = run_report.finish(...)   # best.pth on train (val transform), val and test -> summary.json
+    summary = run_report.summary(...)  # best.pth's figures on train (val transform), val and test -> summary.json
 """
 import copy
 import math
-import os
 import sys
 import time
 
 import torch
 
-import data_utils
 import distributed
 import engine
+import metrics
 import model_utils
 
 
@@ -40,10 +39,10 @@ def epoch_line(cfg, epoch, stats, row, stopper, ema, run_start, state):
             f"({stats['train_images_per_s']:.0f} img/s)")
     if "gpu_peak_mem_gib" in stats:
         line += f" peak mem {stats['gpu_peak_mem_gib']:.2f} GiB"
-    if "val_top1" in row:
-        line += (f" | val{' (EMA)' if ema is not None else ''} top1 {row['val_top1']:.4f} top5 {row['val_top5']:.4f} "
-                 f"mean-class {row['val_mean_class_acc']:.4f} loss {row['val_loss']:.4f}"
-                 + (f" (raw top1 {row['raw_val_top1']:.4f})" if "raw_val_top1" in row else "")
+    val = metrics.of_split(row, "val")
+    if val:
+        line += (f" | val{' (EMA)' if ema is not None else ''} {metrics.describe(val)}"
+                 + (f" (raw top-1 {row['raw_val_top1']:.4f})" if "raw_val_top1" in row else "")
                  + f" (best {cfg['monitor']} {stopper.best:.4f} @ {stopper.best_epoch})")
     done = epoch - state["next_epoch"] + 1
     per_epoch = (time.perf_counter() - run_start) / max(done, 1)
@@ -96,7 +95,7 @@ def time_step(probe, images, amp_dtype, device):
     timings = []
     for _ in range(3):
         start = time.perf_counter()
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with engine.autocast(device, amp_dtype):
             probe(images).float().sum().backward()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -108,8 +107,8 @@ def estimate_duration(cfg, log, model, device, amp_dtype, batch, steps_per_epoch
     """Time training steps on a copy of the model with a synthetic batch (with what trains in each phase: frozen
     epochs, then everything), and print what the run will take."""
     probe = copy.deepcopy(model_utils.unwrap(model)).train()
-    memory_format = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
-    images = torch.zeros(batch, 3, cfg["img_size"], cfg["img_size"], device=device).to(memory_format=memory_format)
+    images = torch.zeros(batch, 3, cfg["img_size"], cfg["img_size"], device=device)
+    images = images.to(memory_format=model_utils.memory_format(cfg["channels_last"]))
     frozen_epochs = cfg["freeze_epochs"] or (cfg["epochs"] if cfg["trainable"] != "all" else 0)
     step_frozen = time_step(probe, images, amp_dtype, device) if frozen_epochs else 0.0
     probe.requires_grad_(True)
@@ -130,41 +129,22 @@ def estimate_duration(cfg, log, model, device, amp_dtype, batch, steps_per_epoch
             f"try --exp cpu_smoke (about 12 minutes on 2 cores)")
 
 
-def finish(cfg, run_dir, rows, stopper, ema, device, amp_dtype, classes, eval_batch, stop_reason):
-    """The train / val / test table of best.pth, in summary.json: train through the val transform and test (when
-    the split has one) evaluated now; val is the best epoch's own evaluation (the same loader and precision)."""
-    rank, world = distributed.rank(), distributed.world()
+def summary(cfg, rows, stopper, ema, stop_reason, evaluated):
+    """summary.json's content, and its table printed: the best epoch and the train / val / test figures of best.pth
+    (`evaluated`: {split: metrics} of the splits evaluated at the end; val is the best epoch's own evaluation, the
+    same loader and precision)."""
     best = {"epoch": stopper.best_epoch, "monitor": cfg["monitor"], "value": stopper.best}
-    evaluated = [r for r in rows if r.get("epoch") == stopper.best_epoch and "val_top1" in r]
-    table = {}
-    if evaluated:
-        row = evaluated[-1]
-        best.update({k: row[k] for k in ("val_top1", "val_mean_class_acc", "val_loss")})
-        table["val"] = {"top1": row["val_top1"], "mean_class_acc": row["val_mean_class_acc"],
-                        "loss": row["val_loss"], "images": row["val_images"]}
-    else:
-        best.update({"val_top1": -1.0, "val_mean_class_acc": None, "val_loss": None})
-    best_file = os.path.join(run_dir, "best.pth")
-    if os.path.isfile(best_file):
-        weights = model_utils.load_trained(best_file, len(classes), cfg["arch"])
-        weights = weights.to(device, memory_format=torch.channels_last if cfg["channels_last"]
-                             else torch.contiguous_format)
-        for split in ("train", "test"):
-            if split == "test" and not os.path.isfile(os.path.join(cfg["data_root"], "test.txt")):
-                continue
-            loader = data_utils.build_loader(cfg["data_root"], split, cfg["img_size"], eval_batch, device,
-                                             dtype=amp_dtype or torch.float32, loader=cfg["loader"],
-                                             workers=cfg["workers"], seed=cfg["seed"], rank=rank, world=world,
-                                             train=False, channels_last=cfg["channels_last"])
-            m = engine.evaluate(weights, loader, len(classes), amp_dtype, prefix=split)
-            table[split] = {"top1": m[f"{split}_top1"], "mean_class_acc": m[f"{split}_mean_class_acc"],
-                            "loss": m[f"{split}_loss"], "images": m[f"{split}_images"]}
+    best_rows = [r for r in rows if r.get("epoch") == stopper.best_epoch and metrics.of_split(r, "val")]
+    table = {split: {name: m[name] for name in (*metrics.METRICS, "images")} for split, m in evaluated.items()}
+    val = metrics.of_split(best_rows[-1], "val") if best_rows else {}
+    best.update({f"val_{name}": val.get(name, -1.0 if name == "top1" else None) for name in metrics.METRICS})
+    if val:
+        table["val"] = val
     table = {split: table[split] for split in ("train", "val", "test") if split in table}
-    summary = {"best": best, "splits": table, "epochs_run": rows[-1]["epoch"] if rows else 0,
-               "early_stop": stop_reason, "wall_time_s": rows[-1]["wall_time_s"] if rows else 0.0,
-               "ema": ema}
-    if rank == 0:
-        print("| split | top-1 | mean per-class | images |\n|---|---|---|---|")
+    if distributed.is_main():
+        names = [metrics.METRICS[name][0] for name in metrics.SUMMARY]
+        print(f"| split | {' | '.join(names)} | images |\n|---|{'---|' * len(names)}---|")
         for split, m in table.items():
-            print(f"| {split} | {m['top1']:.4f} | {m['mean_class_acc']:.4f} | {m['images']} |")
-    return summary
+            print(f"| {split} | {' | '.join(f'{m[name]:.4f}' for name in metrics.SUMMARY)} | {m['images']} |")
+    return {"best": best, "splits": table, "epochs_run": rows[-1]["epoch"] if rows else 0,
+            "early_stop": stop_reason, "wall_time_s": rows[-1]["wall_time_s"] if rows else 0.0, "ema": ema}

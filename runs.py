@@ -135,6 +135,14 @@ class Run:
         return self.cfg["img_size"]
 
 
+def add_weight_flags(parser):
+    """--arch, --img_size and --classes: what bare released weights (a state dict with no run folder) need, for
+    the scripts that read a run back (evaluate, predict, export)."""
+    parser.add_argument("--arch", default=None, choices=model_utils.ARCHS, help="bare weights: the architecture")
+    parser.add_argument("--img_size", type=int, default=None, help="bare weights: the training image size")
+    parser.add_argument("--classes", default=None, help="bare weights: class names, one per line (label order)")
+
+
 def open_run(path, arch=None, img_size=None, classes=None, data_root=None):
     """A Run from a run folder, a .pth in one, or bare released weights (then arch, img_size and a class file are
     needed, and the missing ones are named). The class names come from the run folder itself, so a copied run
@@ -166,6 +174,7 @@ def open_run(path, arch=None, img_size=None, classes=None, data_root=None):
         if recorded and splits.file_digest(os.path.join(root, "classes.txt")) != recorded:
             raise presets.ConfigError(f"{root}/classes.txt is not the class list {run_dir} was trained with; pass "
                                       f"the right one with --classes FILE")
+    cfg = {**presets.DEFAULTS, **cfg}  # a run from an older kit: settings added since take their defaults
     train_list = os.path.join(run_dir, "train_list.txt")
     train_files = splits.read_split_lines(train_list)[0] if os.path.isfile(train_list) else None
     return Run(path, run_dir, cfg, names, split, train_files)

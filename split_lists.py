@@ -13,7 +13,7 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 
 import errors
-from splits import IMAGE_EXTENSIONS, IMAGES_DIR, DataError, open_image
+from splits import IMAGE_EXTENSIONS, IMAGES_DIR, DataError, open_image, read_split_meta
 
 EXCLUDED_CLASSES = ("BACKGROUND_Google",)  # clutter, not a class (torchvision drops it too)
 # Formats that both DALI's decoder and PIL read; anything else is excluded at preparation time.
@@ -145,11 +145,10 @@ def write_lines(path, lines):
 
 
 def existing_split(data_root):
-    """The split.json of a prepared root, or None."""
+    """The split.json of a prepared root, or None (none yet, or unreadable: then this preparation writes a new one)."""
     try:
-        with open(os.path.join(data_root, "split.json")) as f:
-            return json.load(f)
-    except (OSError, ValueError):
+        return read_split_meta(data_root) or None
+    except DataError:
         return None
 
 

@@ -10,6 +10,7 @@ same order, crops and flips, a resumed run only needs (epoch, batches done), and
 every loader. RandomResizedCrop follows torchvision's rules (area uniform in [scale_min, 1], aspect ratio
 log-uniform in [3/4, 4/3], 10 attempts, then a central fallback).
 """
+import abc
 import hashlib
 import json
 import os
@@ -264,11 +265,11 @@ def val_transform(img_size):
 def to_model_input(images, labels, device, dtype, channels_last=True):
     """A batch (NHWC or NCHW, host or device) -> NCHW-shaped on `device` in `dtype`, in channels_last memory (or
     contiguous NCHW); labels int64 on the same device."""
-    import torch
+    import model_utils  # torch and torchvision: not loaded by the data preparation, which uses the rest of splits
 
     if images.shape[-1] == 3 and images.shape[1] != 3:  # NHWC: the permute is free and is channels_last memory
         images = images.permute(0, 3, 1, 2)
-    layout = torch.channels_last if channels_last else torch.contiguous_format
+    layout = model_utils.memory_format(channels_last)
     images = images.to(device, non_blocking=True).to(dtype=dtype, memory_format=layout)
     labels = labels.reshape(-1).to(device, non_blocking=True).long()
     return images, labels
@@ -326,9 +327,20 @@ def next_position(epoch, batches_done, steps):
     return (epoch + 1, 0) if batches_done + 1 >= steps else (epoch, batches_done + 1)
 
 
-class PlanPosition:
-    """A loader's position in its plan's stream, shared by the three loaders: (epoch, batches done), which names the
-    next batch it will give; len() is the plan's steps per epoch."""
+class PlanPosition(abc.ABC):
+    """What a loader is: an iterable of (images, labels) batches that follows one SamplePlan, and its position in
+    the plan's stream, (epoch, batches done), which names the next batch it will give; len() is the plan's steps
+    per epoch. A loader subclasses this, sets `plan`, `epoch` and `batches_done`, and implements __iter__; its
+    constructor takes (image_root, files, labels, plan, img_size, device, dtype, workers, channels_last,
+    hw_decoder_load) as data_utils.loader_over passes them. For the same plan every loader gives the same images
+    (tests/test_loaders_agree.py)."""
+    plan: "SamplePlan"
+    epoch: int
+    batches_done: int
+
+    @abc.abstractmethod
+    def __iter__(self):
+        """The remaining batches of the current epoch, from the position on, advancing the position per batch."""
 
     def state_dict(self):
         return {"epoch": self.epoch, "batches_done": self.batches_done}

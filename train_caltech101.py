@@ -124,8 +124,14 @@ def finished_run(cfg, ckpt, resume_path, device, amp_dtype, eval_batch):
 def finish_run(cfg, run_dir, rows, stopper, device, amp_dtype, classes, eval_batch):
     """The end-of-run files: curves.png, then the train / val / test table of best.pth in summary.json (the marker
     that the run's files are complete)."""
-    summary = run_report.finish(cfg, run_dir, rows, stopper, cfg["ema_decay"] > 0, device, amp_dtype, classes,
-                                eval_batch, stopper.reason)
+    evaluated = {}
+    if os.path.isfile(os.path.join(run_dir, "best.pth")):
+        for split in ("train", "test"):  # train through the val transform; test when the split has one
+            if split == "train" or os.path.isfile(os.path.join(cfg["data_root"], "test.txt")):
+                evaluated[split] = engine.evaluate_weights(
+                    os.path.join(run_dir, "best.pth"), cfg, split, len(classes), device, amp_dtype, eval_batch,
+                    rank=distributed.rank(), world=distributed.world())[2]
+    summary = run_report.summary(cfg, rows, stopper, cfg["ema_decay"] > 0, stopper.reason, evaluated)
     if distributed.is_main():
         curves = plots.plot_curves(run_dir)
         checkpoint.write_text_atomic(json.dumps(summary, indent=1) + "\n", os.path.join(run_dir, "summary.json"))
@@ -139,50 +145,30 @@ def launch_free(cfg):
     return {k: v for k, v in cfg.items() if k not in presets.LAUNCH_KEYS}
 
 
-def train(cfg, device, amp_dtype, use_scaler, batch, eval_batch, resume_path, ckpt, notes):
-    rank, world = distributed.rank(), distributed.world()
-    main_rank = rank == 0
-    log = print if main_rank else (lambda *a, **k: None)
-    engine.seed_everything(cfg["seed"])
+def set_determinism(cfg, device):
     if cfg["deterministic"]:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
         torch.use_deterministic_algorithms(True)
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # autotuned kernels: fastest, not bit-reproducible
 
-    # Everything that can fail at start-up is checked before the run folder is created or touched.
-    split_id = splits.split_identity(cfg["data_root"])
-    if ckpt is not None and ckpt.get("split") != split_id:
-        raise presets.ConfigError(f"--resume {resume_path}: the split lists in {cfg['data_root']} are not the ones "
-                                  f"this run was trained on (re-split since?); resume needs the same split")
-    drop_last = cfg["drop_last"] or cfg["compile"]  # static shapes for torch.compile
-    train_loader, val_loader, classes = data_utils.build_loaders(
-        cfg["data_root"], cfg["img_size"], batch, device, dtype=amp_dtype or torch.float32, loader=cfg["loader"],
-        workers=cfg["workers"], seed=cfg["seed"], eval_batch_size=eval_batch, rank=rank, world=world,
-        drop_last=drop_last, crop_scale_min=cfg["crop_scale_min"], cache=cfg["cache"],
-        channels_last=cfg["channels_last"], hw_decoder_load=cfg["hw_decoder_load"])
-    num_classes = len(classes)
-    model, optimizer, frozen_stages = engine.build_model(cfg, num_classes, device, quiet=not main_rank)
-    frozen_phase = cfg["freeze_epochs"] > 0
-    steps_per_epoch = len(train_loader)
-    scheduler, total_steps, warmup_steps = engine.build_schedule(optimizer, cfg, steps_per_epoch, frozen_stages)
-    parts = checkpoint.Parts(
+
+def build_parts(cfg, model, optimizer, scheduler, train_loader, num_classes, device, use_scaler, rank):
+    """checkpoint.Parts: the model and everything else stateful that last.pth saves."""
+    return checkpoint.Parts(
         model, optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=use_scaler),
         augment.MixupCutmix(num_classes, cfg["mixup_alpha"], cfg["cutmix_alpha"], cfg["mix_switch_prob"],
                             cfg["label_smoothing"], seed=[cfg["seed"], rank]), train_loader,
         engine.ModelEma(model, cfg["ema_decay"], cfg["ema_every"], cfg["ema_warmup"]) if cfg["ema_decay"] else None,
         engine.EarlyStopping(cfg["monitor"], cfg["early_stop_patience"], cfg["min_delta"]))
-    ema, stopper = parts.ema, parts.stopper
-    state = {"next_epoch": 1, "next_step": 0, "rows": [], "wall_time_s": 0.0, "tally": None}
-    if ckpt is not None:
-        state, restore_notes = checkpoint.restore(ckpt, resume_path, parts, rank, world)
-        notes += restore_notes
 
+
+def prepare_run_dir(cfg, resume_path, split_id, classes, world, main_rank):
+    """The run's folder (the resumed one, or a new one claimed by rank 0) with config.json, classes.txt and the
+    training list written in it."""
     run_dir = os.path.dirname(os.path.abspath(resume_path)) if resume_path else \
         distributed.broadcast_object(runs.new_run_dir(cfg["out_dir"], cfg["name"] or cfg["exp"])
                                      if main_rank else None)
-    last_path, best_path = os.path.join(run_dir, "last.pth"), os.path.join(run_dir, "best.pth")
-    best_loss_path = os.path.join(run_dir, "best_loss.pth")
     if main_rank:
         try:
             checkpoint.write_text_atomic(json.dumps(dict(launch_free(cfg), split=split_id, world_size=world),
@@ -192,6 +178,63 @@ def train(cfg, device, amp_dtype, use_scaler, batch, eval_batch, resume_path, ck
         checkpoint.write_text_atomic("\n".join(classes) + "\n", os.path.join(run_dir, "classes.txt"))
         runs.copy_into_run(os.path.join(cfg["data_root"], "train.txt"), run_dir, "train_list.txt")
     distributed.barrier()
+    return run_dir
+
+
+def phase(cfg, epoch):
+    """What trains in an epoch: `trainable`, or everything after freeze_epochs (gradual unfreezing)."""
+    return "all" if cfg["freeze_epochs"] > 0 and epoch > cfg["freeze_epochs"] else cfg["trainable"]
+
+
+def epoch_start(state, epoch, device):
+    """(tally, first step) of an epoch: a fresh tally from step 0, or the saved one when resuming inside it."""
+    tally = engine.EpochTally(device)
+    if epoch != state["next_epoch"] or not state["next_step"]:
+        return tally, 0
+    if state["tally"] is not None:
+        tally.load_state_dict(state["tally"])
+    return tally, state["next_step"]
+
+
+def record_epoch(row, rows, writer, run_dir):
+    """Rank 0: the epoch's row into TensorBoard (train_loss -> train/loss, lr_head_decay -> lr/head_decay, ...)
+    and metrics.csv."""
+    rows.append(row)
+    if writer is None:
+        return
+    for key, value in row.items():
+        if key != "epoch" and isinstance(value, (int, float)):
+            writer.add_scalar(key.replace("_", "/", 1), value, row["epoch"])
+    writer.flush()
+    checkpoint.write_metrics(rows, os.path.join(run_dir, "metrics.csv"))
+
+
+def train(cfg, device, amp_dtype, use_scaler, batch, eval_batch, resume_path, ckpt, notes):
+    rank, world = distributed.rank(), distributed.world()
+    main_rank = rank == 0
+    log = print if main_rank else (lambda *a, **k: None)
+    engine.seed_everything(cfg["seed"])
+    set_determinism(cfg, device)
+
+    # Everything that can fail at start-up is checked before the run folder is created or touched.
+    split_id = splits.split_identity(cfg["data_root"])
+    if ckpt is not None and ckpt.get("split") != split_id:
+        raise presets.ConfigError(f"--resume {resume_path}: the split lists in {cfg['data_root']} are not the ones "
+                                  f"this run was trained on (re-split since?); resume needs the same split")
+    classes = splits.read_classes(cfg["data_root"])
+    train_loader, val_loader = (data_utils.loader_from_settings(cfg, split, size, device, amp_dtype or torch.float32,
+                                                                rank, world) for split, size in
+                                (("train", batch), ("val", eval_batch)))
+    num_classes, steps_per_epoch = len(classes), len(train_loader)
+    model, optimizer, frozen_stages = engine.build_model(cfg, num_classes, device, quiet=not main_rank)
+    scheduler, total_steps, warmup_steps = engine.build_schedule(optimizer, cfg, steps_per_epoch, frozen_stages)
+    parts = build_parts(cfg, model, optimizer, scheduler, train_loader, num_classes, device, use_scaler, rank)
+    ema, stopper = parts.ema, parts.stopper
+    state = {"next_epoch": 1, "next_step": 0, "rows": [], "wall_time_s": 0.0, "tally": None}
+    if ckpt is not None:
+        state, restore_notes = checkpoint.restore(ckpt, resume_path, parts, rank, world)
+        notes += restore_notes
+    run_dir = prepare_run_dir(cfg, resume_path, split_id, classes, world, main_rank)
 
     log("config: " + json.dumps(cfg))
     for note in notes:
@@ -207,89 +250,61 @@ def train(cfg, device, amp_dtype, use_scaler, batch, eval_batch, resume_path, ck
     if main_rank:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(os.path.join(run_dir, "tb"))
-    background = checkpoint.BackgroundWriter()
     rows = state["rows"]
+    last = checkpoint.LastCheckpoint(parts, cfg, split_id, num_classes, rows, run_dir, main_rank)
     run_start, last_save = time.perf_counter(), time.perf_counter()
     stop = checkpoint.GracefulStop(quiet=not main_rank)
 
     def wall_time():  # of the whole run, the time before a resume included
         return state["wall_time_s"] + time.perf_counter() - run_start
 
-    def phase(epoch):  # what trains in an epoch: `trainable`, or everything after freeze_epochs (unfreezing)
-        return "all" if frozen_phase and epoch > cfg["freeze_epochs"] else cfg["trainable"]
-
-    trainable = phase(state["next_epoch"])
+    trainable = phase(cfg, state["next_epoch"])
     model_utils.apply_freeze(model, trainable)
     step_model = engine.step_model_for(model, cfg, device, world)
     eval_model = torch.compile(model) if cfg["compile"] and world > 1 else (step_model if world == 1 else model)
-    static_eval = eval_batch if cfg["compile"] else None
-
-    def save_last(next_epoch, next_step, tally=None, wait=False, finished=False):
-        snapshot = checkpoint.training_state(parts, cfg, split_id, num_classes, rows, dict(
-            next_epoch=next_epoch, next_step=next_step, tally=tally, wall_time_s=wall_time(), finished=finished))
-        if main_rank:
-            keep = cfg["keep_checkpoints"] if next_step == 0 else 0
-            epoch_path = os.path.join(run_dir, f"epoch_{next_epoch - 1:03d}.pth")
-            background.submit(snapshot, last_path, after=(lambda: checkpoint.keep_epoch_checkpoints(
-                last_path, epoch_path, keep)) if keep else None)
-            if wait:
-                background.wait()
-
     save_every, stop_reason = cfg["save_every_steps"], None
     try:
         for epoch in range(state["next_epoch"], cfg["epochs"] + 1):
-            if phase(epoch) != trainable:  # gradual unfreezing: everything trains from here
-                trainable = phase(epoch)
+            if phase(cfg, epoch) != trainable:  # gradual unfreezing: everything trains from here
+                trainable = phase(cfg, epoch)
                 model_utils.apply_freeze(model, trainable)
                 step_model = engine.step_model_for(model, cfg, device, world)  # DDP must see the new trainable set
                 eval_model = step_model if world == 1 else eval_model
                 log(f"epoch {epoch}: unfreezing every stage (the backbone's LR warms up from here)")
-            tally = engine.EpochTally(device)
-            start_step = 0
-            if epoch == state["next_epoch"] and state["next_step"]:  # resuming inside this epoch
-                start_step = state["next_step"]
-                if state["tally"] is not None:
-                    tally.load_state_dict(state["tally"])
-            on_step = (lambda done, e=epoch, t=tally: save_last(e, done, t)
+            tally, start_step = epoch_start(state, epoch, device)
+            on_step = (lambda done, e=epoch, t=tally: last.save(e, done, wall_time(), t)
                        if done % save_every == 0 and done < steps_per_epoch else None) if save_every else None
             stats = engine.train_one_epoch(step_model, train_loader, optimizer, scheduler, parts.scaler, parts.mixer,
                                            amp_dtype, cfg, epoch, start_step=start_step, stop=stop, on_step=on_step,
                                            ema=ema, trainable=trainable, tally=tally)
             if not stats["completed"]:  # stopped by a signal mid-epoch: keep exactly where we are
-                save_last(epoch, stats["steps_done"], tally, wait=True)
-                return checkpoint.stopped(stop.signum or signal.SIGTERM, cfg, epoch, stats["steps_done"], last_path,
+                last.save(epoch, stats["steps_done"], wall_time(), tally, wait=True)
+                return checkpoint.stopped(stop.signum or signal.SIGTERM, cfg, epoch, stats["steps_done"], last.path,
                                           main_rank)
             row = {"epoch": epoch, **{k: v for k, v in stats.items() if k not in ("steps_done", "completed")},
                    **{f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}}
             if epoch % cfg["eval_every"] == 0 or epoch == cfg["epochs"]:
                 stop_reason = evaluate_epoch(cfg, epoch, row, model, eval_model, ema, val_loader, num_classes,
-                                             amp_dtype, stopper, static_eval, best_path, best_loss_path, rows,
-                                             main_rank)
+                                             amp_dtype, stopper, eval_batch if cfg["compile"] else None, run_dir,
+                                             rows, main_rank)
             row["wall_time_s"] = wall_time()
-            rows.append(row)
-            if main_rank:
-                for key, value in row.items():  # train_loss -> train/loss, lr_head_decay -> lr/head_decay, ...
-                    if key != "epoch" and isinstance(value, (int, float)):
-                        writer.add_scalar(key.replace("_", "/", 1), value, epoch)
-                writer.flush()
-                checkpoint.write_metrics(rows, os.path.join(run_dir, "metrics.csv"))
+            record_epoch(row, rows, writer, run_dir)
             stopping = distributed.any_rank(stop.requested, device)  # the ranks agree once per epoch
             finished = epoch == cfg["epochs"] or stop_reason is not None
             if finished or stopping or cfg["keep_checkpoints"] or \
                     time.perf_counter() - last_save >= cfg["save_interval_s"]:
-                save_last(epoch + 1, 0, wait=finished or stopping, finished=finished)
+                last.save(epoch + 1, 0, wall_time(), wait=finished or stopping, finished=finished)
                 last_save = time.perf_counter()
             log(run_report.epoch_line(cfg, epoch, stats, row, stopper, ema, run_start, state), flush=True)
             if stop_reason is not None:
                 log(f"early stop after epoch {epoch}: {stop_reason}")
                 break
             if stopping and not finished:
-                return checkpoint.stopped(stop.signum or signal.SIGTERM, cfg, epoch + 1, 0, last_path, main_rank)
+                return checkpoint.stopped(stop.signum or signal.SIGTERM, cfg, epoch + 1, 0, last.path, main_rank)
         if writer is not None:
             writer.close()
             writer = None
-        if main_rank:
-            background.wait()
+        last.wait()
         # last.pth says the run is finished: a signal now lets this work complete first, and a kill leaves a run
         # whose --resume writes the missing files (finished_run).
         signalled_before = stop.requested
@@ -302,14 +317,13 @@ def train(cfg, device, amp_dtype, use_scaler, batch, eval_batch, resume_path, ck
         stop.restore()
         if writer is not None:
             writer.close()
-        if main_rank:
-            background.wait()
+        last.wait()
     return {"best_top1": summary["best"]["val_top1"], "best_epoch": stopper.best_epoch, "rows": rows,
             "out_dir": run_dir, "exit_code": 0, "summary": summary}
 
 
 def evaluate_epoch(cfg, epoch, row, model, eval_model, ema, val_loader, num_classes, amp_dtype, stopper,
-                   static_eval, best_path, best_loss_path, rows, main_rank):
+                   static_eval, run_dir, rows, main_rank):
     """Evaluate (the EMA model when there is one, the raw model's top-1 beside it), keep best.pth by the monitor and
     best_loss.pth by val loss; returns the early-stopping reason, or None."""
     distributed.broadcast_buffers(model)  # rank 0's BatchNorm statistics: what the checkpoints hold
@@ -325,9 +339,9 @@ def evaluate_epoch(cfg, epoch, row, model, eval_model, ema, val_loader, num_clas
     is_best, should_stop = stopper.step(metrics[cfg["monitor"]], epoch)
     if main_rank:
         if is_best:
-            checkpoint.save_atomic(model_utils.export_state_dict(judged), best_path)
+            checkpoint.save_atomic(model_utils.export_state_dict(judged), os.path.join(run_dir, "best.pth"))
         if math.isfinite(metrics["val_loss"]) and metrics["val_loss"] < best_loss_so_far:
-            checkpoint.save_atomic(model_utils.export_state_dict(judged), best_loss_path)
+            checkpoint.save_atomic(model_utils.export_state_dict(judged), os.path.join(run_dir, "best_loss.pth"))
     row["best_epoch"] = stopper.best_epoch
     return stopper.reason if should_stop else None
 

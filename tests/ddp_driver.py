@@ -22,14 +22,14 @@ if os.environ.get("KIT_TEST_BN_EVAL") == "1":
     model_utils.set_train_mode = eval_bn
 
 if os.environ.get("KIT_TEST_SLOW_END"):
-    real_finish = run_report.finish
+    real_finish = run_report.summary
 
     def slow_finish(*args, **kwargs):
         print("end-of-run work", flush=True)
         time.sleep(float(os.environ["KIT_TEST_SLOW_END"]))
         return real_finish(*args, **kwargs)
 
-    run_report.finish = slow_finish
+    run_report.summary = slow_finish
 
 if os.environ.get("KIT_TEST_NAN_AT") and os.environ.get("RANK") == "0":
     real_step, calls = engine.train_step, []

@@ -7,8 +7,10 @@ import torch
 import augment
 import data_utils
 import engine
+import metrics
 import model_utils
 import presets
+import splits
 from conftest import FixedBatches
 
 CPU = torch.device("cpu")
@@ -28,7 +30,7 @@ def test_split_metrics_known_answer():
     logits = torch.zeros(7, 6)
     for i, order in enumerate(orders):
         logits[i, order] = torch.arange(6, 0, -1, dtype=torch.float32)
-    m = engine.split_metrics(logits, labels, 6)
+    m = metrics.split_metrics(logits, labels, 6)
     assert m["top1"] == pytest.approx(4 / 7)
     assert m["top5"] == pytest.approx(6 / 7)
     # support 2,1,1,2,0,1; correct 1,1,0,1,0,1 -> recall 1/2, 1, 0, 1/2, -, 1 (class 4 has no images: left out)
@@ -56,6 +58,37 @@ def test_schedule_warms_up_then_decays():
     assert late(75) == pytest.approx(0.1 + 0.9 * 0.5) and late(100) == pytest.approx(0.1)
     linear = engine.lr_lambda(20, 0, "linear", 0.0)
     assert linear(10) == pytest.approx(0.5)
+    constant = engine.lr_lambda(20, 0, "constant", 0.3)
+    assert constant(0) == constant(19) == pytest.approx(1.0)
+    with pytest.raises(presets.ConfigError, match="unknown schedule 'cosin': choose one of cosine, linear"):
+        engine.lr_lambda(20, 0, "cosin", 0.0)  # never a silent constant LR
+
+
+def test_every_registered_name_has_its_implementation():
+    # A name a user can choose is one the code implements, and every implementation can be chosen: adding a
+    # schedule or a loader without its registration line (or the other way round) fails here.
+    assert tuple(engine.SCHEDULES) == presets.CHOICES["schedule"]
+    assert tuple(data_utils.LOADERS) == presets.CHOICES["loader"]
+    assert all(issubclass(cls, splits.PlanPosition) for cls in data_utils.LOADERS.values())
+    assert presets.CHOICES["monitor"] == tuple(f"val_{name}" for name in metrics.METRICS)
+    assert presets.CHOICES["arch"] == model_utils.ARCHS and presets.CHOICES["trainable"] == tuple(model_utils.TRAINABLE)
+    # split_metrics computes every metric the list names, and each is monitorable in its direction
+    m = metrics.split_metrics(torch.tensor([[2.0, 1.0], [0.0, 3.0]]), torch.tensor([0, 0]), 2)
+    assert set(metrics.METRICS) <= set(m) and m["top1"] == 0.5
+    stopper = engine.EarlyStopping("val_loss")
+    assert stopper.step(1.0, 1)[0] and stopper.step(0.5, 2)[0] and not stopper.step(0.7, 3)[0]
+    stopper = engine.EarlyStopping("val_top5")
+    assert stopper.step(0.5, 1)[0] and not stopper.step(0.4, 2)[0] and stopper.step(0.6, 3)[0]
+
+
+def test_metrics_rows_and_lines_round_trip():
+    m = {"top1": 0.5, "top5": 0.75, "mean_class_acc": 0.25, "loss": 1.5, "images": 4, "support": [2, 2]}
+    row = metrics.prefixed(m, "val")
+    assert row == {"val_top1": 0.5, "val_top5": 0.75, "val_mean_class_acc": 0.25, "val_loss": 1.5, "val_images": 4}
+    assert metrics.of_split({"epoch": 1, **row}, "val") == {"top1": 0.5, "top5": 0.75, "mean_class_acc": 0.25,
+                                                             "loss": 1.5, "images": 4}
+    assert metrics.of_split({"epoch": 1, "train_loss": 2.0}, "val") == {}
+    assert metrics.describe(m) == "top-1 0.5000  top-5 0.7500  mean per-class 0.2500  loss 1.5000"
 
 
 class FakeCuda:
