@@ -24,6 +24,7 @@ import torch
 
 import distributed
 import errors
+import fileio
 import model_utils
 import presets
 from errors import TrainingError
@@ -32,17 +33,10 @@ from errors import TrainingError
 # writing
 
 def save_atomic(obj, path):
-    """torch.save via a temporary file in the same folder, flushed and fsynced, then renamed into place.
-
-    A failure or interruption at any point leaves the previous file byte-identical and no partial file behind.
-    """
-    tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
+    """torch.save written whole or not at all (fileio.replacing); a full disk is a one-line TrainingError."""
     try:
-        with open(tmp, "wb") as f:
+        with fileio.replacing(path) as f:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     except OSError as e:
         reason = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
         raise TrainingError(f"cannot write {path}: {reason}; the previous checkpoint is intact (free space, then "
@@ -51,23 +45,6 @@ def save_atomic(obj, path):
         if isinstance(e.__context__, KeyboardInterrupt):  # torch's zip writer reports a Ctrl-C mid-write so
             raise KeyboardInterrupt from None
         raise
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_text_atomic(text, path):
-    """A text (str) or binary (bytes) file written whole: temporary file, fsync, rename."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb" if isinstance(text, bytes) else "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def cpu_copy(obj):
@@ -129,7 +106,7 @@ def write_metrics(rows, path):
     writer = csv.DictWriter(out, fieldnames=list(rows[-1].keys()))
     writer.writeheader()
     writer.writerows(rows)
-    write_text_atomic(out.getvalue(), path)
+    fileio.write_atomic(out.getvalue(), path)
 
 
 # ---------------------------------------------------------------------------------------------

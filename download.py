@@ -29,7 +29,7 @@ import urllib.request
 import zipfile
 
 import errors
-from split_lists import (  # noqa: F401 - re-exported: download.py is the data preparation's entry point
+from split_writer import (  # noqa: F401 - re-exported: download.py is the data preparation's entry point
     PrepareError,
     check_resplit,
     existing_split,

@@ -6,7 +6,7 @@ import io
 import math
 import os
 
-import checkpoint
+import fileio
 import metrics
 import runs
 import splits
@@ -102,7 +102,7 @@ def plot_curves(run_dir, path=None):
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
-    checkpoint.write_text_atomic(png.getvalue(), path)  # whole or not at all: a kill mid-write leaves no half picture
+    fileio.write_atomic(png.getvalue(), path)  # whole or not at all: a kill mid-write leaves no half picture
     return path
 
 

@@ -28,6 +28,7 @@ import data_utils
 import distributed
 import engine
 import errors
+import fileio
 import model_utils
 import plots
 import presets
@@ -134,7 +135,7 @@ def finish_run(cfg, run_dir, rows, stopper, device, amp_dtype, classes, eval_bat
     summary = run_report.summary(cfg, rows, stopper, cfg["ema_decay"] > 0, stopper.reason, evaluated)
     if distributed.is_main():
         curves = plots.plot_curves(run_dir)
-        checkpoint.write_text_atomic(json.dumps(summary, indent=1) + "\n", os.path.join(run_dir, "summary.json"))
+        fileio.write_atomic(json.dumps(summary, indent=1) + "\n", os.path.join(run_dir, "summary.json"))
         print(f"done: best {cfg['monitor']} {stopper.best:.4f} at epoch {stopper.best_epoch}; weights "
               f"{os.path.join(run_dir, 'best.pth')}; curves {curves}")
     return summary
@@ -171,11 +172,11 @@ def prepare_run_dir(cfg, resume_path, split_id, classes, world, main_rank):
                                      if main_rank else None)
     if main_rank:
         try:
-            checkpoint.write_text_atomic(json.dumps(dict(launch_free(cfg), split=split_id, world_size=world),
+            fileio.write_atomic(json.dumps(dict(launch_free(cfg), split=split_id, world_size=world),
                                                     indent=2) + "\n", os.path.join(run_dir, "config.json"))
         except OSError as e:
             raise presets.ConfigError(f"cannot write to the output folder {run_dir}: {e.strerror}") from None
-        checkpoint.write_text_atomic("\n".join(classes) + "\n", os.path.join(run_dir, "classes.txt"))
+        fileio.write_atomic("\n".join(classes) + "\n", os.path.join(run_dir, "classes.txt"))
         runs.copy_into_run(os.path.join(cfg["data_root"], "train.txt"), run_dir, "train_list.txt")
     distributed.barrier()
     return run_dir

@@ -21,10 +21,11 @@ import augment
 import checkpoint
 import engine
 import evaluate
+import fileio
 import model_utils
 import predict
 import runs
-import split_lists
+import split_writer
 import splits
 import train_caltech101 as train
 from conftest import ROOT, FixedBatches, make_image, one_line_error, run_cli, tiny_argv, tiny_cfg
@@ -178,7 +179,7 @@ def test_over_limit_images_are_refused_from_the_header(hostile_files, no_decode)
         assert "\n" not in message and path in message and "pixel limit" in message and "89,478,485" in message
         with pytest.raises(splits.DataError, match="pixel limit"):
             splits.image_sizes(os.path.dirname(path), [name])
-        assert "pixel limit" in split_lists.check_image(path)
+        assert "pixel limit" in split_writer.check_image(path)
 
 
 def test_the_limit_is_pils_own(tmp_path, monkeypatch):
@@ -312,3 +313,15 @@ def test_epoch_checkpoints_are_pruned_by_number_not_by_name(tmp_path):
     last.unlink()
     last.write_bytes(b"epoch 1001")  # as save_atomic does: a new file, never the old one rewritten
     assert (tmp_path / "epoch_1000.pth").read_bytes() == b"epoch 1000"
+
+
+def test_a_write_interrupted_midway_leaves_the_previous_file(tmp_path):
+    path = str(tmp_path / "summary.json")
+    fileio.write_atomic("old\n", path)
+    with pytest.raises(KeyboardInterrupt):
+        with fileio.replacing(path, "w") as f:
+            f.write("half of the new")
+            raise KeyboardInterrupt  # a Ctrl-C mid-write
+    assert open(path).read() == "old\n" and os.listdir(tmp_path) == ["summary.json"]  # no temporary file left
+    fileio.write_atomic(b"\x00new", path)
+    assert open(path, "rb").read() == b"\x00new" and os.listdir(tmp_path) == ["summary.json"]

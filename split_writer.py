@@ -3,8 +3,8 @@ classes.txt, train.txt, val.txt[, test.txt], bad_files.txt and split.json atomic
 that runs may have been trained on. download.py calls it for Caltech-101; `download.py --folder` for your own
 ImageFolder-style trees.
 
-    meta = split_lists.make_split("data/Caltech101", train_per_class=30, test_per_class=0, seed=0)
-    meta = split_lists.prepare_folder("data/pets", train_fraction=0.8)       # train/ val/ subfolders, or class folders
+    meta = split_writer.make_split("data/Caltech101", train_per_class=30, test_per_class=0, seed=0)
+    meta = split_writer.prepare_folder("data/pets", train_fraction=0.8)       # train/ val/ subfolders, or class folders
 """
 import json
 import os
@@ -13,6 +13,7 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 
 import errors
+import fileio
 from splits import IMAGE_EXTENSIONS, IMAGES_DIR, DataError, open_image, read_split_meta
 
 EXCLUDED_CLASSES = ("BACKGROUND_Google",)  # clutter, not a class (torchvision drops it too)
@@ -135,13 +136,8 @@ def split_params(train_per_class, test_per_class, seed, min_val_per_class=1, sma
 
 
 def write_lines(path, lines):
-    """Atomic text write: a reader never sees a half-written list."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write("".join(line + "\n" for line in lines))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """A list file written whole: a reader never sees a half-written list."""
+    fileio.write_atomic("".join(line + "\n" for line in lines), path)
 
 
 def existing_split(data_root):
