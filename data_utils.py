@@ -18,6 +18,7 @@ import torch
 
 import cache_loader
 import dali_loader
+import presets
 import splits
 
 
@@ -148,7 +149,9 @@ def loader_from_settings(cfg, split, batch_size, device, dtype, rank=0, world=1,
     """build_loader with a run's data settings: the one place each setting of the data path is passed on (a new
     one is added here and in presets.SETTINGS). cache=None: the run's --cache; evaluations of a finished run pass
     False (one pass over a split gains nothing from caching it)."""
-    return build_loader(cfg["data_root"], split, cfg["img_size"], batch_size, device, dtype=dtype,
+    train = split == "train" if train is None else train
+    img_size = cfg["img_size"] if train else presets.eval_size(cfg)
+    return build_loader(cfg["data_root"], split, img_size, batch_size, device, dtype=dtype,
                         loader=cfg["loader"], workers=cfg["workers"], seed=cfg["seed"], rank=rank, world=world,
                         drop_last=cfg["drop_last"] or cfg["compile"],  # static shapes for torch.compile
                         crop_scale_min=cfg["crop_scale_min"], cache=cfg["cache"] if cache is None else cache,

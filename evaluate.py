@@ -37,8 +37,8 @@ def write_per_class(m, classes, path):
         writer.writerows(rows)
 
 
-COMPARED = ("arch", "img_size", "pretrained", "weights", "trainable", "freeze_epochs", "lr_backbone", "lr_fc",
-            "layer_decay", "stage_lrs", "weight_decay", "epochs", "batch_size", "mixup_alpha", "cutmix_alpha",
+COMPARED = ("arch", "img_size", "eval_img_size", "pretrained", "weights", "trainable", "freeze_epochs", "lr_backbone",
+            "lr_fc", "layer_decay", "stage_lrs", "weight_decay", "epochs", "batch_size", "mixup_alpha", "cutmix_alpha",
             "ema_decay", "label_smoothing", "data_root")
 
 
@@ -67,6 +67,7 @@ def run_row(run_dir):
     return {"run": run_dir, "cfg": cfg, "best_epoch": best_epoch, "figures": figures,
             "epochs": f"{int(rows[-1]['epoch'])}/{cfg.get('epochs')}" if rows else "0",
             "wall": (rows[-1].get("wall_time_s") or 0.0) if rows else 0.0,
+            "to_best": next((r.get("wall_time_s") for r in rows if r["epoch"] == best_epoch), None),
             "stopped": (summary or {}).get("early_stop")}
 
 
@@ -90,14 +91,15 @@ def compare_runs(run_dirs):
 
     columns = [(split, name) for name in metrics.SUMMARY for split in ("train", "val", "test")]
     head = ["run", "preset", *differing, "best epoch", "epochs run",
-            *[f"{split} {metrics.METRICS[name][0]}" for split, name in columns], "wall time"]
+            *[f"{split} {metrics.METRICS[name][0]}" for split, name in columns], "wall time", "time to best"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in runs:
         f = r["figures"]
         cells = [os.path.normpath(r["run"]), str(r["cfg"].get("exp")),
                  *[str(r["cfg"].get(k)) for k in differing], str(int(r["best_epoch"])) if r["best_epoch"] else "-",
                  r["epochs"] + (" (early stop)" if r["stopped"] else ""),
-                 *[fmt(f[split], name) for split, name in columns], f"{r['wall'] / 60:.1f} min"]
+                 *[fmt(f[split], name) for split, name in columns], f"{r['wall'] / 60:.1f} min",
+                 f"{r['to_best'] / 60:.1f} min" if r["to_best"] is not None else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -114,7 +116,8 @@ def get_args_parser():
     p.add_argument("--batch_size", type=int, default=None, help="images per step (default: the run's eval batch)")
     p.add_argument("--workers", type=int, default=None, help="loader threads (default: the run's)")
     p.add_argument("--out_dir", default=None, help="where reports go (default: <run>/eval_<split>[_flip])")
-    runs.add_weight_flags(p)
+    runs.add_weight_flags(p, img_size_help="bare weights: the training image size; a run: evaluate at this "
+                                           "resolution instead of its own (eval_img_size, else img_size)")
     p.add_argument("--allow_other_split", action="store_true",
                    help="evaluate although the data root's split lists are not the ones the run was trained on "
                         "(figures not comparable; never on images it trained on)")
@@ -146,7 +149,7 @@ def check_split(run, data_root, split, allow_other):
 
 
 def evaluate_checkpoint(args):
-    run = runs.open_run(args.checkpoint, args.arch, args.img_size, args.classes, args.data_root)
+    run = runs.open_run(args.checkpoint, args.arch, args.img_size, args.classes, args.data_root, any_size=True)
     cfg = dict(run.cfg)
     for key in ("data_root", "loader", "device", "workers"):
         if getattr(args, key) is not None:
@@ -159,15 +162,15 @@ def evaluate_checkpoint(args):
     classes = run.classes
     logits, labels, m = engine.evaluate_weights(run.path, cfg, args.split, len(classes), device, amp_dtype,
                                                 args.batch_size or cfg["eval_batch_size"], tta=args.tta)
-    out_dir = args.out_dir or os.path.join(run.run_dir, f"eval_{args.split}" + ("_flip" if args.tta == "flip"
-                                                                                 else ""))
+    suffix = ("_flip" if args.tta == "flip" else "") + (f"_{run.img_size}px" if args.img_size else "")
+    out_dir = args.out_dir or os.path.join(run.run_dir, f"eval_{args.split}{suffix}")
     os.makedirs(out_dir, exist_ok=True)
     write_per_class(m, classes, os.path.join(out_dir, "per_class.csv"))
     plots.plot_confusion(m["confusion"], classes, os.path.join(out_dir, "confusion.png"))
     wrong = plots.plot_wrong(logits, m["pred"], labels, files, splits.image_root(cfg["data_root"]), classes,
                              os.path.join(out_dir, "wrong.png"))
     report = {"checkpoint": os.path.abspath(run.path), "split": args.split, "tta": args.tta, "arch": cfg["arch"],
-              "img_size": cfg["img_size"], "amp": str(amp_dtype),
+              "img_size": cfg["img_size"], "eval_img_size": run.img_size, "amp": str(amp_dtype),
               **{k: m[k] for k in (*metrics.METRICS, "images")},
               "per_class": {c: {"support": m["support"][i], "accuracy": m["recall"][i],
                                 "precision": m["precision"][i]} for i, c in enumerate(classes)},

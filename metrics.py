@@ -68,3 +68,25 @@ def of_split(row, prefix):
 def describe(m, names=METRICS):
     """'top-1 0.9123  top-5 0.9876  mean per-class 0.9001  loss 0.3456' (names: which metrics, in that order)."""
     return "  ".join(f"{METRICS[name][0]} {m[name]:.4f}" for name in names)
+
+
+def time_to_reach(rows, monitor="val_top1"):
+    """When a run first reached each value it evaluated: [{monitor: value, "epoch", "wall_time_s"}] for every
+    evaluation that beat all earlier ones (any evaluated value v was first reached at the first record >= v).
+    Rows are metrics.csv's, whose wall time is taken after the epoch's evaluation."""
+    sign = -1 if minimized(monitor) else 1
+    records, best = [], None
+    for row in rows:
+        value = row.get(monitor)
+        if value is None or value != value:  # not evaluated, or NaN
+            continue
+        if best is None or sign * value > sign * best:
+            best = value
+            records.append({monitor: value, "epoch": row["epoch"], "wall_time_s": row["wall_time_s"]})
+    return records
+
+
+def describe_time_to_reach(records, monitor="val_top1"):
+    """'val_top1 first reached 0.4512 at 3.1 min (epoch 8), 0.6217 at 9.3 min (epoch 24), ...'."""
+    return f"{monitor} first reached " + ", ".join(
+        f"{r[monitor]:.4f} at {r['wall_time_s'] / 60:.1f} min (epoch {r['epoch']})" for r in records)

@@ -32,6 +32,8 @@ SETTINGS = {
     "data_root": ("data/Caltech101", "prepared data root (download.py writes classes.txt, train.txt, val.txt)"),
     "loader": ("dali", "dali | torch (torchvision/PIL, for machines without DALI)"),
     "img_size": (224, "train crop and val centre crop, pixels"),
+    "eval_img_size": (0, "val/test centre crop, pixels, also predict's and export's (0: img_size); the shorter "
+                         "side is resized to 256/224 of it"),
     "crop_scale_min": (0.08, "RandomResizedCrop: smallest crop, as a fraction of the image area"),
     "workers": (8, "DALI threads or DataLoader worker processes (per rank)"),
     "cache": (False, "decode every image once into uint8 on the device; crops, flips and normalisation there"),
@@ -124,8 +126,8 @@ EXPECTED = {"weights": "a path or null", "name": "a folder name or null", "resum
 # Settings a resumed run keeps from its checkpoint: a command line that asks for another value is refused, since
 # the run would become another run. Any other setting (workers, device, amp, eval cadence, data_root when the split
 # is the same, ...) may change on resume; the change is printed.
-RUN_DEFINING = ("loader", "img_size", "crop_scale_min", "cache", "drop_last", "arch", "pretrained", "weights",
-                "trainable", "freeze_epochs", "frozen_bn", "sync_bn", "epochs", "batch_size", "optimizer",
+RUN_DEFINING = ("loader", "img_size", "eval_img_size", "crop_scale_min", "cache", "drop_last", "arch", "pretrained",
+                "weights", "trainable", "freeze_epochs", "frozen_bn", "sync_bn", "epochs", "batch_size", "optimizer",
                 "lr_backbone", "lr_fc", "layer_decay", "stage_lrs", "weight_decay", "momentum", "warmup_epochs",
                 "schedule", "min_lr_ratio", "grad_clip", "label_smoothing", "mixup_alpha", "cutmix_alpha",
                 "mix_switch_prob", "ema_decay", "ema_every", "ema_warmup", "monitor", "seed")
@@ -226,6 +228,12 @@ def check_type(key, value, where):
     return float(value) if kind is float else value
 
 
+def eval_size(cfg):
+    """The evaluation resolution (val/test, predict, export): eval_img_size, or img_size when it is 0 or absent (a
+    run from before the setting)."""
+    return cfg.get("eval_img_size") or cfg["img_size"]
+
+
 def parse_stage_lrs(text):
     """'1e-3,1e-4' -> [0.001, 0.0001]: peak LRs from the head down."""
     try:
@@ -256,6 +264,8 @@ def validate(cfg):
             raise ConfigError(f"{key} must be >= 0 (got {cfg[key]})")
     if cfg["img_size"] < 32:
         raise ConfigError(f"img_size must be >= 32 pixels (got {cfg['img_size']})")
+    if cfg["eval_img_size"] and cfg["eval_img_size"] < 32:
+        raise ConfigError(f"eval_img_size must be >= 32 pixels, or 0 for img_size (got {cfg['eval_img_size']})")
     if not 0 < cfg["crop_scale_min"] <= 1:
         raise ConfigError(f"crop_scale_min must be in (0, 1] (got {cfg['crop_scale_min']})")
     for key in ("mix_switch_prob", "min_lr_ratio", "hw_decoder_load"):

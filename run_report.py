@@ -15,6 +15,7 @@ import distributed
 import engine
 import metrics
 import model_utils
+import presets
 
 
 def print_model(cfg, num_classes):
@@ -70,7 +71,8 @@ def describe(cfg, log, device, amp_dtype, use_scaler, train_loader, val_loader, 
            if cfg["compile"] else ""))
     log(f"processes: world size {world}, per-rank batch {batch}, global batch {batch * world}")
     log(f"data: {len(model_utils.unwrap(model).fc.weight)} classes, {train_loader.num_images * world} train "
-        f"({train_loader.num_images} per rank) / {val_loader.plan.num_images} val images")
+        f"({train_loader.num_images} per rank) / {val_loader.plan.num_images} val images; train crops "
+        f"{cfg['img_size']} px, val centre crops {presets.eval_size(cfg)} px")
     init = cfg["weights"] or ("ImageNet" if cfg["pretrained"] else "scratch")
     log(f"model: {cfg['arch']} ({init} init), {n_params / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trainable "
         f"(trainable={cfg['trainable']}" + (f" for {cfg['freeze_epochs']} epochs, then all" if cfg["freeze_epochs"]
@@ -147,4 +149,5 @@ def summary(cfg, rows, stopper, ema, stop_reason, evaluated):
         for split, m in table.items():
             print(f"| {split} | {' | '.join(f'{m[name]:.4f}' for name in metrics.SUMMARY)} | {m['images']} |")
     return {"best": best, "splits": table, "epochs_run": rows[-1]["epoch"] if rows else 0,
-            "early_stop": stop_reason, "wall_time_s": rows[-1]["wall_time_s"] if rows else 0.0, "ema": ema}
+            "early_stop": stop_reason, "wall_time_s": rows[-1]["wall_time_s"] if rows else 0.0, "ema": ema,
+            "time_to_val_top1": metrics.time_to_reach(rows, "val_top1")}

@@ -132,20 +132,22 @@ class Run:
 
     @property
     def img_size(self):
-        return self.cfg["img_size"]
+        """The resolution the run is evaluated and deployed at (predict, export): presets.eval_size."""
+        return presets.eval_size(self.cfg)
 
 
-def add_weight_flags(parser):
+def add_weight_flags(parser, img_size_help="bare weights: the training image size"):
     """--arch, --img_size and --classes: what bare released weights (a state dict with no run folder) need, for
     the scripts that read a run back (evaluate, predict, export)."""
     parser.add_argument("--arch", default=None, choices=model_utils.ARCHS, help="bare weights: the architecture")
-    parser.add_argument("--img_size", type=int, default=None, help="bare weights: the training image size")
+    parser.add_argument("--img_size", type=int, default=None, help=img_size_help)
     parser.add_argument("--classes", default=None, help="bare weights: class names, one per line (label order)")
 
 
-def open_run(path, arch=None, img_size=None, classes=None, data_root=None):
+def open_run(path, arch=None, img_size=None, classes=None, data_root=None, any_size=False):
     """A Run from a run folder, a .pth in one, or bare released weights (then arch, img_size and a class file are
-    needed, and the missing ones are named). The class names come from the run folder itself, so a copied run
+    needed, and the missing ones are named). any_size=True (evaluate.py): img_size on a run folder is the
+    resolution to evaluate it at instead of a check. The class names come from the run folder itself, so a copied run
     folder predicts without its data root; an older run without classes.txt reads the data root's, and refuses
     them if they are not the ones it was trained on."""
     path, run_dir = resolve_checkpoint(path)
@@ -159,7 +161,7 @@ def open_run(path, arch=None, img_size=None, classes=None, data_root=None):
         cfg = presets.resolve("r18_pretrain_main", {"arch": arch, "img_size": img_size, "pretrained": False,
                                                     **({"data_root": data_root} if data_root else {})})
         return Run(path, run_dir, cfg, splits.read_class_file(classes))
-    for key, value in (("arch", arch), ("img_size", img_size)):
+    for key, value in (("arch", arch), ("img_size", None if any_size else img_size)):
         if value is not None and value != cfg[key]:
             raise presets.ConfigError(f"--{key} {value}: the run in {run_dir} is {key}={cfg[key]}")
     split = cfg.get("split")
@@ -175,6 +177,8 @@ def open_run(path, arch=None, img_size=None, classes=None, data_root=None):
             raise presets.ConfigError(f"{root}/classes.txt is not the class list {run_dir} was trained with; pass "
                                       f"the right one with --classes FILE")
     cfg = {**presets.DEFAULTS, **cfg}  # a run from an older kit: settings added since take their defaults
+    if any_size and img_size is not None:
+        cfg["eval_img_size"] = img_size
     train_list = os.path.join(run_dir, "train_list.txt")
     train_files = splits.read_split_lines(train_list)[0] if os.path.isfile(train_list) else None
     return Run(path, run_dir, cfg, names, split, train_files)

@@ -1,5 +1,6 @@
-"""What every loader agrees on: the split lists download.py writes (split_writer.py writes them), their identity, how an image is read, and the
-sampling plan that says which images each step of an epoch gives each rank, with each image's crop box and flip.
+"""What every loader agrees on: the split lists download.py writes (split_writer.py writes them), their identity,
+how an image is read, and the sampling plan that says which images each step of an epoch gives each rank, with
+each image's crop box and flip.
 
     files, labels = splits.read_split("data/Caltech101", "train")
     plan = splits.SamplePlan(len(files), batch_size=64, train=True, seed=0, sizes=splits.image_sizes(root, files))

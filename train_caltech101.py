@@ -29,6 +29,7 @@ import distributed
 import engine
 import errors
 import fileio
+import metrics
 import model_utils
 import plots
 import presets
@@ -136,8 +137,10 @@ def finish_run(cfg, run_dir, rows, stopper, device, amp_dtype, classes, eval_bat
     if distributed.is_main():
         curves = plots.plot_curves(run_dir)
         fileio.write_atomic(json.dumps(summary, indent=1) + "\n", os.path.join(run_dir, "summary.json"))
+        reached = summary["time_to_val_top1"]
         print(f"done: best {cfg['monitor']} {stopper.best:.4f} at epoch {stopper.best_epoch}; weights "
-              f"{os.path.join(run_dir, 'best.pth')}; curves {curves}")
+              f"{os.path.join(run_dir, 'best.pth')}; curves {curves}"
+              + (f"; {metrics.describe_time_to_reach(reached)}" if reached else ""))
     return summary
 
 
@@ -328,20 +331,20 @@ def evaluate_epoch(cfg, epoch, row, model, eval_model, ema, val_loader, num_clas
     """Evaluate (the EMA model when there is one, the raw model's top-1 beside it), keep best.pth by the monitor and
     best_loss.pth by val loss; returns the early-stopping reason, or None."""
     distributed.broadcast_buffers(model)  # rank 0's BatchNorm statistics: what the checkpoints hold
-    metrics = engine.evaluate(eval_model, val_loader, num_classes, amp_dtype, static_batch=static_eval)
+    figures = engine.evaluate(eval_model, val_loader, num_classes, amp_dtype, static_batch=static_eval)
     judged = model
     if ema is not None:
         distributed.broadcast_buffers(ema.module)
-        row["raw_val_top1"] = metrics["val_top1"]
-        metrics = engine.evaluate(ema.module, val_loader, num_classes, amp_dtype)
+        row["raw_val_top1"] = figures["val_top1"]
+        figures = engine.evaluate(ema.module, val_loader, num_classes, amp_dtype)
         judged = ema.module
-    row.update(metrics)
+    row.update(figures)
     best_loss_so_far = min((r["val_loss"] for r in rows if r.get("val_loss") is not None), default=math.inf)
-    is_best, should_stop = stopper.step(metrics[cfg["monitor"]], epoch)
+    is_best, should_stop = stopper.step(figures[cfg["monitor"]], epoch)
     if main_rank:
         if is_best:
             checkpoint.save_atomic(model_utils.export_state_dict(judged), os.path.join(run_dir, "best.pth"))
-        if math.isfinite(metrics["val_loss"]) and metrics["val_loss"] < best_loss_so_far:
+        if math.isfinite(figures["val_loss"]) and figures["val_loss"] < best_loss_so_far:
             checkpoint.save_atomic(model_utils.export_state_dict(judged), os.path.join(run_dir, "best_loss.pth"))
     row["best_epoch"] = stopper.best_epoch
     return stopper.reason if should_stop else None

@@ -351,3 +351,17 @@ def test_lr_finder_cli_writes_plot_and_table(prepared_root, tmp_path, capfd):
     assert (folder / "lr_find.png").stat().st_size > 1000
     lines = (folder / "lr_find.csv").read_text().splitlines()
     assert lines[0].startswith("multiplier,lr_backbone_decay") and len(lines) >= 4
+
+
+def test_time_to_reach_known_answer():
+    rows = [{"epoch": 1, "wall_time_s": 10.0, "train_loss": 3.0},  # not evaluated
+            {"epoch": 2, "wall_time_s": 25.0, "val_top1": 0.40, "val_loss": 2.0},
+            {"epoch": 3, "wall_time_s": 40.0, "val_top1": 0.35, "val_loss": 2.2},  # worse: no record
+            {"epoch": 4, "wall_time_s": 55.0, "val_top1": 0.40, "val_loss": 1.9},  # equal: first reached at 2
+            {"epoch": 5, "wall_time_s": 70.0, "val_top1": 0.62, "val_loss": 1.5},
+            {"epoch": 6, "wall_time_s": 85.0, "val_top1": float("nan"), "val_loss": float("nan")}]
+    assert metrics.time_to_reach(rows) == [{"val_top1": 0.40, "epoch": 2, "wall_time_s": 25.0},
+                                           {"val_top1": 0.62, "epoch": 5, "wall_time_s": 70.0}]
+    assert [r["epoch"] for r in metrics.time_to_reach(rows, "val_loss")] == [2, 4, 5]  # lower is better
+    assert metrics.describe_time_to_reach(metrics.time_to_reach(rows)) == \
+        "val_top1 first reached 0.4000 at 0.4 min (epoch 2), 0.6200 at 1.2 min (epoch 5)"

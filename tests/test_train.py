@@ -93,6 +93,18 @@ def test_train_val_test_table(trained_run, prepared_with_test):
     table = evaluate.compare_runs([trained_run["out_dir"]]).splitlines()
     assert "train top-1" in table[0] and "test top-1" in table[0] and "best epoch" in table[0]
     assert f"{summary['splits']['test']['top1']:.4f}" in table[2]
+    # Time to accuracy, from metrics.csv read here: each evaluated value's first arrival, and the best epoch's time
+    with open(os.path.join(trained_run["out_dir"], "metrics.csv")) as f:
+        rows = [r for r in csv.DictReader(f) if r["val_top1"]]
+    expected, best_so_far = [], -1.0
+    for r in rows:
+        if float(r["val_top1"]) > best_so_far:
+            best_so_far = float(r["val_top1"])
+            expected.append((int(r["epoch"]), float(r["val_top1"])))
+    assert [(r["epoch"], r["val_top1"]) for r in summary["time_to_val_top1"]] == expected
+    head = [c.strip() for c in table[0].strip("|").split("|")]
+    to_best = float(next(r["wall_time_s"] for r in rows if int(r["epoch"]) == summary["best"]["epoch"]))
+    assert [c.strip() for c in table[2].strip("|").split("|")][head.index("time to best")] == f"{to_best / 60:.1f} min"
 
 
 def test_a_new_run_never_reuses_a_run_folder(prepared_root, tmp_path):
