@@ -1,7 +1,7 @@
 """What bench.py measures the kit against, and how it times: the plain ways of doing the same jobs (a torchvision
-ImageFolder + PIL DataLoader, the plain fp32 NCHW training epoch), the ceilings and previous implementations it
-reports beside them (the DALI pipeline's decode step alone, the previous per-image --cache loop), a fixed-batch
-loader for timing the step without data, and synchronised timing. Run bench.py; this module only supplies it.
+ImageFolder + PIL DataLoader, the plain fp32 NCHW training epoch), the ceiling it reports beside them (the DALI
+pipeline's decode step alone), a fixed-batch loader for timing the step without data, and synchronised timing.
+Run bench.py; this module only supplies it.
 """
 import os
 import shutil
@@ -80,34 +80,6 @@ class DecodeOnly:
     def __iter__(self):
         for images in dali_loader.epoch_batches(self.pipe, self.steps, self.root, self.files):
             yield images, None
-
-
-class PerImageCache:
-    """The previous --cache batch, as a reference row: the same cached pixels and the same plan's boxes, but one
-    crop, antialiased uint8 resize, flip and copy per image (about 11 tensor operations each)."""
-
-    def __init__(self, cache):
-        self.cache = cache
-        self.num_images = cache.num_images
-
-    def __iter__(self):
-        c, size = self.cache, self.cache.img_size
-        for step in c.plan.epoch(0):
-            local = c.local[step["index"]]
-            batch = torch.empty(len(local), size, size, 3, device=c.device)
-            for j, i in enumerate(local.tolist()):
-                height, width, offset = int(c.heights[i]), int(c.widths[i]), int(c.offsets[i])
-                image = c.pixels[offset:offset + height * width * 3].view(height, width, 3)
-                y0, x0 = int(step["y"][j] * c.scale_y[i]), int(step["x"][j] * c.scale_x[i])
-                h, w = max(1, int(step["h"][j] * c.scale_y[i])), max(1, int(step["w"][j] * c.scale_x[i]))
-                region = image[y0:y0 + h, x0:x0 + w].permute(2, 0, 1)[None]
-                region = region.contiguous(memory_format=torch.channels_last) if region.device.type == "cpu" \
-                    else region.float()
-                region = F.interpolate(region, size=(size, size), mode="bilinear", antialias=True)
-                if step["flip"][j]:
-                    region = region.flip(-1)
-                batch[j] = region[0].permute(1, 2, 0)
-            yield c.finish(batch.permute(0, 3, 1, 2), step["index"])
 
 
 class RepeatBatch:

@@ -44,6 +44,14 @@ def shrink(array, cap):
     return F.interpolate(image, size=size, mode="bilinear", antialias=True)[0].permute(1, 2, 0).numpy()
 
 
+def half(array):
+    """An HWC uint8 image at half its size (rounded up), antialiased: the next level of the cache's pyramid."""
+    height, width = array.shape[:2]
+    image = torch.from_numpy(array).permute(2, 0, 1)[None].contiguous(memory_format=torch.channels_last)
+    size = (-(-height // 2), -(-width // 2))
+    return F.interpolate(image, size=size, mode="bilinear", antialias=True)[0].permute(1, 2, 0).numpy()
+
+
 def decode_all(image_root, files, device, workers, use_dali, cap=None, img_size=None):
     """uint8 HWC arrays of `files`: whole images (shorter side capped at `cap`) for train (img_size=None), or the
     val transform's img_size crops (shorter side to img_size*256/224, centre crop) for val/test."""
@@ -71,7 +79,8 @@ class CacheLoader(splits.PlanPosition):
     kind = "cache"
 
     def __init__(self, image_root, files, labels, plan, img_size, device, dtype=torch.float32, workers=2,
-                 channels_last=True, use_dali=dali_loader.HAVE_DALI, hw_decoder_load=None):  # DALI loader only
+                 channels_last=True, use_dali=dali_loader.HAVE_DALI, hw_decoder_load=None,  # DALI loader only
+                 max_levels=None):  # train pyramid levels (None: as many as crops need; 1: the originals only)
         self.plan, self.img_size, self.device, self.dtype = plan, img_size, device, dtype
         self.layout = model_utils.memory_format(channels_last)
         n = len(files)
@@ -87,16 +96,29 @@ class CacheLoader(splits.PlanPosition):
         self.norm_shift = -torch.tensor([m * 255 for m in splits.IMAGENET_MEAN], device=device).view(1, 3, 1, 1) / std
         if plan.train:
             self.cap = train_cap(img_size, plan.crop_scale[0])
-            arrays = decode_all(image_root, mine, device, workers, use_dali, cap=self.cap)
-            self.heights = np.array([a.shape[0] for a in arrays], np.int64)
-            self.widths = np.array([a.shape[1] for a in arrays], np.int64)
-            # Crop boxes come in original pixels; a capped image is smaller by these factors.
-            self.scale_y = self.heights / plan.heights[self.mine]
-            self.scale_x = self.widths / plan.widths[self.mine]
-            self.offsets = np.concatenate([[0], np.cumsum(self.heights * self.widths * 3)[:-1]]).astype(np.int64)
+            levels = [decode_all(image_root, mine, device, workers, use_dali, cap=self.cap)]
+            # A pyramid: each level half the one below (antialiased), up to where the largest crop of the largest
+            # image shrinks less than 2x, so a crop samples the level it shrinks 1-2x from: at most 3 x 3 samples
+            # per output pixel (2 x 2 above level 0, whose pixels are already blurred) instead of 4 x 4, and
+            # windows up to a quarter of the size, for at most a third more memory.
+            largest = max(max(a.shape[:2]) for a in levels[0])
+            extra = max(0, int(math.floor(math.log2(max(largest / img_size, 1.0)))))
+            for _ in range(extra if max_levels is None else min(extra, max_levels - 1)):
+                levels.append([half(a) for a in levels[-1]])
+            self.level_heights = np.array([[a.shape[0] for a in level] for level in levels], np.int64)
+            self.level_widths = np.array([[a.shape[1] for a in level] for level in levels], np.int64)
+            sizes = (self.level_heights * self.level_widths * 3).reshape(-1)  # level by level, image by image
+            self.level_offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64).reshape(len(levels), -1)
+            # Crop boxes come in original pixels; a capped image, and every pyramid level, is smaller by these.
+            self.level_scale_y = self.level_heights / plan.heights[self.mine]
+            self.level_scale_x = self.level_widths / plan.widths[self.mine]
+            self.heights, self.widths, self.offsets = (self.level_heights[0], self.level_widths[0],
+                                                       self.level_offsets[0])
+            self.scale_y, self.scale_x = self.level_scale_y[0], self.level_scale_x[0]
             # Padding at the end: a row window that starts in the last image may run past its end (never sampled).
             pad = np.zeros(int(self.widths.max()) * 3, np.uint8)
-            self.pixels = torch.from_numpy(np.concatenate([a.reshape(-1) for a in arrays] + [pad])).to(device)
+            self.pixels = torch.from_numpy(np.concatenate([a.reshape(-1) for level in levels for a in level]
+                                                          + [pad])).to(device)
         else:
             arrays = decode_all(image_root, mine, device, workers, use_dali, img_size=img_size)
             self.pixels = torch.from_numpy(np.stack(arrays)).to(device)  # (n, S, S, 3): the val crops
@@ -123,10 +145,15 @@ class CacheLoader(splits.PlanPosition):
     def train_batch(self, step):
         """Every crop of the step resized to img_size at once: a fixed number of tensor operations."""
         size, local = self.img_size, self.local[step["index"]]
-        heights, widths, offsets = self.heights[local], self.widths[local], self.offsets[local]
-        # The crop box in the cached image's pixels, and the whole-pixel window around it that is gathered.
-        y0, box_h = step["y"] * self.scale_y[local], step["h"] * self.scale_y[local]
-        x0, box_w = step["x"] * self.scale_x[local], step["w"] * self.scale_x[local]
+        # Each crop samples the pyramid level it shrinks 1-2x from (level 0 when it shrinks less, or grows).
+        shrink0 = np.maximum(step["h"] * self.scale_y[local], step["w"] * self.scale_x[local]) / size
+        level = np.clip(np.floor(np.log2(np.maximum(shrink0, 1.0))).astype(np.int64), 0, len(self.level_heights) - 1)
+        scale_y, scale_x = self.level_scale_y[level, local], self.level_scale_x[level, local]
+        heights, widths = self.level_heights[level, local], self.level_widths[level, local]
+        offsets = self.level_offsets[level, local]
+        # The crop box in the sampled level's pixels, and the whole-pixel window around it that is gathered.
+        y0, box_h = step["y"] * scale_y, step["h"] * scale_y
+        x0, box_w = step["x"] * scale_x, step["w"] * scale_x
         row0, col0 = np.floor(y0).astype(np.int64), np.floor(x0).astype(np.int64)
         rows = np.minimum(np.ceil(y0 + box_h).astype(np.int64), heights) - row0
         cols = np.minimum(np.ceil(x0 + box_w).astype(np.int64), widths) - col0
@@ -137,7 +164,7 @@ class CacheLoader(splits.PlanPosition):
         # Antialiasing: a crop that shrinks f-fold is sampled k x k times per output pixel over a box whose width
         # gives the same blur (variance) as DALI's triangle filter; a crop that grows is sampled once (bilinear).
         shrink_y, shrink_x = box_h / size, box_w / size
-        capped = self.scale_y[local] < 1
+        capped = (level > 0) | (self.scale_y[local] < 1)  # pixels that already carry a resize's blur
         k = int(np.clip(math.ceil(self.box_width(np.maximum(shrink_y, shrink_x), capped).max()), 1, MAX_SUPERSAMPLE))
         grid_y = self.sample_positions(y0 - row0, box_h, rows, size, k, np.zeros(len(local), bool), capped)
         grid_x = self.sample_positions(x0 - col0, box_w, cols, size, k, step["flip"], capped)

@@ -99,6 +99,32 @@ def test_cache_crops_are_the_plans_boxes(coordinate_tree):
         assert np.abs(top - first_y).max() < 1.1, loader.kind
 
 
+def test_crops_sample_the_pyramid_level_they_shrink_least_from(coordinate_tree, monkeypatch):
+    """Crops that shrink up to 5x (240 px sides to 48) sample a level they shrink 1-2x from: at most 3 x 3 samples
+    per output pixel and windows under twice the output size; the originals alone need 4 x 4 and whole images."""
+    root, files = coordinate_tree
+    seen = []
+    real = torch.nn.functional.grid_sample
+
+    def spy(patches, grid, **kwargs):
+        seen.append((patches.shape[2:], grid.shape[2] // 48))  # (window rows, cols), samples per pixel and axis
+        return real(patches, grid, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "grid_sample", spy)
+    for max_levels in (None, 1):
+        plan = splits.SamplePlan(len(files), 8, True, seed=4, sizes=splits.image_sizes(root, files),
+                                 crop_scale=(0.3, 1.0), fixed_shard=True)
+        cache = cache_loader.CacheLoader(root, files, list(range(len(files))), plan, 48, CPU, workers=1,
+                                         max_levels=max_levels)
+        seen.clear()
+        epoch_of(cache)
+        windows, samples = max(max(w) for w, _ in seen), max(k for _, k in seen)
+        if max_levels is None:
+            assert cache.level_heights.shape[0] == 3 and samples <= 3 and windows < 2 * 48 + 2
+        else:
+            assert cache.level_heights.shape[0] == 1 and samples == 4 and windows > 2 * 48 + 2
+
+
 def sharpness(images):
     """Mean absolute difference of neighbouring pixels (normalised units)."""
     return ((images[..., 1:, :] - images[..., :-1, :]).abs().mean()
@@ -146,7 +172,12 @@ def test_big_images_are_capped_and_memory_is_bounded(tmp_path):
     _, cache = loaders(str(tmp_path), files, [0, 1], True, 64, 2, crop_scale=(0.35, 1.0))
     assert (int(cache.heights[0]), int(cache.widths[0])) == (cap, round(1200 * cap / 900))
     assert (int(cache.heights[1]), int(cache.widths[1])) == (80, 100)  # small images stay as they are
-    assert cache.nbytes <= (cap * 167 + 80 * 100) * 3 + 3 * 167
+    # The pyramid: the largest crop side (167 px) shrinks 2.6x to 64 px, so one level more, half the size
+    # (rounded up): 63 x 84 and 40 x 50. At most a third more memory than the originals, plus the row padding.
+    assert cache.level_heights.tolist() == [[cap, 80], [63, 40]] and cache.level_widths.tolist() == [[167, 100],
+                                                                                                   [84, 50]]
+    originals = (cap * 167 + 80 * 100) * 3
+    assert cache.nbytes == originals + (63 * 84 + 40 * 50) * 3 + 3 * 167 <= originals * 4 / 3 + 3 * 167
     images, _ = next(iter(cache))
     assert images.shape == (2, 3, 64, 64) and torch.isfinite(images).all()
 
