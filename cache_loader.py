@@ -5,11 +5,12 @@ normalisation are tensor operations there, with no JPEG decode after the first p
 
 Train images are kept at their original size (so a cached crop is the crop DALI cuts), downscaled only when their
 shorter side exceeds `train_cap(img_size, crop_scale_min)`: the size at which even the smallest crop is still
-larger than img_size, so the cap never makes a crop blurrier. A train batch is a fixed number of tensor
-operations whatever its size: one gather of the crop windows' rows, one bilinear grid_sample of every crop at
-once (the flip folded into the grid; k x k samples per output pixel when a crop shrinks, averaged: antialiasing),
-one normalisation. Val/test images are stored already resized and centre-cropped exactly as the DALI val pipeline
-cuts them, so a val batch is an index and a normalisation.
+larger than img_size, so the cap never makes a crop blurrier. Beside each, a pyramid of half-size levels: a crop
+samples the level it shrinks 1-2x from, so the supersampling below stays at most 3 x 3. A train batch is a fixed
+number of tensor operations whatever its size: one gather of the crop windows' rows, one bilinear grid_sample of
+every crop at once (the flip folded into the grid; k x k samples per output pixel when a crop shrinks, averaged:
+antialiasing), one normalisation. Val/test images are stored already resized and centre-cropped exactly as the
+DALI val pipeline cuts them, so a val batch is an index and a normalisation.
 Under torchrun each rank decodes only the images its plan can give it (splits.SamplePlan, fixed_shard=True).
 """
 import math

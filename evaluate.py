@@ -46,7 +46,7 @@ def run_row(run_dir):
     """One run's figures: from summary.json (best epoch; train/val/test of best.pth) and metrics.csv."""
     if not os.path.isdir(run_dir) or not os.path.isfile(os.path.join(run_dir, "metrics.csv")):
         raise presets.ConfigError(f"{run_dir} is not a training run folder (no metrics.csv)")
-    cfg = runs.read_run_config(run_dir)
+    cfg = {**presets.DEFAULTS, **runs.read_run_config(run_dir)}  # an older run: settings added since as defaults
     rows = runs.read_metrics(run_dir)
     try:
         with open(os.path.join(run_dir, "summary.json")) as f:
@@ -162,7 +162,8 @@ def evaluate_checkpoint(args):
     classes = run.classes
     logits, labels, m = engine.evaluate_weights(run.path, cfg, args.split, len(classes), device, amp_dtype,
                                                 args.batch_size or cfg["eval_batch_size"], tta=args.tta)
-    suffix = ("_flip" if args.tta == "flip" else "") + (f"_{run.img_size}px" if args.img_size else "")
+    resized = args.img_size is not None and os.path.isfile(os.path.join(run.run_dir, "config.json"))  # not bare
+    suffix = ("_flip" if args.tta == "flip" else "") + (f"_{run.img_size}px" if resized else "")
     out_dir = args.out_dir or os.path.join(run.run_dir, f"eval_{args.split}{suffix}")
     os.makedirs(out_dir, exist_ok=True)
     write_per_class(m, classes, os.path.join(out_dir, "per_class.csv"))

@@ -161,9 +161,12 @@ def open_run(path, arch=None, img_size=None, classes=None, data_root=None, any_s
         cfg = presets.resolve("r18_pretrain_main", {"arch": arch, "img_size": img_size, "pretrained": False,
                                                     **({"data_root": data_root} if data_root else {})})
         return Run(path, run_dir, cfg, splits.read_class_file(classes))
-    for key, value in (("arch", arch), ("img_size", None if any_size else img_size)):
-        if value is not None and value != cfg[key]:
-            raise presets.ConfigError(f"--{key} {value}: the run in {run_dir} is {key}={cfg[key]}")
+    if arch is not None and arch != cfg["arch"]:
+        raise presets.ConfigError(f"--arch {arch}: the run in {run_dir} is arch={cfg['arch']}")
+    sizes = {cfg["img_size"], presets.eval_size(cfg)}  # its training and evaluation resolutions
+    if img_size is not None and not any_size and img_size not in sizes:
+        raise presets.ConfigError(f"--img_size {img_size}: the run in {run_dir} is img_size={cfg['img_size']}"
+                                  + (f", eval_img_size={cfg['eval_img_size']}" if len(sizes) > 1 else ""))
     split = cfg.get("split")
     if classes:
         names = splits.read_class_file(classes)

@@ -144,7 +144,7 @@ def existing_split(data_root):
     """The split.json of a prepared root, or None (none yet, or unreadable: then this preparation writes a new one)."""
     try:
         return read_split_meta(data_root) or None
-    except DataError:
+    except (DataError, OSError):
         return None
 
 
