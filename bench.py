@@ -98,7 +98,7 @@ def row(name, kit_name, kit, plain_name, plain, **extra):
 
 
 def bench_data(args, device):
-    files, labels = splits.read_split(args.data_root, "train")
+    files, labels = split_subset(args.data_root, "train", args.images)
     dali = kit_loader(args, device, files, labels, True, False, args.batch_size)
     cache = kit_loader(args, device, files, labels, True, True, args.batch_size)
     amp_dtype, _ = engine.resolve_amp(args.amp, device)
