@@ -64,8 +64,10 @@ def test_val_epochs_are_exact_and_labels_match_pixels(prepared_root, kind):
 def test_loaders_draw_the_same_order_crops_and_flips(prepared_root):
     """One plan: the same labels in the same order every epoch, and crops that agree pixel for pixel up to the
     resize filters. Observed on this data (mean abs difference per image, normalised units): torch vs DALI 0.0033
-    (worst image 0.0036), cache vs DALI 0.012 (worst 0.016), about 0.2 and 0.9 grey levels; bounds are twice
-    that. A mirrored crop differs by 0.46, another seed's crops by 1.48."""
+    (worst image 0.0036), cache vs DALI 0.024 (worst 0.052: these small uncapped images make crops that shrink
+    2-3x sample the cache's half-size level, a little blurrier than DALI's one resize; 0.012 / 0.016 without the
+    pyramid), about 0.2 and 1.8 grey levels; bounds are twice that. A mirrored crop differs by 0.46, another
+    seed's crops by 1.48; a crop one pixel off fails the coordinate test in test_cache.py."""
     epochs = {kind: [epoch_of(ld) for ld in [build(prepared_root, "train", kind, seed=7)] for _ in range(2)]
               for kind in KINDS}
     dali = epochs[("dali", False)]
@@ -75,7 +77,7 @@ def test_loaders_draw_the_same_order_crops_and_flips(prepared_root):
     torch_diff = (epochs[("torch", False)][0][0] - dali[0][0]).abs().mean((1, 2, 3))
     cache_diff = (epochs[("dali", True)][0][0] - dali[0][0]).abs().mean((1, 2, 3))
     assert torch_diff.mean() < 0.007 and torch_diff.max() < 0.008, torch_diff
-    assert cache_diff.mean() < 0.024 and cache_diff.max() < 0.032, cache_diff
+    assert cache_diff.mean() < 0.048 and cache_diff.max() < 0.104, cache_diff
     other_seed = epoch_of(build(prepared_root, "train", ("dali", False), seed=8))[1]
     assert not torch.equal(other_seed, dali[0][1])  # --seed changes the DALI order too
 
