@@ -34,23 +34,24 @@ def train_cap(img_size, crop_scale_min):
     return math.ceil(img_size / math.sqrt(crop_scale_min * splits.RRC_RATIO[0]))
 
 
+def resized(array, height, width):
+    """An HWC uint8 image resized to height x width (bilinear, antialiased, uint8 like DALI)."""
+    image = torch.from_numpy(array).permute(2, 0, 1)[None].contiguous(memory_format=torch.channels_last)
+    return F.interpolate(image, size=(height, width), mode="bilinear", antialias=True)[0].permute(1, 2, 0).numpy()
+
+
 def shrink(array, cap):
-    """An HWC uint8 image whose shorter side is above `cap`, resized to it (antialiased, uint8 like DALI)."""
+    """An HWC uint8 image whose shorter side is above `cap`, resized to it."""
     height, width = array.shape[:2]
     scale = cap / min(height, width)
     if scale >= 1:
         return array
-    image = torch.from_numpy(array).permute(2, 0, 1)[None].contiguous(memory_format=torch.channels_last)
-    size = (max(1, round(height * scale)), max(1, round(width * scale)))
-    return F.interpolate(image, size=size, mode="bilinear", antialias=True)[0].permute(1, 2, 0).numpy()
+    return resized(array, max(1, round(height * scale)), max(1, round(width * scale)))
 
 
 def half(array):
-    """An HWC uint8 image at half its size (rounded up), antialiased: the next level of the cache's pyramid."""
-    height, width = array.shape[:2]
-    image = torch.from_numpy(array).permute(2, 0, 1)[None].contiguous(memory_format=torch.channels_last)
-    size = (-(-height // 2), -(-width // 2))
-    return F.interpolate(image, size=size, mode="bilinear", antialias=True)[0].permute(1, 2, 0).numpy()
+    """An HWC uint8 image at half its size (rounded up): the next level of the cache's pyramid."""
+    return resized(array, -(-array.shape[0] // 2), -(-array.shape[1] // 2))
 
 
 def decode_all(image_root, files, device, workers, use_dali, cap=None, img_size=None):

@@ -53,11 +53,8 @@ def run_row(run_dir):
             summary = json.load(f)
     except FileNotFoundError:
         summary = None
-    monitor = cfg.get("monitor", presets.DEFAULTS["monitor"])
-    evaluated = [r for r in rows if r.get(monitor) is not None]
-    sign = -1 if metrics.minimized(monitor) else 1  # an unfinished run: its best epoch so far, as its monitor says
-    best_epoch = summary["best"]["epoch"] if summary else (max(evaluated, key=lambda r: sign * r[monitor])["epoch"]
-                                                            if evaluated else None)
+    records = metrics.time_to_reach(rows, cfg["monitor"])  # an unfinished run: its best epoch so far
+    best_epoch = summary["best"]["epoch"] if summary else (records[-1]["epoch"] if records else None)
     figures = {}
     for split in ("train", "val", "test"):
         m = (summary or {}).get("splits", {}).get(split)

@@ -65,9 +65,9 @@ def of_split(row, prefix):
     return {name: row.get(f"{prefix}_{name}") for name in (*METRICS, "images")}
 
 
-def describe(m, names=METRICS):
-    """'top-1 0.9123  top-5 0.9876  mean per-class 0.9001  loss 0.3456' (names: which metrics, in that order)."""
-    return "  ".join(f"{METRICS[name][0]} {m[name]:.4f}" for name in names)
+def describe(m):
+    """'top-1 0.9123  top-5 0.9876  mean per-class 0.9001  loss 0.3456'."""
+    return "  ".join(f"{METRICS[name][0]} {m[name]:.4f}" for name in METRICS)
 
 
 def time_to_reach(rows, monitor="val_top1"):
