@@ -22,6 +22,11 @@ Sections (each prints images/s for the kit and the plain baseline, and their rat
         batch 1 and 64 over the same 64 real val images (deployment speed).
   overhead  what an epoch pays besides its steps, as a share of them: writing last.pth (synchronously, and the
         training thread's stall with the background writer), and one val evaluation.
+  recipes  (asked for by name, not in the default: it trains whole runs) two training recipes, one after the
+        other on the same data: the wall time each needs to first reach --target val top-1 (from its evaluations;
+        a recipe's --eval_every sets how finely that is seen), and their ratio.
+        python bench.py --only recipes --data_root DATA --target 0.65 \
+            --recipes "--exp cpu_smoke --img_size_start 0" "--exp cpu_smoke"
 --images N uses a fixed random subset of N images of each split (0: all of them); the data section always uses
 the whole train split. Rounds alternate kit and baseline so that machine noise hits both alike; the median round
 is reported. Timing synchronises CUDA before reading the clock.
@@ -29,6 +34,7 @@ is reported. Timing synchronises CUDA before reading the clock.
 import argparse
 import json
 import os
+import shlex
 import statistics
 import sys
 import tempfile
@@ -42,6 +48,7 @@ import cache_loader
 import data_utils
 import engine
 import errors
+import metrics
 import model_utils
 import presets
 import splits
@@ -55,7 +62,8 @@ from bench_baselines import (
     time_images,
 )
 
-SECTIONS = ("data", "step", "e2e", "eval", "infer", "overhead")
+SECTIONS = ("data", "step", "e2e", "eval", "infer", "overhead")  # the default: throughput
+BY_NAME = ("recipes",)  # only when asked for: whole training runs
 
 
 def split_subset(data_root, split, images):
@@ -97,36 +105,52 @@ def row(name, kit_name, kit, plain_name, plain, **extra):
                 **extra)
 
 
+def path(cache):
+    """Which of the cache's two train paths a CacheLoader takes, and whether it is this device's default."""
+    default = cache.per_image == (cache.device.type == "cpu")
+    return ("crops one by one (uint8 resize)" if cache.per_image else "fixed ops per batch (pyramid)") + \
+        ("" if default else ", not this device's default")
+
+
 def bench_data(args, device):
     files, labels = split_subset(args.data_root, "train", args.images)
     dali = kit_loader(args, device, files, labels, True, False, args.batch_size)
     cache = kit_loader(args, device, files, labels, True, True, args.batch_size)
     amp_dtype, _ = engine.resolve_amp(args.amp, device)
-    flat = cache_loader.CacheLoader(splits.image_root(args.data_root), files, labels, cache.plan, args.img_size,
-                                    device, dtype=amp_dtype or torch.float32, workers=args.workers, max_levels=1)
+    # The kit's other cache path, timed where it is not the default: on a CPU the fixed-ops batch path a GPU runs,
+    # on a GPU the one-by-one path a CPU runs.
+    other = cache_loader.CacheLoader(splits.image_root(args.data_root), files, labels, cache.plan, args.img_size,
+                                     device, dtype=amp_dtype or torch.float32, workers=args.workers,
+                                     per_image=not cache.per_image)
     decode = DecodeOnly(args.data_root, files, args.batch_size, args.workers, device)
     with PlainLoader(args.data_root, files, args.img_size, args.batch_size, args.workers, True,
                      pin_memory=device.type == "cuda") as plain:
         def plain_on_device():  # the reference loop's copy to the device, as a training loop makes it
             return time_images(((x.to(device, non_blocking=True), y) for x, y in plain), device)
 
-        for loader in (dali, cache, flat, decode):  # warm-up pass: worker start-up, page cache, allocator
+        for loader in (dali, cache, other, decode):  # warm-up pass: worker start-up, page cache, allocator
             time_images(loader, device)
         plain_on_device()
-        rates = median_rounds(args.rounds, dali=lambda: time_images(dali, device),
-                              cache=lambda: time_images(cache, device),
-                              flat=lambda: time_images(flat, device),
-                              decode=lambda: time_images(decode, device), plain=plain_on_device)
+        def settled(timed):
+            """DALI pipelines decode ahead (their prefetch queue) after a timed pass ends, on the same cores: a
+            pause lets that finish before the next loader's clock starts (a cached epoch takes tens of ms)."""
+            def run():
+                time.sleep(0.5)
+                return timed()
+            return run
+
+        rates = median_rounds(args.rounds, dali=settled(lambda: time_images(dali, device)),
+                              cache=settled(lambda: time_images(cache, device)),
+                              other=settled(lambda: time_images(other, device)),
+                              decode=settled(lambda: time_images(decode, device)), plain=settled(plain_on_device))
     plain_name = f"ImageFolder + PIL DataLoader, {args.workers} workers"
     where = "mixed" if device.type == "cuda" else "CPU"
     return [row("data", f"DALI pipeline ({where}), {args.workers} threads", rates["dali"], plain_name, rates["plain"],
                 images=len(files)),
-            row("data", f"--cache, fixed ops per batch (after a {cache.decode_seconds:.1f}s decode pass, "
-                        f"{cache.nbytes / 2**20:.0f} MiB)", rates["cache"], plain_name, rates["plain"],
-                images=len(files), decode_seconds=cache.decode_seconds, cache_mib=cache.nbytes / 2 ** 20),
-            row("data", f"--cache without its pyramid (originals only, up to 4 x 4 samples per pixel, "
-                        f"{flat.nbytes / 2**20:.0f} MiB)", rates["flat"], plain_name, rates["plain"],
-                images=len(files)),
+            *(row("data", f"--cache, {path(c)} (after a {c.decode_seconds:.1f}s decode pass, "
+                          f"{c.nbytes / 2**20:.0f} MiB)", rates[name], plain_name, rates["plain"], images=len(files),
+                  decode_seconds=c.decode_seconds, cache_mib=c.nbytes / 2 ** 20)
+              for name, c in (("cache", cache), ("other", other))),
             row("data", "ceiling: the DALI pipeline's decode step alone (no resize/flip/normalise)", rates["decode"],
                 plain_name, rates["plain"], images=len(files))]
 
@@ -339,11 +363,39 @@ def bench_overhead(args, device):
                  plain_name="train epoch steps (3,030 images), s", plain=train_epoch, ratio=val_epoch / train_epoch)]
 
 
+def bench_recipes(args, device):
+    """Recipe A (the baseline) then recipe B, each a whole training run from its own flags (train_caltech101's);
+    --data_root fills in a recipe's data unless it names its own. Device and precision are the recipes'."""
+    import runs
+    import train_caltech101
+
+    parser = train_caltech101.get_args_parser()
+    seconds, names = [], []
+    with tempfile.TemporaryDirectory() as out_dir:
+        for k, flags in enumerate(args.recipes):
+            exp, config, overrides, _ = presets.settings_from_args(parser.parse_args(shlex.split(flags)))
+            overrides = {"data_root": args.data_root, **overrides, "out_dir": out_dir, "name": f"recipe_{k}",
+                         "progress": False}
+            cfg = presets.resolve(exp, overrides, config=config)
+            print(f"recipe {'AB'[k]}: {flags}", flush=True)
+            result = train_caltech101.main(cfg)
+            records = metrics.time_to_reach(runs.read_metrics(result["out_dir"]))
+            print(f"recipe {'AB'[k]}: {metrics.describe_time_to_reach(records)}", flush=True)
+            reached = [r["wall_time_s"] for r in records if r["val_top1"] >= args.target]
+            seconds.append(reached[0] if reached else float("inf"))
+            names.append(f"recipe {'AB'[k]} ({flags}): s to val top-1 {args.target}"
+                         + ("" if reached else f" (not reached; best {records[-1]['val_top1']:.4f})"
+                            if records else " (never evaluated)"))
+    return [dict(section="recipes", kit_name=names[1], kit=seconds[1], plain_name=names[0], plain=seconds[0],
+                 ratio=seconds[0] / seconds[1])]
+
+
 def get_args_parser():
     p = argparse.ArgumentParser(description="Side-by-side throughput of the kit against plain baselines.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data_root", default="data/Caltech101", help="prepared by download.py")
-    p.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections: " + ", ".join(SECTIONS))
+    p.add_argument("--only", default=",".join(SECTIONS),
+                   help="comma-separated sections: " + ", ".join(SECTIONS + BY_NAME))
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"), help="the kit's AMP mode")
     p.add_argument("--arch", default="resnet18", choices=model_utils.ARCHS)
@@ -360,6 +412,10 @@ def get_args_parser():
     p.add_argument("--rounds", type=int, default=3, help="alternating kit/baseline rounds; the median is reported")
     p.add_argument("--compile", action="store_true", help="also time the kit's step with torch.compile")
     p.add_argument("--json", default=None, help="also write the results to this file")
+    p.add_argument("--recipes", nargs=2, metavar=("A", "B"),
+                   default=["--exp cpu_smoke --img_size_start 0", "--exp cpu_smoke"],
+                   help="recipes: the baseline's and the contender's training flags, each one quoted string")
+    p.add_argument("--target", type=float, default=0.65, help="recipes: the val top-1 to reach")
     return p
 
 
@@ -370,9 +426,10 @@ def main(args):
     args.eval_batch_size = args.eval_batch_size or 2 * args.batch_size
     args.workers = args.workers if args.workers is not None else (min(8, os.cpu_count() or 2) if on_gpu else 2)
     wanted = [s.strip() for s in args.only.split(",") if s.strip()]
-    unknown = [s for s in wanted if s not in SECTIONS]
+    unknown = [s for s in wanted if s not in SECTIONS + BY_NAME]
     if unknown:
-        raise presets.ConfigError(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+        raise presets.ConfigError(f"unknown section(s) {', '.join(unknown)}; choose from "
+                                  f"{', '.join(SECTIONS + BY_NAME)}")
     for name in ("img_size", "batch_size", "eval_batch_size", "workers", "steps", "rounds"):
         if getattr(args, name) < 1:
             raise presets.ConfigError(f"--{name} must be at least 1, got {getattr(args, name)}")

@@ -5,14 +5,19 @@ normalisation are tensor operations there, with no JPEG decode after the first p
 
 Train images are kept at their original size (so a cached crop is the crop DALI cuts), downscaled only when their
 shorter side exceeds `train_cap(img_size, crop_scale_min)`: the size at which even the smallest crop is still
-larger than img_size, so the cap never makes a crop blurrier. Beside each, a pyramid of half-size levels: a crop
-samples the level it shrinks 1-2x from, so the supersampling below stays at most 3 x 3. A train batch is a fixed
-number of tensor operations whatever its size: one gather of the crop windows' rows, one bilinear grid_sample of
-every crop at once (the flip folded into the grid; k x k samples per output pixel when a crop shrinks, averaged:
-antialiasing), one normalisation. Val/test images are stored already resized and centre-cropped exactly as the
+larger than img_size, so the cap never makes a crop blurrier. Two train paths give the same crops:
+- on a CPU (per_image), each crop is cut from its image and resized by torch's uint8 bilinear antialiased resize
+  (PIL's filter, vectorised), flipped, and the batch normalised once: no kernel launches to save there, and far
+  less arithmetic than sampling in float;
+- on a GPU, beside each image a pyramid of half-size levels: a crop samples the level it shrinks 1-2x from, so the
+  supersampling below stays at most 3 x 3. A train batch is a fixed number of tensor operations whatever its
+  size: one gather of the crop windows' rows, one bilinear grid_sample of every crop at once (the flip folded into
+  the grid; k x k samples per output pixel when a crop shrinks, averaged: antialiasing), one normalisation.
+Val/test images are stored already resized and centre-cropped exactly as the
 DALI val pipeline cuts them, so a val batch is an index and a normalisation.
 Under torchrun each rank decodes only the images its plan can give it (splits.SamplePlan, fixed_shard=True).
 """
+import concurrent.futures
 import math
 import os
 import time
@@ -25,6 +30,11 @@ import dali_loader
 import model_utils
 import splits
 
+# One by one, a crop of a capped image is resized twice (the cap's resize, then the crop's), and even a slight
+# resize blurs by resampling; the fixed-ops path subtracts the cap's blur from its own filter, which a uint8 resize
+# cannot. On a CPU, where memory is the host's, images are kept up to this multiple of the cap: Caltech-101's (shorter
+# sides up to about 300 px) stay as they are at 96 px and above, as the torch loader and DALI see them.
+PER_IMAGE_CAP_FACTOR = 2
 MAX_SUPERSAMPLE = 4  # samples per output pixel and axis when a crop shrinks (antialiasing up to 4x downscaling)
 
 
@@ -82,8 +92,16 @@ class CacheLoader(splits.PlanPosition):
 
     def __init__(self, image_root, files, labels, plan, img_size, device, dtype=torch.float32, workers=2,
                  channels_last=True, use_dali=dali_loader.HAVE_DALI, hw_decoder_load=None,  # DALI loader only
-                 max_levels=None):  # train pyramid levels (None: as many as crops need; 1: the originals only)
+                 max_levels=None,  # train pyramid levels (None: as many as crops need; 1: the originals only)
+                 per_image=None):  # train crops one by one (None: on a CPU)
         self.plan, self.img_size, self.device, self.dtype = plan, img_size, device, dtype
+        # On a CPU there is no kernel launch to save, and torch's vectorised uint8 antialiased resize (PIL's
+        # filter) of each crop does a fraction of the batched float sampling's arithmetic; a GPU wants a batch
+        # to be a fixed number of kernels.
+        self.per_image = device.type == "cpu" if per_image is None else per_image
+        # The one-by-one crops run on `workers` threads (the ATen resize releases the GIL): the batch is built in
+        # the training thread, so these are the cores the model waits on anyway.
+        self.pool = concurrent.futures.ThreadPoolExecutor(max(1, workers)) if self.per_image and plan.train else None
         self.layout = model_utils.memory_format(channels_last)
         n = len(files)
         # The images this rank can be given: its fixed shard for train, its contiguous part for val/test.
@@ -97,14 +115,17 @@ class CacheLoader(splits.PlanPosition):
         self.norm_scale = 1 / std
         self.norm_shift = -torch.tensor([m * 255 for m in splits.IMAGENET_MEAN], device=device).view(1, 3, 1, 1) / std
         if plan.train:
-            self.cap = train_cap(img_size, plan.crop_scale[0])
+            self.cap = train_cap(img_size, plan.crop_scale[0]) * (PER_IMAGE_CAP_FACTOR if self.per_image else 1)
             levels = [decode_all(image_root, mine, device, workers, use_dali, cap=self.cap)]
             # A pyramid: each level half the one below (antialiased), up to where the largest crop of the largest
             # image shrinks less than 2x, so a crop samples the level it shrinks 1-2x from: at most 3 x 3 samples
             # per output pixel (2 x 2 above level 0, whose pixels are already blurred) instead of 4 x 4, and
             # windows up to a quarter of the size, for at most a third more memory.
             largest = max(max(a.shape[:2]) for a in levels[0])
-            extra = max(0, int(math.floor(math.log2(max(largest / img_size, 1.0)))))
+            smallest_out = min(plan.out_sizes or [img_size])  # progressive resizing: its first, smallest crops
+            extra = max(0, int(math.floor(math.log2(max(largest / smallest_out, 1.0)))))
+            if self.per_image:  # each crop is resized from the original pixels: no pyramid
+                extra = 0
             for _ in range(extra if max_levels is None else min(extra, max_levels - 1)):
                 levels.append([half(a) for a in levels[-1]])
             self.level_heights = np.array([[a.shape[0] for a in level] for level in levels], np.int64)
@@ -144,9 +165,38 @@ class CacheLoader(splits.PlanPosition):
         crops = self.pixels.index_select(0, self.to_device(self.local[index]))
         return self.finish(crops.permute(0, 3, 1, 2).float(), index)
 
-    def train_batch(self, step):
-        """Every crop of the step resized to img_size at once: a fixed number of tensor operations."""
-        size, local = self.img_size, self.local[step["index"]]
+    def train_batch(self, step, size):
+        return self.crops_one_by_one(step, size) if self.per_image else self.crops_at_once(step, size)
+
+    def crops_one_by_one(self, step, size):
+        """Each crop of the step cut from its cached image (its box rounded to whole cached pixels, exact for an
+        image below the cap) and resized to `size` by torch's uint8 bilinear antialiased resize, as the torch
+        loader's PIL resize and DALI's triangle filter do; flipped; then one normalisation of the whole batch."""
+        local = self.local[step["index"]]
+        heights, widths, offsets = self.heights[local], self.widths[local], self.offsets[local]
+        top, left = np.rint(step["y"] * self.scale_y[local]), np.rint(step["x"] * self.scale_x[local])
+        bottom = np.minimum(np.maximum(np.rint((step["y"] + step["h"]) * self.scale_y[local]), top + 1), heights)
+        right = np.minimum(np.maximum(np.rint((step["x"] + step["w"]) * self.scale_x[local]), left + 1), widths)
+        out = torch.empty(len(local), size, size, 3, dtype=torch.uint8, device=self.device)
+        boxes = np.stack([heights, widths, offsets, top, left, bottom, right], 1).astype(np.int64).tolist()
+
+        def resize(part):
+            for i in part:
+                height, width, offset, top, left, bottom, right = boxes[i]
+                image = self.pixels[offset:offset + height * width * 3].view(1, height, width, 3)
+                crop = image[:, top:bottom, left:right].permute(0, 3, 1, 2)  # NCHW sizes, channels_last strides
+                resized = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)
+                out[i] = resized[0].permute(1, 2, 0)
+
+        threads = self.pool._max_workers
+        list(self.pool.map(resize, [range(k, len(boxes), threads) for k in range(threads)]))
+        flipped = self.to_device(np.flatnonzero(step["flip"]))
+        out[flipped] = out[flipped].flip(2)
+        return self.finish(out.permute(0, 3, 1, 2).float(), step["index"])
+
+    def crops_at_once(self, step, size):
+        """Every crop of the step resized to `size` at once: a fixed number of tensor operations."""
+        local = self.local[step["index"]]
         # Each crop samples the pyramid level it shrinks 1-2x from (level 0 when it shrinks less, or grows).
         shrink0 = np.maximum(step["h"] * self.scale_y[local], step["w"] * self.scale_x[local]) / size
         level = np.clip(np.floor(np.log2(np.maximum(shrink0, 1.0))).astype(np.int64), 0, len(self.level_heights) - 1)
@@ -198,7 +248,8 @@ class CacheLoader(splits.PlanPosition):
         return (samples + 0.5).astype(np.float32)
 
     def __iter__(self):
+        size = self.plan.out_size(self.epoch, self.img_size)
         for step in self.plan.epoch(self.epoch, self.batches_done):
-            batch = self.train_batch(step) if self.plan.train else self.val_batch(step["index"])
+            batch = self.train_batch(step, size) if self.plan.train else self.val_batch(step["index"])
             self.epoch, self.batches_done = splits.next_position(self.epoch, self.batches_done, self.plan.steps)
             yield batch

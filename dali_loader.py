@@ -7,9 +7,10 @@ same graph runs on DALI's CPU operators (device_id=None).
 
 The pipeline does not choose images or crops itself: an external source feeds it, step by step, the encoded
 bytes the shared splits.SamplePlan names, with each image's crop box and flip. Train: decode only the crop box
-(decoders.image_slice), resize it to img_size (antialiased), flip, normalise. Val/test: decode, resize the shorter
-side to img_size*256/224, centre crop, normalise. The stream runs on across epochs (the next epoch's first
-batches are decoded while this one ends); its position is (epoch, batches done), so resuming is exact.
+(decoders.image_slice), resize it to img_size or the epoch's size (antialiased), flip, normalise. Val/test:
+decode, resize the shorter side to img_size*256/224, centre crop, normalise. The stream runs on across epochs
+(the next epoch's first batches are decoded while this one ends, at that epoch's size); its position is (epoch,
+batches done), so resuming is exact.
 """
 import collections
 import os
@@ -61,12 +62,14 @@ class EncodedFiles:
 class PlanSource:
     """The pipeline's external source: each call returns the next step of the plan, epoch after epoch.
 
-    Train outputs: encoded bytes, crop anchor (x, y) and shape (w, h) in pixels, flip[, label]; val: bytes[, label]
-    (labels=None: no label output). `recent` keeps the last few batches, to name the file a decode error came from.
+    Train outputs: encoded bytes, crop anchor (x, y) and shape (w, h) in pixels, flip and output size (the epoch's:
+    SamplePlan.out_size)[, label]; val: bytes[, label] (labels=None: no label output; img_size=None: no flip or
+    size output, for the first-step pipeline). `recent` keeps the last few batches, to name the file a decode
+    error came from.
     """
 
-    def __init__(self, plan, encoded, labels, epoch, step, flips=True):
-        self.plan, self.encoded, self.flips = plan, encoded, flips
+    def __init__(self, plan, encoded, labels, epoch, step, img_size=None):
+        self.plan, self.encoded, self.img_size = plan, encoded, img_size
         self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
         self.epoch, self.steps = epoch, plan.epoch(epoch, step)
         self.recent = collections.deque(maxlen=4)
@@ -83,8 +86,9 @@ class PlanSource:
         if self.plan.train:
             out += [np.stack([batch["x"], batch["y"]], 1).astype(np.float32),
                     np.stack([batch["w"], batch["h"]], 1).astype(np.float32)]
-            if self.flips:
-                out.append(batch["flip"].astype(np.int32))
+            if self.img_size is not None:
+                size = self.plan.out_size(self.epoch, self.img_size)
+                out += [batch["flip"].astype(np.int32), np.full(len(index), size, np.float32)]
         if self.labels is not None:
             out.append(self.labels[index])
         return tuple(out)
@@ -110,9 +114,9 @@ if HAVE_DALI:
     @pipeline_def
     def caltech_pipeline(source, train, img_size, decoder_device, layout, hw_decoder_load):
         if train:
-            jpegs, anchor, shape, mirror, labels = fn.external_source(source=source, num_outputs=5, batch=True)
+            jpegs, anchor, shape, mirror, size, labels = fn.external_source(source=source, num_outputs=6, batch=True)
             images = decode(jpegs, decoder_device, anchor, shape, hw_decoder_load)
-            images = fn.resize(images, resize_x=img_size, resize_y=img_size, antialias=True)
+            images = fn.resize(images, resize_x=size, resize_y=size, antialias=True)
             return normalize(images, img_size, mirror, layout), labels
         jpegs, labels = fn.external_source(source=source, num_outputs=2, batch=True)
         images = fn.resize(decode(jpegs, decoder_device, hw_decoder_load=hw_decoder_load),
@@ -171,7 +175,7 @@ class DaliLoader(splits.PlanPosition):
 
     def _start(self):
         """A pipeline whose stream starts at (epoch, batches_done)."""
-        source = PlanSource(self.plan, self.encoded, self.labels, self.epoch, self.batches_done)
+        source = PlanSource(self.plan, self.encoded, self.labels, self.epoch, self.batches_done, self.img_size)
         on_gpu = self.device.type == "cuda"
         pipe = caltech_pipeline(source, self.plan.train, self.img_size, "mixed" if on_gpu else "cpu",
                                 "HWC" if self.channels_last else "CHW", self.hw_decoder_load,
@@ -208,7 +212,7 @@ class DaliLoader(splits.PlanPosition):
 def first_step_pipe(image_root, files, plan, device, workers, train, shorter=None, img_size=None):
     """A built first_step_pipeline over `files` following `plan`; run it with epoch_batches()."""
     check_workers(workers)
-    source = PlanSource(plan, EncodedFiles(image_root, files), None, 0, 0, flips=False)
+    source = PlanSource(plan, EncodedFiles(image_root, files), None, 0, 0)
     pipe = first_step_pipeline(source, train, shorter, img_size, "mixed" if device.type == "cuda" else "cpu",
                                batch_size=plan.batch_size, num_threads=workers, device_id=dali_device_id(device),
                                prefetch_queue_depth=2)

@@ -9,8 +9,9 @@ torchrun each rank gets its part of every step (see splits.step_sizes for what h
     train_loader, val_loader, classes = data_utils.build_loaders(data_root="data/Caltech101", img_size=224,
                                                                  batch_size=128, device=torch.device("cuda"))
 
-Train: random-resized crop (scale crop_scale_min-1, ratio 3/4-4/3, as torchvision), resize to img_size, random
-horizontal flip, normalize. Val/test: resize the shorter side to img_size*256/224, centre crop, normalize.
+Train: random-resized crop (scale crop_scale_min-1, ratio 3/4-4/3, as torchvision), resize to img_size (or to the
+epoch's size of a progressive-resizing schedule: SamplePlan.out_size), random horizontal flip, normalize.
+Val/test: resize the shorter side to img_size*256/224, centre crop, normalize.
 """
 import os
 
@@ -23,7 +24,7 @@ import splits
 
 
 class PlanDataset(torch.utils.data.Dataset):
-    """Items are the plan's per-image entries: (index,) for val, (index, y, x, h, w, flip) for train."""
+    """Items are the plan's per-image entries: (index,) for val, (index, y, x, h, w, flip, out size) for train."""
 
     def __init__(self, root, files, labels, img_size):
         self.root, self.files, self.labels, self.img_size = root, files, labels, img_size
@@ -35,8 +36,8 @@ class PlanDataset(torch.utils.data.Dataset):
         image = splits.load_rgb(os.path.join(self.root, self.files[item[0]]))
         if len(item) == 1:
             return self.val(image), self.labels[item[0]]
-        _, y, x, h, w, flip = item
-        image = TF.resized_crop(image, y, x, h, w, [self.img_size, self.img_size],
+        _, y, x, h, w, flip, size = item
+        image = TF.resized_crop(image, y, x, h, w, [size, size],
                                 TF.InterpolationMode.BILINEAR, antialias=True)
         if flip:
             image = TF.hflip(image)
@@ -46,16 +47,21 @@ class PlanDataset(torch.utils.data.Dataset):
 class PlanBatches:
     """The DataLoader's batch sampler: the plan's steps of one epoch, from a start step, as lists of items."""
 
-    def __init__(self, plan):
-        self.plan, self.epoch, self.start = plan, 0, 0
+    def __init__(self, plan, img_size):
+        self.plan, self.img_size, self.epoch, self.start = plan, img_size, 0, 0
 
     def __len__(self):
         return self.plan.steps - self.start
 
     def __iter__(self):
-        keys = ("index", "y", "x", "h", "w", "flip") if self.plan.train else ("index",)
+        if not self.plan.train:
+            for step in self.plan.epoch(self.epoch, self.start):
+                yield [(i,) for i in step["index"].tolist()]
+            return
+        size = self.plan.out_size(self.epoch, self.img_size)
         for step in self.plan.epoch(self.epoch, self.start):
-            yield list(zip(*(step[k].tolist() for k in keys)))
+            columns = [step[k].tolist() for k in ("index", "y", "x", "h", "w", "flip")]
+            yield list(zip(*columns, [size] * len(columns[0])))
 
 
 def ignore_sigint(_worker_id):
@@ -76,7 +82,7 @@ class TorchLoader(splits.PlanPosition):
                  channels_last=True, hw_decoder_load=None):  # hw_decoder_load: DALI's decoder only
         self.plan, self.device, self.dtype, self.channels_last = plan, device, dtype, channels_last
         self.num_images = plan.num_local
-        self.batches = PlanBatches(plan)
+        self.batches = PlanBatches(plan, img_size)
         self.epoch, self.batches_done = 0, 0
         self.loader = torch.utils.data.DataLoader(
             PlanDataset(image_root, files, labels, img_size), batch_sampler=self.batches, num_workers=workers,
@@ -98,21 +104,23 @@ LOADERS = {"dali": dali_loader.DaliLoader, "torch": TorchLoader}
 
 def build_loader(data_root, split, img_size, batch_size, device, dtype=torch.float32, loader="dali", workers=4,
                  seed=0, rank=0, world=1, drop_last=False, crop_scale_min=splits.RRC_SCALE[0], cache=False,
-                 channels_last=True, train=None, hw_decoder_load=dali_loader.HW_DECODER_LOAD):
+                 channels_last=True, train=None, hw_decoder_load=dali_loader.HW_DECODER_LOAD, out_sizes=None):
     """One loader over one split of a prepared root. `batch_size` is per rank. Train (by default the train split)
     augments and reshuffles every epoch; val/test, or train=False, is the deterministic val transform.
-    cache=True decodes the rank's images once (with `loader`'s decoder) and keeps them on the device."""
+    cache=True decodes the rank's images once (with `loader`'s decoder) and keeps them on the device.
+    out_sizes: progressive resizing, the train crop size of every epoch (item 0: the first; None: img_size)."""
     files, labels = splits.read_split(data_root, split)
     return loader_over(splits.image_root(data_root), files, labels, img_size, batch_size, device, dtype=dtype,
                        loader=loader, workers=workers, seed=seed, rank=rank, world=world, drop_last=drop_last,
                        crop_scale_min=crop_scale_min, cache=cache, channels_last=channels_last,
                        train=split == "train" if train is None else train, hw_decoder_load=hw_decoder_load,
-                       what=f"the {split} split")
+                       what=f"the {split} split", out_sizes=out_sizes)
 
 
 def loader_over(root, files, labels, img_size, batch_size, device, dtype=torch.float32, loader="dali", workers=4,
                 seed=0, rank=0, world=1, drop_last=False, crop_scale_min=splits.RRC_SCALE[0], cache=False,
-                channels_last=True, train=True, hw_decoder_load=dali_loader.HW_DECODER_LOAD, what="the list"):
+                channels_last=True, train=True, hw_decoder_load=dali_loader.HW_DECODER_LOAD, what="the list",
+                out_sizes=None):
     """build_loader over a list of files under `root` (paths relative to it) instead of a split."""
     if loader not in LOADERS:
         raise splits.DataError(f"unknown loader '{loader}': choose one of {', '.join(LOADERS)}")
@@ -121,7 +129,8 @@ def loader_over(root, files, labels, img_size, batch_size, device, dtype=torch.f
     sizes = splits.image_sizes(root, files)
     plan = splits.SamplePlan(len(files), batch_size, train, seed=seed, rank=rank, world=world,
                              drop_last=drop_last and train, sizes=sizes if train else None,
-                             crop_scale=(crop_scale_min, 1.0), fixed_shard=cache)
+                             crop_scale=(crop_scale_min, 1.0), fixed_shard=cache,
+                             out_sizes=out_sizes if train else None)
     if plan.num_local == 0 or plan.steps == 0:
         raise splits.DataError(f"{what} ({len(files)} images) is too small for {world} rank(s) with "
                                f"{batch_size} images each per step")
@@ -155,4 +164,5 @@ def loader_from_settings(cfg, split, batch_size, device, dtype, rank=0, world=1,
                         loader=cfg["loader"], workers=cfg["workers"], seed=cfg["seed"], rank=rank, world=world,
                         drop_last=cfg["drop_last"] or cfg["compile"],  # static shapes for torch.compile
                         crop_scale_min=cfg["crop_scale_min"], cache=cfg["cache"] if cache is None else cache,
-                        channels_last=cfg["channels_last"], train=train, hw_decoder_load=cfg["hw_decoder_load"])
+                        channels_last=cfg["channels_last"], train=train, hw_decoder_load=cfg["hw_decoder_load"],
+                        out_sizes=presets.train_sizes(cfg) if train and cfg.get("img_size_start") else None)

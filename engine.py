@@ -136,8 +136,19 @@ def step_model_for(model, cfg, device, world):
         wrapped = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg["compile"]:
-        wrapped = torch.compile(wrapped, mode=None if cfg["compile_mode"] == "default" else cfg["compile_mode"])
+        wrapped = compiled(wrapped, cfg)
     return wrapped
+
+
+def compiled(model, cfg):
+    """torch.compile with one graph per input shape: each train size of a progressive-resizing schedule and
+    evaluation's get their own static graph (and CUDA graph under reduce-overhead), rather than one dynamic-shape
+    graph from the second size on, and the recompile limit leaves room for all of them."""
+    graphs = len(set(presets.train_sizes(cfg))) + 1
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, graphs + 1)
+    return torch.compile(model, mode=None if cfg["compile_mode"] == "default" else cfg["compile_mode"],
+                         dynamic=False)
 
 
 def build_model(cfg, num_classes, device, quiet=False):

@@ -34,6 +34,12 @@ SETTINGS = {
     "img_size": (224, "train crop and val centre crop, pixels"),
     "eval_img_size": (0, "val/test centre crop, pixels, also predict's and export's (0: img_size); the shorter "
                          "side is resized to 256/224 of it"),
+    "img_size_start": (0, "progressive resizing: train crop size of the first epochs, pixels (0: off, img_size "
+                          "throughout)"),
+    "img_size_ramp": (None, "progressive resizing 'A,B': the train size rises from img_size_start after epoch A to "
+                            "img_size at epoch B (1-based) in img_size_step steps (default with a start: 0.25 and "
+                            "0.75 of the epochs)"),
+    "img_size_step": (16, "progressive resizing: train sizes are multiples of this many pixels"),
     "crop_scale_min": (0.08, "RandomResizedCrop: smallest crop, as a fraction of the image area"),
     "workers": (8, "DALI threads or DataLoader worker processes (per rank)"),
     "cache": (False, "decode every image once into uint8 on the device; crops, flips and normalisation there"),
@@ -121,13 +127,15 @@ SHORTHANDS = {  # the first of the freeze shorthands given decides, as in the tr
     "freeze_backbone": ("= --trainable head", lambda v: {"trainable": "head"} if v else {}),
 }
 # What a setting whose default is None takes, for its error message.
-EXPECTED = {"weights": "a path or null", "name": "a folder name or null", "resume": "a last.pth, auto or null",
+EXPECTED = {"img_size_ramp": "two epochs 'A,B' or null", "weights": "a path or null",
+            "name": "a folder name or null", "resume": "a last.pth, auto or null",
             "stage_lrs": "LRs from the head down: a list or comma-separated numbers, or null"}
 # Settings a resumed run keeps from its checkpoint: a command line that asks for another value is refused, since
 # the run would become another run. Any other setting (workers, device, amp, eval cadence, data_root when the split
 # is the same, ...) may change on resume; the change is printed.
-RUN_DEFINING = ("loader", "img_size", "eval_img_size", "crop_scale_min", "cache", "drop_last", "arch", "pretrained",
-                "weights", "trainable", "freeze_epochs", "frozen_bn", "sync_bn", "epochs", "batch_size", "optimizer",
+RUN_DEFINING = ("loader", "img_size", "eval_img_size", "img_size_start", "img_size_ramp", "img_size_step",
+                "crop_scale_min", "cache", "drop_last", "arch", "pretrained", "weights", "trainable", "freeze_epochs",
+                "frozen_bn", "sync_bn", "epochs", "batch_size", "optimizer",
                 "lr_backbone", "lr_fc", "layer_decay", "stage_lrs", "weight_decay", "momentum", "warmup_epochs",
                 "schedule", "min_lr_ratio", "grad_clip", "label_smoothing", "mixup_alpha", "cutmix_alpha",
                 "mix_switch_prob", "ema_decay", "ema_every", "ema_warmup", "monitor", "seed")
@@ -164,12 +172,12 @@ PRESETS = {
     "r34_scratch": dict(_scratch, arch="resnet34"),
     "r50_scratch": dict(_scratch, arch="resnet50"),
     "r101_scratch": dict(_scratch, arch="resnet101"),
-    # no GPU needed: ResNet-18 from scratch at 96 px, short warmup + cosine, label smoothing, bf16 + channels_last;
-    # about 0.66 val top-1 in about 12 minutes on 2 CPU cores (README, "Measured")
-    "cpu_smoke": dict(pretrained=False, img_size=96, crop_scale_min=0.35, epochs=32, batch_size=64,
-                      eval_batch_size=256, optimizer="adamw", lr_backbone=2e-3, lr_fc=2e-3, weight_decay=0.05,
-                      warmup_epochs=2.0, schedule="cosine", label_smoothing=0.1, mixup_alpha=0.0, cutmix_alpha=0.0,
-                      workers=2, eval_every=8, device="cpu", amp="auto"),
+    # no GPU needed (ours, not the report's): ResNet-18 from scratch, progressive resizing 64 -> 96 px over the
+    # middle half, short warmup + cosine, label smoothing, bf16 where the CPU has it; README, "Measured"
+    "cpu_smoke": dict(pretrained=False, img_size=96, img_size_start=64, crop_scale_min=0.35, epochs=32,
+                      batch_size=64, eval_batch_size=256, optimizer="adamw", lr_backbone=2e-3, lr_fc=2e-3,
+                      weight_decay=0.05, warmup_epochs=2.0, schedule="cosine", label_smoothing=0.1, mixup_alpha=0.0,
+                      cutmix_alpha=0.0, workers=2, eval_every=4, device="cpu", amp="auto"),
 }
 
 
@@ -234,6 +242,76 @@ def eval_size(cfg):
     return cfg.get("eval_img_size") or cfg["img_size"]
 
 
+def parse_ramp(text, epochs):
+    """'A,B' -> (A, B), the epochs between which the train size rises; None: a quarter and three quarters of the run."""
+    if text is None:
+        return epochs // 4, (3 * epochs) // 4
+    try:
+        first, last = (int(part) for part in str(text).split(","))
+    except ValueError:
+        raise ConfigError(f"img_size_ramp={text!r}: expected two epochs 'A,B', e.g. 8,24") from None
+    if not 0 <= first < last <= epochs:
+        raise ConfigError(f"img_size_ramp={text!r}: needs 0 <= A < B <= epochs ({epochs})")
+    return first, last
+
+
+def train_sizes(cfg):
+    """The train crop size of every epoch (item 0: epoch 1). Without img_size_start, img_size throughout; with it,
+    img_size_start up to epoch A of img_size_ramp, then the linear rise to img_size at epoch B rounded down to a
+    multiple of img_size_step (never below the start), and img_size from epoch B on, so BatchNorm and the head
+    settle at the final size."""
+    final, start, epochs = cfg["img_size"], cfg.get("img_size_start", 0), cfg["epochs"]
+    if not start:
+        return [final] * epochs
+    first, last = parse_ramp(cfg.get("img_size_ramp"), epochs)
+    step = cfg.get("img_size_step", 16)
+    sizes = []
+    for epoch in range(1, epochs + 1):
+        rising = start + (final - start) * min(max(epoch - first, 0), last - first) // (last - first)
+        sizes.append(final if epoch >= last else max(start, rising // step * step))
+    return sizes
+
+
+def describe_sizes(sizes):
+    """'64 px epochs 1-8, 80 px epochs 9-16, 96 px epochs 17-32'."""
+    spans, begin = [], 1
+    for epoch in range(2, len(sizes) + 2):
+        if epoch > len(sizes) or sizes[epoch - 1] != sizes[begin - 1]:
+            epochs = f"epoch {begin}" if begin == epoch - 1 else f"epochs {begin}-{epoch - 1}"
+            spans.append(f"{sizes[begin - 1]} px {epochs}")
+            begin = epoch
+    return ", ".join(spans)
+
+
+def fit_size_schedule(cfg, schedule_from, where):
+    """A resolution schedule set before img_size or epochs were changed (a preset's, under `--img_size 32 --epochs
+    1`): another final size drops it (its start size was chosen for the preset's); other epochs scale its ramp
+    (a ramp left to its default is a share of the run already), or drop it where no ramp is left. Said in one
+    line on stdout (a user error after it stays one line on stderr), never an error. `schedule_from`: the settings
+    as they stood when the schedule was last set."""
+    if not cfg["img_size_start"]:
+        return
+    before = f"img_size_start {cfg['img_size_start']}" + (f", img_size_ramp {cfg['img_size_ramp']}"
+                                                           if cfg["img_size_ramp"] else "")
+    if cfg["img_size"] != schedule_from["img_size"]:
+        cfg["img_size_start"], cfg["img_size_ramp"] = 0, None
+        after = f"dropped for img_size {cfg['img_size']} (pass --img_size_start to ramp up to it)"
+    elif cfg["img_size_ramp"] is not None and cfg["epochs"] != schedule_from["epochs"]:
+        first, last = parse_ramp(cfg["img_size_ramp"], schedule_from["epochs"])
+        first, last = first * cfg["epochs"] // schedule_from["epochs"], -(-last * cfg["epochs"] //
+                                                                         schedule_from["epochs"])
+        if first < last:
+            cfg["img_size_ramp"] = f"{first},{last}"
+            after = f"img_size_ramp {cfg['img_size_ramp']} for {cfg['epochs']} epochs"
+        else:
+            cfg["img_size_start"], cfg["img_size_ramp"] = 0, None
+            after = f"dropped: no ramp left in {cfg['epochs']} epochs"
+    else:
+        return
+    if os.environ.get("RANK", "0") == "0":
+        print(f"note: {where}'s resolution schedule ({before}) {after}")  # stdout: stderr is for errors
+
+
 def parse_stage_lrs(text):
     """'1e-3,1e-4' -> [0.001, 0.0001]: peak LRs from the head down."""
     try:
@@ -266,6 +344,15 @@ def validate(cfg):
         raise ConfigError(f"img_size must be >= 32 pixels (got {cfg['img_size']})")
     if cfg["eval_img_size"] and cfg["eval_img_size"] < 32:
         raise ConfigError(f"eval_img_size must be >= 32 pixels, or 0 for img_size (got {cfg['eval_img_size']})")
+    if cfg["img_size_start"]:
+        if not 32 <= cfg["img_size_start"] < cfg["img_size"]:
+            raise ConfigError(f"img_size_start must be >= 32 and below img_size {cfg['img_size']} pixels, or 0 for no "
+                              f"progressive resizing (got {cfg['img_size_start']})")
+        parse_ramp(cfg["img_size_ramp"], cfg["epochs"])
+    elif cfg["img_size_ramp"] is not None:
+        raise ConfigError(f"img_size_ramp={cfg['img_size_ramp']!r} needs img_size_start (the first epochs' size)")
+    if cfg["img_size_step"] <= 0:
+        raise ConfigError(f"img_size_step must be > 0 pixels (got {cfg['img_size_step']})")
     if not 0 < cfg["crop_scale_min"] <= 1:
         raise ConfigError(f"crop_scale_min must be in (0, 1] (got {cfg['crop_scale_min']})")
     for key in ("mix_switch_prob", "min_lr_ratio", "hw_decoder_load"):
@@ -352,6 +439,7 @@ def resolve(exp=None, overrides=None, config=None):
     if exp not in PRESETS:
         raise ConfigError(f"unknown preset '{exp}'; valid presets: {', '.join(PRESETS)}")
     cfg = copy.deepcopy(DEFAULTS)
+    schedule_from, schedule_where = None, None
     for source, where in ((PRESETS[exp], f"preset {exp}"), (file_values, config if isinstance(config, str)
                                                             else "config"), (overrides or {}, "flag")):
         for key, value in source.items():
@@ -359,6 +447,12 @@ def resolve(exp=None, overrides=None, config=None):
                 continue
             key, value = canonical(key, value, where="setting")
             cfg[key] = check_type(key, value, where=where)
+            if key in ("img_size_start", "img_size_ramp"):
+                schedule_where = where
+        if schedule_where == where:
+            schedule_from = dict(cfg)
+    if schedule_from is not None and schedule_where != "flag":
+        fit_size_schedule(cfg, schedule_from, schedule_where)
     validate(cfg)
     cfg["exp"] = exp
     return cfg

@@ -45,10 +45,24 @@ def epoch_line(cfg, epoch, stats, row, stopper, ema, run_start, state):
         line += (f" | val{' (EMA)' if ema is not None else ''} {metrics.describe(val)}"
                  + (f" (raw top-1 {row['raw_val_top1']:.4f})" if "raw_val_top1" in row else "")
                  + f" (best {cfg['monitor']} {stopper.best:.4f} @ {stopper.best_epoch})")
-    done = epoch - state["next_epoch"] + 1
-    per_epoch = (time.perf_counter() - run_start) / max(done, 1)
-    remaining = per_epoch * (cfg["epochs"] - epoch)
+    remaining = eta_seconds(cfg, epoch, state["rows"], state["next_epoch"], time.perf_counter() - run_start)
     return line + f" | {row['wall_time_s']:.0f}s, ETA {format_duration(remaining)}"
+
+
+def eta_seconds(cfg, epoch, rows, first_epoch, elapsed):
+    """What the rest of the run will take, from this process's epochs so far (first_epoch on; `elapsed` seconds):
+    training time per unit of pixels (an epoch's cost follows its train size under progressive resizing) times
+    the pixels to come, plus the evaluations to come at the mean time of those so far, plus the rest (saving,
+    start-up) per epoch."""
+    cost = [(size / cfg["img_size"]) ** 2 for size in presets.train_sizes(cfg)]
+    mine = [r for r in rows if r["epoch"] >= first_epoch]
+    train_s = sum(r["train_time_s"] for r in mine)
+    evals = [r["val_images"] / r["val_images_per_s"] for r in mine if r.get("val_images_per_s")]
+    evals_left = sum(1 for e in range(epoch + 1, cfg["epochs"] + 1) if e % cfg["eval_every"] == 0
+                     or e == cfg["epochs"])
+    rest_per_epoch = max(elapsed - train_s - sum(evals), 0.0) / max(len(mine), 1)
+    return (train_s / max(sum(cost[r["epoch"] - 1] for r in mine), 1e-9) * sum(cost[epoch:])
+            + (sum(evals) / len(evals) if evals else 0.0) * evals_left + rest_per_epoch * (cfg["epochs"] - epoch))
 
 
 def format_duration(seconds):
@@ -67,12 +81,17 @@ def describe(cfg, log, device, amp_dtype, use_scaler, train_loader, val_loader, 
     log(f"run folder {run_dir}")
     log(f"device {device}, amp {amp_dtype}, grad scaler {use_scaler}, channels_last {cfg['channels_last']}, "
         f"loader {train_loader.kind}, torch.compile {cfg['compile']}"
-        + (f" ({cfg['compile_mode']}; the short last train step is dropped for static shapes)"
-           if cfg["compile"] else ""))
+        + (f" ({cfg['compile_mode']}; {len(set(presets.train_sizes(cfg))) + 1} graphs: one per train size and one "
+           f"for evaluation; the short last train step is dropped for static shapes)" if cfg["compile"] else ""))
     log(f"processes: world size {world}, per-rank batch {batch}, global batch {batch * world}")
     log(f"data: {len(model_utils.unwrap(model).fc.weight)} classes, {train_loader.num_images * world} train "
         f"({train_loader.num_images} per rank) / {val_loader.plan.num_images} val images; train crops "
         f"{cfg['img_size']} px, val centre crops {presets.eval_size(cfg)} px")
+    sizes = presets.train_sizes(cfg)
+    if len(set(sizes)) > 1:
+        share = sum(size ** 2 for size in sizes) / (cfg["img_size"] ** 2 * len(sizes))
+        log(f"progressive resizing: train crops {presets.describe_sizes(sizes)} ({share:.0%} of the pixels of "
+            f"{cfg['img_size']} px throughout)")
     init = cfg["weights"] or ("ImageNet" if cfg["pretrained"] else "scratch")
     log(f"model: {cfg['arch']} ({init} init), {n_params / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trainable "
         f"(trainable={cfg['trainable']}" + (f" for {cfg['freeze_epochs']} epochs, then all" if cfg["freeze_epochs"]
@@ -107,20 +126,39 @@ def time_step(probe, images, amp_dtype, device):
 
 def estimate_duration(cfg, log, model, device, amp_dtype, batch, steps_per_epoch, val_images):
     """Time training steps on a copy of the model with a synthetic batch (with what trains in each phase: frozen
-    epochs, then everything), and print what the run will take."""
+    epochs, then everything), and print what the run will take. Under progressive resizing, steps are timed at the
+    smallest and the final size, and an epoch's step time is the straight line between them at its pixel count."""
     probe = copy.deepcopy(model_utils.unwrap(model)).train()
-    images = torch.zeros(batch, 3, cfg["img_size"], cfg["img_size"], device=device)
-    images = images.to(memory_format=model_utils.memory_format(cfg["channels_last"]))
+    sizes = presets.train_sizes(cfg)
     frozen_epochs = cfg["freeze_epochs"] or (cfg["epochs"] if cfg["trainable"] != "all" else 0)
-    step_frozen = time_step(probe, images, amp_dtype, device) if frozen_epochs else 0.0
-    probe.requires_grad_(True)
-    step_all = time_step(probe, images, amp_dtype, device) if frozen_epochs < cfg["epochs"] else 0.0
-    del probe
+
+    def step_times(trains):
+        """{size: seconds per step} at the smallest and the final train size."""
+        model_utils.apply_freeze(probe, trains)
+        times = {}
+        for size in sorted({min(sizes), cfg["img_size"]}):
+            images = torch.zeros(batch, 3, size, size, device=device)
+            images = images.to(memory_format=model_utils.memory_format(cfg["channels_last"]))
+            times[size] = time_step(probe, images, amp_dtype, device)
+        return times
+
+    def epoch_seconds(times, size):
+        (small, t_small), (big, t_big) = min(times.items()), max(times.items())
+        return steps_per_epoch * (t_big if big == small else t_small + (t_big - t_small) * (size ** 2 - small ** 2)
+                                  / (big ** 2 - small ** 2))
+
+    frozen_times = step_times(cfg["trainable"]) if frozen_epochs else {}
+    all_times = step_times("all") if frozen_epochs < cfg["epochs"] else {}
+    step_frozen, step_all = frozen_times.get(cfg["img_size"], 0.0), all_times.get(cfg["img_size"], 0.0)
     evals = math.ceil(cfg["epochs"] / cfg["eval_every"])
-    total = steps_per_epoch * (step_frozen * frozen_epochs + step_all * (cfg["epochs"] - frozen_epochs)) \
+    total = sum(epoch_seconds(frozen_times if epoch <= frozen_epochs else all_times, size)
+                for epoch, size in enumerate(sizes, 1)) \
         + max(step_all, step_frozen) / batch / 3 * val_images * evals  # a forward is about a third of a step
     steps = ", ".join(f"{s:.2f}s per step {what}" for s, what in ((step_frozen, "frozen"), (step_all, "training "
                       "everything")) if s) if frozen_epochs else f"{step_all:.2f}s per step"
+    if min(sizes) < cfg["img_size"]:
+        smallest = (all_times or frozen_times)[min(sizes)]
+        steps += f" at {cfg['img_size']} px ({smallest:.2f}s at {min(sizes)} px)"
     # Short or partly frozen runs spend much of their time outside the model (data, evaluation, start-up).
     rough = "; rough: a short or partly frozen run spends much of its time loading data and evaluating" \
         if frozen_epochs or steps_per_epoch * cfg["epochs"] < 200 else ""
@@ -129,6 +167,7 @@ def estimate_duration(cfg, log, model, device, amp_dtype, batch, steps_per_epoch
     if device.type == "cpu" and cfg["exp"] != "cpu_smoke" and total > 3600:
         log(f"note: preset {cfg['exp']} is meant for a GPU; on this CPU it would take about {format_duration(total)}: "
             f"try --exp cpu_smoke (about 12 minutes on 2 cores)")
+    return total
 
 
 def summary(cfg, rows, stopper, ema, stop_reason, evaluated):

@@ -354,7 +354,8 @@ class PlanPosition(abc.ABC):
 
 
 class SamplePlan:
-    """Which images each step of an epoch gives this rank, and (train) the crop box and flip of each.
+    """Which images each step of an epoch gives this rank, and (train) the crop box and flip of each, and the size
+    the epoch's crops are resized to (out_size: progressive resizing changes it per epoch, never the boxes).
 
     Train, `fixed_shard=False`: one permutation of the whole split per epoch, drawn from (seed, epoch); each
     global batch of batch_size * world images is cut into `world` contiguous parts and rank k takes part k, so a
@@ -367,10 +368,11 @@ class SamplePlan:
     """
 
     def __init__(self, num_images, batch_size, train, seed=0, rank=0, world=1, drop_last=False, sizes=None,
-                 crop_scale=RRC_SCALE, fixed_shard=False):
+                 crop_scale=RRC_SCALE, fixed_shard=False, out_sizes=None):
         self.num_images, self.batch_size, self.train, self.seed = num_images, batch_size, train, seed
         self.rank, self.world, self.fixed_shard = rank, world, fixed_shard
         self.crop_scale = crop_scale
+        self.out_sizes = tuple(out_sizes) if out_sizes else None
         self.heights, self.widths = sizes if sizes is not None else (None, None)
         if train:
             if sizes is None:
@@ -382,6 +384,11 @@ class SamplePlan:
             self.lo, self.hi = num_images * rank // world, num_images * (rank + 1) // world
             self.num_local = self.hi - self.lo
             self.steps = -(-self.num_local // batch_size)
+
+    def out_size(self, epoch, img_size):
+        """The output size of an epoch's train crops (epoch 0 first): the progressive-resizing schedule's, or
+        img_size without one; past the schedule's end (a stream read ahead beyond the run), its last size."""
+        return self.out_sizes[min(epoch, len(self.out_sizes) - 1)] if self.out_sizes else img_size
 
     def global_images(self, step):
         """Images in one step across all ranks (the divisor of the step's mean loss)."""

@@ -265,7 +265,7 @@ def train(cfg, device, amp_dtype, use_scaler, batch, eval_batch, resume_path, ck
     trainable = phase(cfg, state["next_epoch"])
     model_utils.apply_freeze(model, trainable)
     step_model = engine.step_model_for(model, cfg, device, world)
-    eval_model = torch.compile(model) if cfg["compile"] and world > 1 else (step_model if world == 1 else model)
+    eval_model = engine.compiled(model, cfg) if cfg["compile"] and world > 1 else (step_model if world == 1 else model)
     save_every, stop_reason = cfg["save_every_steps"], None
     try:
         for epoch in range(state["next_epoch"], cfg["epochs"] + 1):

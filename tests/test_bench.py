@@ -26,7 +26,7 @@ def test_bench_reports_both_sides_and_their_ratio(prepared_root, tmp_path):
 
 
 def test_bench_rejects_unknown_sections_and_nonsense(prepared_root):
-    with pytest.raises(bench.presets.ConfigError, match="choose from data, step, e2e, eval, infer, overhead"):
+    with pytest.raises(bench.presets.ConfigError, match="choose from data, step, e2e, eval, infer, overhead, recipes"):
         bench.main(bench.get_args_parser().parse_args(["--data_root", prepared_root, "--only", "disk"]))
     with pytest.raises(bench.presets.ConfigError, match="--rounds must be at least 1"):
         bench.main(bench.get_args_parser().parse_args(["--data_root", prepared_root, "--rounds", "0"]))
@@ -59,3 +59,27 @@ def test_infer_and_overhead_sections(prepared_root):
     # ResNet-18 (11.2M fp32 parameters, 45 MB) plus AdamW's two moments: 135 MB.
     assert writes["kit_name"].startswith("last.pth (135 MB)") and writes["kit"] > 0
     assert results[5]["kit"] < writes["kit"]  # the background writer stalls training less than a synchronous write
+
+
+def test_recipes_race_two_runs_to_a_val_top1(prepared_root, tmp_path, monkeypatch):
+    """Two tiny recipes (the second with progressive resizing) one after the other: each one's time to the target
+    is its first evaluation at or above it in its own metrics.csv, and the ratio is the first's over the second's.
+    A target neither reaches is reported as not reached (infinite time), with the best it got."""
+    import contextlib
+
+    import runs
+
+    monkeypatch.setattr(bench.tempfile, "TemporaryDirectory", lambda: contextlib.nullcontext(str(tmp_path)))
+    tiny = ("--img_size 48 --batch_size 4 --eval_batch_size 8 --workers 1 --epochs 2 --warmup_epochs 0.5 "
+            "--eval_every 1")
+    recipes = [f"--exp cpu_smoke {tiny}", f"--exp cpu_smoke {tiny} --img_size_start 32"]
+    args = bench.get_args_parser().parse_args(["--data_root", prepared_root, "--only", "recipes", "--target", "0",
+                                               "--recipes", *recipes])
+    (result,) = bench.main(args)
+    first_eval = [runs.read_metrics(str(tmp_path / f"recipe_{k}"))[0]["wall_time_s"] for k in (0, 1)]
+    assert (result["plain"], result["kit"]) == tuple(first_eval)
+    assert result["ratio"] == first_eval[0] / first_eval[1]
+    assert result["kit_name"].startswith(f"recipe B ({recipes[1]}): s to val top-1 0.0")
+    args.target = 1.01
+    (result,) = bench.main(args)
+    assert result["kit"] == result["plain"] == float("inf") and "(not reached; best " in result["kit_name"]

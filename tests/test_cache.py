@@ -23,12 +23,17 @@ def epoch_of(loader):
     return torch.cat(images), torch.cat(labels)
 
 
-def loaders(root, files, labels, train, img_size, batch_size, seed=0, **kw):
+def loaders(root, files, labels, train, img_size, batch_size, seed=0, per_image=None, **kw):
+    """(DALI loader, cache) over one plan; per_image=False: the cache's fixed-ops batch path (the GPU's) on the CPU,
+    True or None (on this CPU): its crops one by one."""
     sizes = splits.image_sizes(root, files) if train else None
     plan = splits.SamplePlan(len(files), batch_size, train, seed=seed, sizes=sizes, fixed_shard=True, **kw)
     common = dict(device=CPU, workers=1)
     return (data_utils.dali_loader.DaliLoader(root, files, labels, plan, img_size, **common),
-            cache_loader.CacheLoader(root, files, labels, plan, img_size, **common))
+            cache_loader.CacheLoader(root, files, labels, plan, img_size, per_image=per_image, **common))
+
+
+BOTH_PATHS = pytest.mark.parametrize("per_image", [True, False], ids=["one_by_one", "fixed_ops"])
 
 
 @pytest.mark.parametrize("split", ["val", "train"])
@@ -73,30 +78,34 @@ def coordinate_tree(tmp_path_factory):
     return str(root), files
 
 
-def test_cache_crops_are_the_plans_boxes(coordinate_tree):
-    """Known answer: the first and last output columns sit at the box's first and last pixel centres
-    (x + 0.5 * w/S - 0.5 and x + w - 0.5 - 0.5 * w/S after resizing), mirrored where the plan flips."""
+@BOTH_PATHS
+def test_cache_crops_are_the_plans_boxes(coordinate_tree, per_image):
+    """Known answer: the second and next-to-last output columns sit at their pixel centres in the box
+    (x + 1.5 * w/S - 0.5 and x + w - 0.5 - 1.5 * w/S after resizing), mirrored where the plan flips."""
     root, files = coordinate_tree
     size = 48
-    dali, cache = loaders(root, files, list(range(len(files))), True, size, 8, seed=4, crop_scale=(0.3, 1.0))
+    dali, cache = loaders(root, files, list(range(len(files))), True, size, 8, seed=4, crop_scale=(0.3, 1.0),
+                          per_image=per_image)
     steps = list(cache.plan.epoch(0))
     for loader in (cache, dali):
         images, _ = epoch_of(loader)
         pixels = images * STD + MEAN
         box = {k: np.concatenate([s[k] for s in steps]) for k in ("x", "y", "w", "h", "flip")}
         scale_x, scale_y = box["w"] / size, box["h"] / size
-        first_x = np.maximum(box["x"] + 0.5 * scale_x - 0.5, box["x"])
-        last_x = np.minimum(box["x"] + box["w"] - 0.5 - 0.5 * scale_x, box["x"] + box["w"] - 1)
-        left, right = pixels[:, 0, :, 0].mean(1).numpy(), pixels[:, 0, :, -1].mean(1).numpy()
-        expect_left = np.where(box["flip"], last_x, first_x)
-        expect_right = np.where(box["flip"], first_x, last_x)
+        # The columns next to the edges: their filter windows lie inside the box (at an edge itself PIL's filter,
+        # which the one-by-one path and the torch loader share, renormalises a cut window where DALI clamps).
+        second_x = np.maximum(box["x"] + 1.5 * scale_x - 0.5, box["x"])
+        next_to_last_x = np.minimum(box["x"] + box["w"] - 0.5 - 1.5 * scale_x, box["x"] + box["w"] - 1)
+        left, right = pixels[:, 0, :, 1].mean(1).numpy(), pixels[:, 0, :, -2].mean(1).numpy()
+        expect_left = np.where(box["flip"], next_to_last_x, second_x)
+        expect_right = np.where(box["flip"], second_x, next_to_last_x)
         # Within 1.1 grey levels: antialiasing averages neighbours of a linear ramp (no shift) and DALI/the cache
         # round to uint8 at different points; a box off by one pixel, or a missed flip, fails.
         assert np.abs(left - expect_left).max() < 1.1, loader.kind
         assert np.abs(right - expect_right).max() < 1.1, loader.kind
-        top = pixels[:, 1, 0, :].mean(1).numpy()
-        first_y = np.maximum(box["y"] + 0.5 * scale_y - 0.5, box["y"])
-        assert np.abs(top - first_y).max() < 1.1, loader.kind
+        top = pixels[:, 1, 1, :].mean(1).numpy()
+        second_y = np.maximum(box["y"] + 1.5 * scale_y - 0.5, box["y"])
+        assert np.abs(top - second_y).max() < 1.1, loader.kind
 
 
 def test_crops_sample_the_pyramid_level_they_shrink_least_from(coordinate_tree, monkeypatch):
@@ -115,7 +124,7 @@ def test_crops_sample_the_pyramid_level_they_shrink_least_from(coordinate_tree, 
         plan = splits.SamplePlan(len(files), 8, True, seed=4, sizes=splits.image_sizes(root, files),
                                  crop_scale=(0.3, 1.0), fixed_shard=True)
         cache = cache_loader.CacheLoader(root, files, list(range(len(files))), plan, 48, CPU, workers=1,
-                                         max_levels=max_levels)
+                                         max_levels=max_levels, per_image=False)
         seen.clear()
         epoch_of(cache)
         windows, samples = max(max(w) for w, _ in seen), max(k for _, k in seen)
@@ -131,14 +140,15 @@ def sharpness(images):
             + (images[..., :, 1:] - images[..., :, :-1]).abs().mean()).item() / 2
 
 
-def test_cache_train_crops_are_as_sharp_as_dali(prepared_root):
+@BOTH_PATHS
+def test_cache_train_crops_are_as_sharp_as_dali(prepared_root, per_image):
     """The cache keeps originals and antialiases like DALI's resize. Observed on this data: sharpness within 1%,
     per-image mean difference 0.012; on the real split at 96 and 224 px: 0.1862 vs 0.1844 and 0.1206 vs 0.1203
     (the old cache, cropping from val-resized images, was 15-20% blurrier)."""
     files, labels = splits.read_split(prepared_root, "train")
     root = splits.image_root(prepared_root)
     for size, scale in ((32, (0.35, 1.0)), (96, (0.08, 1.0))):
-        dali, cache = loaders(root, files, labels, True, size, 6, seed=1, crop_scale=scale)
+        dali, cache = loaders(root, files, labels, True, size, 6, seed=1, crop_scale=scale, per_image=per_image)
         a, b = epoch_of(dali)[0], epoch_of(cache)[0]
         assert abs(sharpness(a) - sharpness(b)) / sharpness(a) < 0.03, size
         assert (a - b).abs().mean() < 0.03, size
@@ -152,10 +162,10 @@ def test_a_batch_is_a_fixed_number_of_tensor_operations(prepared_root, train):
     root = splits.image_root(prepared_root)
     counts = []
     for batch in (2, 8):
-        _, cache = loaders(root, files, labels, train, 32, batch, crop_scale=(0.08, 1.0))
+        _, cache = loaders(root, files, labels, train, 32, batch, crop_scale=(0.08, 1.0), per_image=False)
         step = next(cache.plan.epoch(0))
         with CountOps() as mode:
-            images, _ = cache.train_batch(step) if train else cache.val_batch(step["index"])
+            images, _ = cache.train_batch(step, cache.img_size) if train else cache.val_batch(step["index"])
         assert images.shape[0] == batch
         counts.append(mode.ops)
     assert counts[0] == counts[1]
@@ -169,7 +179,7 @@ def test_big_images_are_capped_and_memory_is_bounded(tmp_path):
     files = ["big.jpg", "small.png"]
     cap = cache_loader.train_cap(64, 0.35)  # smallest crop (area 0.35, aspect 3/4) keeps >= 64 px on its short side
     assert cap == 125
-    _, cache = loaders(str(tmp_path), files, [0, 1], True, 64, 2, crop_scale=(0.35, 1.0))
+    _, cache = loaders(str(tmp_path), files, [0, 1], True, 64, 2, crop_scale=(0.35, 1.0), per_image=False)
     assert (int(cache.heights[0]), int(cache.widths[0])) == (cap, round(1200 * cap / 900))
     assert (int(cache.heights[1]), int(cache.widths[1])) == (80, 100)  # small images stay as they are
     # The pyramid: the largest crop side (167 px) shrinks 2.6x to 64 px, so one level more, half the size
@@ -180,14 +190,26 @@ def test_big_images_are_capped_and_memory_is_bounded(tmp_path):
     assert cache.nbytes == originals + (63 * 84 + 40 * 50) * 3 + 3 * 167 <= originals * 4 / 3 + 3 * 167
     images, _ = next(iter(cache))
     assert images.shape == (2, 3, 64, 64) and torch.isfinite(images).all()
+    # On a CPU the crops are cut one by one: no pyramid, images capped at twice the cap (250 x 333 here), padding.
+    _, cache = loaders(str(tmp_path), files, [0, 1], True, 64, 2, crop_scale=(0.35, 1.0))
+    assert cache.per_image and cache.level_heights.tolist() == [[250, 80]]
+    assert cache.level_widths.tolist() == [[333, 100]]
+    assert cache.nbytes == (250 * 333 + 80 * 100) * 3 + 3 * 333
+    assert next(iter(cache))[0].shape == (2, 3, 64, 64)
 
 
-def test_real_cache_memory_and_agreement(real_root):
+@BOTH_PATHS
+def test_real_cache_memory_and_agreement(real_root, per_image):
     """The real train split at 96 px (cpu_smoke's settings): cached sizes and the crops' agreement with DALI."""
     files, labels = splits.read_split(real_root, "train")
     root = splits.image_root(real_root)
-    dali, cache = loaders(root, files[:256], labels[:256], True, 96, 64, seed=2, crop_scale=(0.35, 1.0))
-    assert cache.nbytes < 256 * 190 * 260 * 3 * 4 / 3  # shorter sides capped at 187 px, plus the pyramid
+    dali, cache = loaders(root, files[:256], labels[:256], True, 96, 64, seed=2, crop_scale=(0.35, 1.0),
+                          per_image=per_image)
+    if per_image:  # capped at twice 187 px: the originals at most, plus the row padding
+        heights, widths = splits.image_sizes(root, files[:256])
+        assert cache.nbytes <= int((heights * widths * 3).sum()) + 3 * int(widths.max())
+    else:
+        assert cache.nbytes < 256 * 190 * 260 * 3 * 4 / 3  # shorter sides capped at 187 px, plus the pyramid
     a, b = epoch_of(dali)[0], epoch_of(cache)[0]
     assert abs(sharpness(a) - sharpness(b)) / sharpness(a) < 0.03
     assert (a - b).abs().mean() < 0.03

@@ -49,7 +49,8 @@ def rows(run_dir):
 
 def test_two_ranks_take_the_one_process_steps_and_evaluate_alike(prepared_root, trained_run, tmp_path):
     """11 train images, global batch 8: a full step (4 + 4), then a short one (2 + 1), whose loss the ranks weight
-    by their share. BatchNorm runs in eval mode (ddp_driver.py) so a step does not depend on how its batch is split,
+    by their share, at 48 px in epoch 1 and 64 px in epoch 2 (progressive resizing: both ranks change size together).
+    BatchNorm runs in eval mode (ddp_driver.py) so a step does not depend on how its batch is split,
     starting from trained weights (--weights) so that eval-mode BatchNorm normalises; every layer trains; SGD, fp32.
     Observed after 2 epochs: max weight difference 2.1e-7 (float summation order) while weights move up to 0.28.
     (From a random init, eval-mode BatchNorm does not normalise, activations explode and float noise grows to
@@ -59,7 +60,8 @@ def test_two_ranks_take_the_one_process_steps_and_evaluate_alike(prepared_root, 
     lines = (root / "train.txt").read_text().splitlines()
     (root / "train.txt").write_text("\n".join(lines[:11]) + "\n")
     common = settings(str(root), tmp_path / "one", "--optimizer", "sgd", "--lr_backbone", "0.002", "--lr_fc",
-                      "0.002", "--amp", "off", "--weights", os.path.join(trained_run["out_dir"], "best.pth"))
+                      "0.002", "--amp", "off", "--weights", os.path.join(trained_run["out_dir"], "best.pth"),
+                      "--img_size_start", "48", "--img_size_ramp", "1,2")  # a size change between the epochs
     env = {"KIT_TEST_BN_EVAL": "1"}
     run([sys.executable, DRIVER, *common], env)
     two = run([*TORCHRUN, DRIVER, *settings(str(root), tmp_path / "two", *common[common.index("--optimizer"):])],
@@ -72,6 +74,7 @@ def test_two_ranks_take_the_one_process_steps_and_evaluate_alike(prepared_root, 
     # Only rank 0 writes and prints: one run folder, one line per epoch.
     assert sorted(os.listdir(tmp_path / "two")) == ["cpu_smoke"]
     assert two.stdout.count("epoch 1/2:") == 1 and two.stdout.count("processes: world size 2, per-rank batch 4") == 1
+    assert "progressive resizing: train crops 48 px epoch 1, 64 px epoch 2" in two.stdout
     # Every val image counted once, in fp32: the same figures as one process (the loss to float noise).
     for r1, r2 in zip(rows(one_dir), rows(two_dir)):
         assert (r1["val_images"], r1["val_top1"], r1["val_top5"], r1["val_mean_class_acc"]) == \

@@ -102,7 +102,7 @@ def test_a_cache_batch_is_a_fixed_number_of_kernels_on_the_gpu(prepared_root):
         cache = cache_loader.CacheLoader(root, files, labels, plan, 64, GPU, dtype=torch.bfloat16, workers=2)
         step = next(plan.epoch(0))
         with CountOps() as mode:
-            images, _ = cache.train_batch(step)
+            images, _ = cache.train_batch(step, cache.img_size)
         torch.cuda.synchronize()
         assert images.shape[0] == batch and images.device == GPU
         counts.append(mode.ops)
