@@ -10,6 +10,8 @@ When both alphas are > 0 one of the two is chosen per batch (CutMix with probabi
 of 0 disables that one; both 0 returns the batch unchanged with (smoothed) one-hot targets.
 The mixing coefficient and the box are drawn on the host from a seeded numpy Generator, so nothing here waits
 for the device and the sequence of mixes is reproducible (and resumable: `mixer.rng.bit_generator.state`).
+With `class_weights` (--class_balance loss) each class's share of a target is scaled by its weight, so a mixed
+pair's loss is lam * w_a * CE_a + (1 - lam) * w_b * CE_b.
 """
 import math
 
@@ -23,6 +25,15 @@ def soft_targets(labels, num_classes, smoothing=0.0, dtype=torch.float32):
     off = smoothing / num_classes
     targets = torch.full((labels.shape[0], num_classes), off, device=labels.device, dtype=dtype)
     return targets.scatter_(1, labels.view(-1, 1), 1.0 - smoothing + off)
+
+
+def class_weights(labels, num_classes):
+    """Inverse-frequency class weights of a list of labels: w_c = N / (K * n_c) over the K classes present (0 for a
+    class with no image), so the weights average 1 over the images and a balanced split weighs every class 1."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).astype(np.float64)
+    present = counts > 0
+    weights = np.where(present, len(labels) / (present.sum() * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(weights, dtype=torch.float32)
 
 
 def soft_target_cross_entropy(logits, targets):
@@ -48,7 +59,7 @@ class MixupCutmix:
     """Callable batch mixer; `last` holds the mode and lambda of the most recent batch (for logs and tests)."""
 
     def __init__(self, num_classes, mixup_alpha=0.0, cutmix_alpha=0.0, switch_prob=0.5, label_smoothing=0.0,
-                 seed=None):
+                 seed=None, class_weights=None):
         if mixup_alpha < 0 or cutmix_alpha < 0:
             raise ValueError("mixup_alpha and cutmix_alpha must be >= 0")
         if not 0.0 <= switch_prob <= 1.0 or not 0.0 <= label_smoothing < 1.0:
@@ -57,6 +68,8 @@ class MixupCutmix:
         self.mixup_alpha, self.cutmix_alpha = mixup_alpha, cutmix_alpha
         self.switch_prob, self.label_smoothing = switch_prob, label_smoothing
         self.rng = np.random.default_rng(seed)  # host-side draws: no device sync; state is checkpointable
+        # --class_balance loss: each class's share of a (mixed, smoothed) target counts w_c times in the loss
+        self.class_weights = class_weights
         self.last = {"mode": "none", "lam": 1.0}
 
     @property
@@ -86,5 +99,7 @@ class MixupCutmix:
             images[..., y0:y1, x0:x1] = images.flip(0)[..., y0:y1, x0:x1]
         if mode != "none":
             targets = targets.mul(lam).add_(targets.flip(0), alpha=1.0 - lam)
+        if self.class_weights is not None:
+            targets = targets * self.class_weights
         self.last = {"mode": mode, "lam": lam}
         return images, targets

@@ -447,7 +447,7 @@ def main(args):
             print(f"| {name} | {r['kit_name']} | {r['kit']:.4g} | {r['plain_name']} | {r['plain']:.4g} | "
                   f"{r['ratio']:.2f}x |", flush=True)
     if args.json:
-        with open(args.json, "w") as f:
+        with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"device": str(device), "where": where, "torch": torch.__version__, "args": vars(args),
                        "results": results}, f, indent=2)
     return results

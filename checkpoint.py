@@ -193,6 +193,8 @@ def resume_settings(ckpt, cfg, explicit, path):
     for key in presets.DEFAULTS:
         if key in ("resume", "out_dir", "name") or cfg.get(key) == saved.get(key):  # the run folder is last.pth's
             continue
+        if key == "loader" and cfg[key] == "auto":  # any loader fits `auto`: the run's own goes on
+            continue
         if explicit is not None and key not in explicit:
             continue  # not asked for: the run's own value
         if key in presets.RUN_DEFINING:

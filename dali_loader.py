@@ -23,11 +23,13 @@ import splits
 from splits import DataError
 
 try:
+    import nvidia.dali
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali.plugin.pytorch import DALIGenericIterator
-    HAVE_DALI = True
+    HAVE_DALI, VERSION = True, nvidia.dali.__version__
 except ImportError:  # macOS / Windows / no DALI wheel: the torch loader still works
-    HAVE_DALI = False
+    HAVE_DALI, VERSION = False, None
+INSTALL = "pip install nvidia-dali-cuda120: Linux wheels only"
 
 PRELOAD_BYTES = 2 << 30  # keep a split's encoded files in memory up to this size (Caltech-101: 116 MB); else read
 HW_DECODER_LOAD = 0.65  # share of JPEGs for the A100/H100 hardware decoder (DALI's default); others ignore it
@@ -162,7 +164,7 @@ class DaliLoader(splits.PlanPosition):
     def __init__(self, image_root, files, labels, plan, img_size, device, dtype=torch.float32, workers=2,
                  channels_last=True, hw_decoder_load=HW_DECODER_LOAD):
         if not HAVE_DALI:
-            raise DataError("DALI is not installed (pip install nvidia-dali-cuda120, Linux only): use --loader torch")
+            raise DataError(f"DALI is not installed ({INSTALL}): use --loader torch or auto")
         check_workers(workers)
         self.image_root, self.files, self.labels, self.plan = image_root, files, labels, plan
         self.img_size, self.device, self.dtype, self.workers = img_size, device, dtype, workers
@@ -230,6 +232,33 @@ def epoch_batches(pipe, steps, image_root, files):
             yield [np.array(out.at(i)) for i in range(len(out))]
     except RuntimeError as e:
         raise decode_error(e, [[os.path.join(image_root, files[i]) for i in b] for b in pipe.source.recent]) from None
+
+
+def decodes_a_jpeg(device):
+    """(ok, what happened): a tiny JPEG through DALI's decoder on the device (nvJPEG, device='mixed', on a GPU):
+    what doctor.py asks before a run would."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 12), (200, 30, 30)).save(buffer, format="JPEG")
+    jpeg = np.frombuffer(buffer.getvalue(), dtype=np.uint8)
+    decoder = "mixed" if device.type == "cuda" else "cpu"
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=dali_device_id(device))
+    def one_image():
+        return decode(fn.external_source(source=lambda: [jpeg], batch=True), decoder)
+
+    try:
+        pipe = one_image()
+        pipe.build()
+        (out,) = pipe.run()
+        out = out.as_cpu() if hasattr(out, "as_cpu") else out
+        shape = tuple(np.array(out.at(0)).shape)
+    except RuntimeError as e:
+        return False, f"the {decoder} decoder failed: {str(e).strip().splitlines()[-1] if str(e).strip() else e!r}"
+    return shape == (12, 16, 3), f"a 16x12 JPEG decoded to {shape[1]}x{shape[0]} with the {decoder} decoder"
 
 
 def release_unused_memory():

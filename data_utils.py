@@ -98,39 +98,58 @@ class TorchLoader(splits.PlanPosition):
             raise splits.DataError(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
 
 
-# name -> loader class (a splits.PlanPosition). presets.CHOICES["loader"] lists the names; a test keeps them equal.
+# name -> loader class (a splits.PlanPosition). presets.CHOICES["loader"] lists the names and "auto"; a test keeps
+# them equal.
 LOADERS = {"dali": dali_loader.DaliLoader, "torch": TorchLoader}
+
+
+def choose_loader(loader, device):
+    """(loader name, why) for a --loader setting on a device: auto is DALI where it imports and runs there (CUDA or
+    the CPU's operators), else the torch loader; an explicit dali that cannot run is a DataError."""
+    if loader == "auto":
+        if not dali_loader.HAVE_DALI:
+            return "torch", f"DALI is not installed here ({dali_loader.INSTALL})"
+        if device.type not in ("cuda", "cpu"):
+            return "torch", f"DALI does not run on {device.type}"
+        return "dali", f"DALI {dali_loader.VERSION} runs on {device.type}"
+    if loader == "dali" and dali_loader.HAVE_DALI and device.type not in ("cuda", "cpu"):
+        raise splits.DataError(f"--loader dali: DALI does not run on {device.type}; use --loader torch (or auto)")
+    return loader, "asked for"
 
 
 def build_loader(data_root, split, img_size, batch_size, device, dtype=torch.float32, loader="dali", workers=4,
                  seed=0, rank=0, world=1, drop_last=False, crop_scale_min=splits.RRC_SCALE[0], cache=False,
-                 channels_last=True, train=None, hw_decoder_load=dali_loader.HW_DECODER_LOAD, out_sizes=None):
+                 channels_last=True, train=None, hw_decoder_load=dali_loader.HW_DECODER_LOAD, out_sizes=None,
+                 balanced=False):
     """One loader over one split of a prepared root. `batch_size` is per rank. Train (by default the train split)
     augments and reshuffles every epoch; val/test, or train=False, is the deterministic val transform.
     cache=True decodes the rank's images once (with `loader`'s decoder) and keeps them on the device.
-    out_sizes: progressive resizing, the train crop size of every epoch (item 0: the first; None: img_size)."""
+    out_sizes: progressive resizing, the train crop size of every epoch (item 0: the first; None: img_size).
+    balanced: train draws with replacement, every class equally likely (--class_balance sampler)."""
     files, labels = splits.read_split(data_root, split)
     return loader_over(splits.image_root(data_root), files, labels, img_size, batch_size, device, dtype=dtype,
                        loader=loader, workers=workers, seed=seed, rank=rank, world=world, drop_last=drop_last,
                        crop_scale_min=crop_scale_min, cache=cache, channels_last=channels_last,
                        train=split == "train" if train is None else train, hw_decoder_load=hw_decoder_load,
-                       what=f"the {split} split", out_sizes=out_sizes)
+                       what=f"the {split} split", out_sizes=out_sizes, balanced=balanced)
 
 
 def loader_over(root, files, labels, img_size, batch_size, device, dtype=torch.float32, loader="dali", workers=4,
                 seed=0, rank=0, world=1, drop_last=False, crop_scale_min=splits.RRC_SCALE[0], cache=False,
                 channels_last=True, train=True, hw_decoder_load=dali_loader.HW_DECODER_LOAD, what="the list",
-                out_sizes=None):
+                out_sizes=None, balanced=False):
     """build_loader over a list of files under `root` (paths relative to it) instead of a split."""
+    loader = choose_loader(loader, device)[0]
     if loader not in LOADERS:
-        raise splits.DataError(f"unknown loader '{loader}': choose one of {', '.join(LOADERS)}")
+        raise splits.DataError(f"unknown loader '{loader}': choose one of auto, {', '.join(LOADERS)}")
     # Every header read (and over-limit images refused) before any decoder sees the files: DALI decodes them
     # itself; train crops need the sizes too.
     sizes = splits.image_sizes(root, files)
     plan = splits.SamplePlan(len(files), batch_size, train, seed=seed, rank=rank, world=world,
                              drop_last=drop_last and train, sizes=sizes if train else None,
                              crop_scale=(crop_scale_min, 1.0), fixed_shard=cache,
-                             out_sizes=out_sizes if train else None)
+                             out_sizes=out_sizes if train else None, balance_labels=labels if balanced and train
+                             else None)
     if plan.num_local == 0 or plan.steps == 0:
         raise splits.DataError(f"{what} ({len(files)} images) is too small for {world} rank(s) with "
                                f"{batch_size} images each per step")
@@ -165,4 +184,5 @@ def loader_from_settings(cfg, split, batch_size, device, dtype, rank=0, world=1,
                         drop_last=cfg["drop_last"] or cfg["compile"],  # static shapes for torch.compile
                         crop_scale_min=cfg["crop_scale_min"], cache=cfg["cache"] if cache is None else cache,
                         channels_last=cfg["channels_last"], train=train, hw_decoder_load=cfg["hw_decoder_load"],
-                        out_sizes=presets.train_sizes(cfg) if train and cfg.get("img_size_start") else None)
+                        out_sizes=presets.train_sizes(cfg) if train and cfg.get("img_size_start") else None,
+                        balanced=train and cfg.get("class_balance") == "sampler")

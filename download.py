@@ -48,6 +48,9 @@ COMPLETE_MARKER = ".complete"
 # ---------------------------------------------------------------------------------------------
 # download
 
+IMBALANCE_WARN_RATIO = 3  # largest / smallest class in the train split above which download.py warns
+
+
 def md5_of(path, chunk=1 << 20):
     h = hashlib.md5()
     with open(path, "rb") as f:
@@ -195,7 +198,7 @@ def install_images(archive, data_root, quiet=False):
         else:
             print(f"warning: content differs from the official Caltech-101 ({folders} folders, {files} files; "
                   f"expected {OFFICIAL_NUM_FOLDERS}, {OFFICIAL_NUM_IMAGES + 1})")
-        with open(os.path.join(images_dir, COMPLETE_MARKER), "w") as f:
+        with open(os.path.join(images_dir, COMPLETE_MARKER), "w", encoding="utf-8") as f:
             f.write(json.dumps({"source": os.path.abspath(archive), "folders": folders, "files": files}) + "\n")
         os.replace(images_dir, final)
     finally:
@@ -281,6 +284,14 @@ def main(args):
     c = meta["counts"]
     print(f"classes: {meta['num_classes']}  train: {c['train']}  val: {c['val']}  test: {c['test']}  "
           f"excluded (undecodable): {meta['excluded']}  -> {root}")
+    if "train_per_class_range" in meta:  # a split prepared before this summary existed has none
+        (few_name, fewest), (most_name, most) = meta["train_per_class_range"].values()
+        ratio = most / max(fewest, 1)
+        print(f"train images per class: smallest {fewest} ({few_name}), largest {most} ({most_name}), ratio "
+              f"{ratio:.1f}")
+        if ratio > IMBALANCE_WARN_RATIO:
+            print(f"warning: the train split is imbalanced (ratio {ratio:.1f} > {IMBALANCE_WARN_RATIO}): consider "
+                  f"--class_balance loss or sampler, and --monitor val_mean_class_acc (README, Imbalanced data)")
 
 
 def cli(argv=None):

@@ -35,18 +35,39 @@ def nvidia_gpu_present():
     return shutil.which("nvidia-smi") is not None or os.path.exists("/dev/nvidia0")
 
 
+def unusable_gpu():
+    """The one-line diagnosis when an NVIDIA GPU is present but torch cannot use it, else None."""
+    if torch.cuda.is_available() or not nvidia_gpu_present():
+        return None
+    return (f"an NVIDIA GPU is present but this torch {torch.__version__} (built for CUDA {torch.version.cuda}) "
+            f"cannot use it, usually a driver older than that CUDA; install the torch wheel for your CUDA version "
+            f"(README, Install)")
+
+
+def mps_available():
+    """Apple's Metal backend (macOS on Apple silicon). Untested on the kit's own machines, which have no Mac."""
+    mps = getattr(torch.backends, "mps", None)
+    return mps is not None and mps.is_available()
+
+
 def resolve_device(name, local_rank=None):
-    """The torch.device for a --device setting; under torchrun (local_rank given) a CUDA run uses cuda:LOCAL_RANK."""
+    """The torch.device for a --device setting; under torchrun (local_rank given) a CUDA run uses cuda:LOCAL_RANK.
+    auto: CUDA, else Apple's MPS, else the CPU."""
     if name == "auto":
         if not torch.cuda.is_available():
-            if nvidia_gpu_present():
-                print(f"warning: an NVIDIA GPU is present but this torch {torch.__version__} (built for CUDA "
-                      f"{torch.version.cuda}) cannot use it, usually a driver older than that CUDA: training on the "
-                      f"CPU; install the torch wheel for your CUDA version (README, Install)", file=sys.stderr)
+            if mps_available() and local_rank is None:
+                return torch.device("mps")
+            if unusable_gpu():
+                print(f"warning: {unusable_gpu()}; training on the CPU", file=sys.stderr)
             return torch.device("cpu")
         name = "cuda"
     if name == "cpu":
         return torch.device("cpu")
+    if name == "mps":
+        if not mps_available():
+            raise presets.ConfigError(f"device=mps but torch {torch.__version__} has no usable MPS backend here (it "
+                                      f"needs macOS 12.3+ on Apple silicon); use --device cpu")
+        return torch.device("mps")
     if not torch.cuda.is_available():
         raise presets.ConfigError(f"device={name} but no CUDA device is visible (torch {torch.__version__}, built "
                                   f"for CUDA {torch.version.cuda}); use --device cpu")
@@ -66,15 +87,18 @@ def resolve_device(name, local_rank=None):
 def resolve_amp(amp, device):
     """(autocast dtype or None, use GradScaler). auto: bf16 only where it runs natively (CUDA compute capability
     8.0+, i.e. Ampere and newer; CPUs with AVX-512 bf16), fp16 with a GradScaler on older GPUs (T4, V100, RTX 20xx:
-    their bf16 is emulated and slow although torch.cuda.is_bf16_supported() says yes), off on other CPUs."""
+    their bf16 is emulated and slow although torch.cuda.is_bf16_supported() says yes), off on other CPUs and on
+    Apple's MPS (fp32 where in doubt: its autocast covers fewer operators; --amp bf16 asks for it there)."""
     if amp == "auto":
-        if device.type == "cuda":
+        if device.type == "mps":
+            amp = "off"
+        elif device.type == "cuda":
             amp = "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
         else:
             native_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
             amp = "bf16" if native_bf16 else "off"
     if amp == "fp16" and device.type != "cuda":
-        raise presets.ConfigError("amp=fp16 needs CUDA; on CPU use --amp bf16 or --amp off")
+        raise presets.ConfigError(f"amp=fp16 needs CUDA; on {device.type} use --amp bf16 or --amp off")
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp], amp == "fp16"
 
 

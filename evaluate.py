@@ -31,7 +31,7 @@ def write_per_class(m, classes, path):
     rows = [{"index": i, "class": c, "support": m["support"][i], "correct": m["correct"][i],
              "accuracy": m["recall"][i], "precision": m["precision"][i], "recall": m["recall"][i],
              "predicted": m["predicted"][i]} for i, c in enumerate(classes)]
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -49,7 +49,7 @@ def run_row(run_dir):
     cfg = {**presets.DEFAULTS, **runs.read_run_config(run_dir)}  # an older run: settings added since as defaults
     rows = runs.read_metrics(run_dir)
     try:
-        with open(os.path.join(run_dir, "summary.json")) as f:
+        with open(os.path.join(run_dir, "summary.json"), encoding="utf-8") as f:
             summary = json.load(f)
     except FileNotFoundError:
         summary = None
@@ -173,7 +173,7 @@ def evaluate_checkpoint(args):
               "per_class": {c: {"support": m["support"][i], "accuracy": m["recall"][i],
                                 "precision": m["precision"][i]} for i, c in enumerate(classes)},
               "most_confident_wrong": wrong}
-    with open(os.path.join(out_dir, "report.json"), "w") as f:
+    with open(os.path.join(out_dir, "report.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=1)
     print(f"{run.path} on {args.split} ({m['images']} images, tta={args.tta}): {metrics.describe(m)}")
     worst = sorted((i for i in range(len(classes)) if m["support"][i]), key=lambda i: m["recall"][i])[:10]

@@ -101,7 +101,7 @@ def export(run, out_dir, formats=("onnx", "pt2"), data_root=None, check_images=6
     try:
         os.makedirs(out_dir, exist_ok=True)
         probe = os.path.join(out_dir, ".write-test")
-        open(probe, "w").close()
+        open(probe, "w", encoding="utf-8").close()
         os.remove(probe)
     except OSError as e:
         raise ExportError(f"cannot write to {out_dir}: {e.strerror}") from None
@@ -123,9 +123,9 @@ def export(run, out_dir, formats=("onnx", "pt2"), data_root=None, check_images=6
         with torch.inference_mode():
             report["files"]["model.pt2"] = check(program, reference, images, path, "torch.export program")
     spec = preprocess_spec(run.img_size, run.classes, run.arch)
-    with open(os.path.join(out_dir, "preprocess.json"), "w") as f:
+    with open(os.path.join(out_dir, "preprocess.json"), "w", encoding="utf-8") as f:
         json.dump(spec, f, indent=1)
-    with open(os.path.join(out_dir, "export_report.json"), "w") as f:
+    with open(os.path.join(out_dir, "export_report.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=1)
     return report
 

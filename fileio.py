@@ -18,7 +18,7 @@ def replacing(path, mode="wb"):
     interruption the previous file stays byte-identical and no temporary file is left behind."""
     tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"  # the background writer and the main thread apart
     try:
-        with open(tmp, mode) as f:
+        with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:  # text: UTF-8 on every system
             yield f
             f.flush()
             os.fsync(f.fileno())

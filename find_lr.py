@@ -99,7 +99,7 @@ def main(cfg, steps=100, start=1e-7, end=10.0):
     found = suggestions(records)
     out_dir = os.path.join(cfg["out_dir"], f"{cfg['name'] or cfg['exp']}_lr_find")
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "lr_find.csv"), "w", newline="") as f:
+    with open(os.path.join(out_dir, "lr_find.csv"), "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["multiplier", *[f"lr_{g['name']}" for g in optimizer.param_groups], "loss", "smoothed"])
         for mult, loss, smooth in records:

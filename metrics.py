@@ -89,4 +89,4 @@ def time_to_reach(rows, monitor="val_top1"):
 def describe_time_to_reach(records, monitor="val_top1"):
     """'val_top1 first reached 0.4512 at 3.1 min (epoch 8), 0.6217 at 9.3 min (epoch 24), ...'."""
     return f"{monitor} first reached " + ", ".join(
-        f"{r[monitor]:.4f} at {r['wall_time_s'] / 60:.1f} min (epoch {r['epoch']})" for r in records)
+        f"{r[monitor]:.4f} at {r['wall_time_s'] / 60:.1f} min (epoch {int(r['epoch'])})" for r in records)

@@ -99,7 +99,7 @@ class OnnxPredictor(Predictor):
 
         spec_path = os.path.join(os.path.dirname(os.path.abspath(onnx_path)), "preprocess.json")
         try:
-            with open(spec_path) as f:
+            with open(spec_path, encoding="utf-8") as f:
                 spec = json.load(f)
         except OSError:
             raise errors.ModelError(f"no preprocess.json beside {onnx_path}: export with export.py") from None
@@ -138,7 +138,7 @@ def expand_inputs(inputs):
                     else:
                         skipped += 1
         elif item.endswith(".txt") and os.path.isfile(item):
-            with open(item) as f:
+            with open(item, encoding="utf-8") as f:
                 files += [line.strip() for line in f if line.strip()]
         else:
             files.append(item)
@@ -226,7 +226,7 @@ def main(args):
                 entry["gradcam"] = overlay
             results.append(entry)
     if args.json:
-        with open(args.json, "w") as f:
+        with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"checkpoint": args.checkpoint or args.onnx, "results": results, "failed": failures}, f,
                       indent=1)
     overlays = sum("gradcam" in r for r in results)

@@ -30,7 +30,8 @@ DEFAULT_EXP = "r18_pretrain_main"  # run 3 of the report, the kit's default
 SETTINGS = {
     # data
     "data_root": ("data/Caltech101", "prepared data root (download.py writes classes.txt, train.txt, val.txt)"),
-    "loader": ("dali", "dali | torch (torchvision/PIL, for machines without DALI)"),
+    "loader": ("auto", "auto | dali | torch (torchvision/PIL); auto: DALI where it is installed and runs on the "
+                       "device, else torch"),
     "img_size": (224, "train crop and val centre crop, pixels"),
     "eval_img_size": (0, "val/test centre crop, pixels, also predict's and export's (0: img_size); the shorter "
                          "side is resized to 256/224 of it"),
@@ -43,6 +44,8 @@ SETTINGS = {
     "crop_scale_min": (0.08, "RandomResizedCrop: smallest crop, as a fraction of the image area"),
     "workers": (8, "DALI threads or DataLoader worker processes (per rank)"),
     "cache": (False, "decode every image once into uint8 on the device; crops, flips and normalisation there"),
+    "class_balance": ("none", "none | loss (inverse-frequency class weights in the loss) | sampler (each epoch "
+                              "draws the train split with replacement, every class equally likely): imbalanced data"),
     "drop_last": (False, "train: leave out the short last step of each epoch"),
     "hw_decoder_load": (0.65, "share of JPEGs for the A100/H100 hardware decoder (DALI on a GPU; 0-1)"),
     # model
@@ -82,7 +85,8 @@ SETTINGS = {
     "early_stop_patience": (0, "stop after this many evaluations without improvement of `monitor` (0: off)"),
     "min_delta": (0.0, "an improvement must beat the best `monitor` value by more than this"),
     # run
-    "device": ("auto", "auto | cpu | cuda | cuda:N (under torchrun: each rank's cuda:LOCAL_RANK)"),
+    "device": ("auto", "auto | cpu | cuda | cuda:N | mps (auto: CUDA, else Apple's MPS, else the CPU; under torchrun "
+                       "each rank's cuda:LOCAL_RANK)"),
     "amp": ("auto", "auto | bf16 | fp16 | off (auto: bf16 on Ampere+ GPUs or CPUs with bf16, fp16 on older GPUs)"),
     "channels_last": (True, "NHWC memory layout for model and inputs"),
     "compile": (False, "torch.compile the model (static shapes: the short last train step is dropped)"),
@@ -106,10 +110,10 @@ HELP = {key: meaning for key, (_, meaning) in SETTINGS.items()}
 
 # The allowed values of the settings that have a list. Architectures, trainable parts and monitored metrics come
 # from their homes; loader and schedule names are registered here (data_utils.LOADERS and engine.SCHEDULES import
-# this module, and a test keeps the names equal).
-CHOICES = dict(loader=("dali", "torch"), arch=model_utils.ARCHS, trainable=tuple(model_utils.TRAINABLE),
-               frozen_bn=("eval", "train"), optimizer=("adamw", "sgd"), schedule=("cosine", "linear", "constant"),
-               amp=("auto", "bf16", "fp16", "off"), monitor=metrics.MONITORS,
+# this module, and a test keeps the names equal; "auto" is data_utils.choose_loader's).
+CHOICES = dict(loader=("auto", "dali", "torch"), arch=model_utils.ARCHS, trainable=tuple(model_utils.TRAINABLE),
+               class_balance=("none", "loss", "sampler"), frozen_bn=("eval", "train"), optimizer=("adamw", "sgd"),
+               schedule=("cosine", "linear", "constant"), amp=("auto", "bf16", "fp16", "off"), monitor=metrics.MONITORS,
                compile_mode=("default", "reduce-overhead", "max-autotune"))
 # Other kits' names for a setting, and the old names of trainable's values (freeze=layer4 trains layer4 + head).
 KEY_ALIASES = {"output_dir": "out_dir", "num_workers": "workers", "freeze": "trainable", "data_dir": "data_root",
@@ -134,8 +138,8 @@ EXPECTED = {"img_size_ramp": "two epochs 'A,B' or null", "weights": "a path or n
 # the run would become another run. Any other setting (workers, device, amp, eval cadence, data_root when the split
 # is the same, ...) may change on resume; the change is printed.
 RUN_DEFINING = ("loader", "img_size", "eval_img_size", "img_size_start", "img_size_ramp", "img_size_step",
-                "crop_scale_min", "cache", "drop_last", "arch", "pretrained", "weights", "trainable", "freeze_epochs",
-                "frozen_bn", "sync_bn", "epochs", "batch_size", "optimizer",
+                "crop_scale_min", "cache", "class_balance", "drop_last", "arch", "pretrained", "weights", "trainable",
+                "freeze_epochs", "frozen_bn", "sync_bn", "epochs", "batch_size", "optimizer",
                 "lr_backbone", "lr_fc", "layer_decay", "stage_lrs", "weight_decay", "momentum", "warmup_epochs",
                 "schedule", "min_lr_ratio", "grad_clip", "label_smoothing", "mixup_alpha", "cutmix_alpha",
                 "mix_switch_prob", "ema_decay", "ema_every", "ema_warmup", "monitor", "seed")
@@ -267,8 +271,11 @@ def train_sizes(cfg):
     step = cfg.get("img_size_step", 16)
     sizes = []
     for epoch in range(1, epochs + 1):
-        rising = start + (final - start) * min(max(epoch - first, 0), last - first) // (last - first)
-        sizes.append(final if epoch >= last else max(start, rising // step * step))
+        if epoch >= last:  # also a run too short for a ramp (the default one of 1-3 epochs: A = B)
+            sizes.append(final)
+            continue
+        rising = start + (final - start) * max(epoch - first, 0) // (last - first)
+        sizes.append(max(start, rising // step * step))
     return sizes
 
 
@@ -329,8 +336,8 @@ def validate(cfg):
         if cfg[key] not in allowed:
             raise ConfigError(f"{key}={cfg[key]!r} is not valid; choose from {', '.join(allowed)}")
     device = cfg["device"]
-    if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
-        raise ConfigError(f"device={device!r} is not valid; choose from auto, cpu, cuda, cuda:N")
+    if device not in ("auto", "cpu", "cuda", "mps") and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise ConfigError(f"device={device!r} is not valid; choose from auto, cpu, cuda, cuda:N, mps")
     positive = ("epochs", "batch_size", "eval_batch_size", "eval_every", "log_every", "max_bad_steps", "ema_every")
     for key in positive:
         if cfg[key] <= 0:
@@ -377,7 +384,7 @@ def validate(cfg):
 def load_config_file(path):
     """{setting: value} from a YAML or JSON file, aliases mapped; one-line errors naming the file and key."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             text = f.read()
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None

@@ -9,6 +9,7 @@ import math
 import sys
 import time
 
+import numpy as np
 import torch
 
 import distributed
@@ -108,6 +109,20 @@ def describe(cfg, log, device, amp_dtype, use_scaler, train_loader, val_loader, 
         window = ema.window_steps()
         log(f"EMA: decay {cfg['ema_decay']} every {cfg['ema_every']} step(s): a window of about {window:.0f} steps "
             f"= {window / steps_per_epoch:.1f} epochs")
+
+
+def describe_balance(cfg, log, labels, classes, class_weights):
+    """The train split's images per class, and what --class_balance does about it."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(classes))
+    fewest, most = int(counts.argmin()), int(counts.argmax())
+    line = (f"train images per class: {counts[fewest]} ({classes[fewest]}) to {counts[most]} ({classes[most]}), "
+            f"ratio {counts[most] / max(counts[fewest], 1):.1f}")
+    if class_weights is not None:
+        present = class_weights[torch.as_tensor(counts) > 0]
+        line += f"; class_balance loss: weights {present.min():.3g} to {present.max():.3g}"
+    elif cfg["class_balance"] == "sampler":
+        line += "; class_balance sampler: each epoch draws every class equally often (with replacement)"
+    log(line)
 
 
 def time_step(probe, images, amp_dtype, device):

@@ -85,7 +85,7 @@ def resolve_checkpoint(path):
 def read_run_config(run_dir, required=True):
     path = os.path.join(run_dir, "config.json")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             return json.load(f)
     except FileNotFoundError:
         if not required:
@@ -108,7 +108,7 @@ def _number(text):
 def read_metrics(run_dir):
     path = os.path.join(run_dir, "metrics.csv")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
     except FileNotFoundError:
         raise presets.ConfigError(f"no metrics.csv in {run_dir}: is it a training run folder?") from None

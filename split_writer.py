@@ -107,7 +107,13 @@ def write_split(data_root, classes, splits, bad, meta):
     write_lines(os.path.join(data_root, "bad_files.txt"), [f"{p}\t{r}" for p, r in bad])
     for p, r in bad:
         print(f"warning: excluded {p} ({r})")
-    meta = dict(meta, num_classes=len(classes), counts={k: len(v) for k, v in splits.items()}, excluded=len(bad))
+    per_class = [0] * len(classes)
+    for _, label in splits.get("train", []):
+        per_class[label] += 1
+    fewest, most = per_class.index(min(per_class)), per_class.index(max(per_class))
+    meta = dict(meta, num_classes=len(classes), counts={k: len(v) for k, v in splits.items()}, excluded=len(bad),
+                train_per_class_range={"fewest": [classes[fewest], per_class[fewest]],
+                                       "most": [classes[most], per_class[most]]})
     write_lines(os.path.join(data_root, "split.json"), [json.dumps(meta, indent=1)])
     return meta
 

@@ -41,7 +41,7 @@ def resize_size(img_size):
 def read_split_meta(data_root):
     """split.json of a prepared root ({} for roots prepared before it existed)."""
     try:
-        with open(os.path.join(data_root, "split.json")) as f:
+        with open(os.path.join(data_root, "split.json"), encoding="utf-8") as f:
             return json.load(f)
     except FileNotFoundError:
         return {}
@@ -70,7 +70,7 @@ def read_classes(data_root):
 
 def read_class_file(path, hint="one class name per line"):
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             classes = [line.strip() for line in f if line.strip()]
     except OSError as e:
         raise DataError(f"cannot read the class list {path}: {e.strerror}") from None
@@ -82,7 +82,7 @@ def read_class_file(path, hint="one class name per line"):
 def read_split_lines(path):
     """(files, labels) of one list file, without checking that the files exist."""
     files, labels = [], []
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -368,11 +368,17 @@ class SamplePlan:
     """
 
     def __init__(self, num_images, batch_size, train, seed=0, rank=0, world=1, drop_last=False, sizes=None,
-                 crop_scale=RRC_SCALE, fixed_shard=False, out_sizes=None):
+                 crop_scale=RRC_SCALE, fixed_shard=False, out_sizes=None, balance_labels=None):
         self.num_images, self.batch_size, self.train, self.seed = num_images, batch_size, train, seed
         self.rank, self.world, self.fixed_shard = rank, world, fixed_shard
         self.crop_scale = crop_scale
         self.out_sizes = tuple(out_sizes) if out_sizes else None
+        # --class_balance sampler: each image drawn with probability 1 / (classes * its class's count)
+        self.probs = None
+        if balance_labels is not None:
+            labels = np.asarray(balance_labels, dtype=np.int64)
+            counts = np.bincount(labels)
+            self.probs = 1.0 / (np.count_nonzero(counts) * counts[labels])
         self.heights, self.widths = sizes if sizes is not None else (None, None)
         if train:
             if sizes is None:
@@ -394,6 +400,20 @@ class SamplePlan:
         """Images in one step across all ranks (the divisor of the step's mean loss)."""
         return int(self.sizes[step].sum()) if self.train else None
 
+    def draw(self, rng):
+        """An epoch's images in order: a permutation of the split, or (balanced) as many draws with replacement,
+        every class equally likely. The device cache's ranks own fixed shards (images k, k + world, ...): there
+        the draws at positions k, k + world, ... come from shard k, so every rank keeps its step sizes."""
+        if self.probs is None:
+            return rng.permutation(self.num_images)
+        if not self.fixed_shard or self.world == 1:
+            return rng.choice(self.num_images, size=self.num_images, p=self.probs)
+        order = np.empty(self.num_images, dtype=np.int64)
+        for shard in range(self.world):
+            pool = np.arange(shard, self.num_images, self.world)
+            order[pool] = rng.choice(pool, size=len(pool), p=self.probs[pool] / self.probs[pool].sum())
+        return order
+
     def epoch(self, epoch, start_step=0):
         """Yield, for each step from start_step, a dict of numpy arrays: `index` (positions in the split list) and,
         for train, the crop box `y`, `x`, `h`, `w` and `flip` of each image."""
@@ -403,7 +423,7 @@ class SamplePlan:
                 yield {"index": np.arange(lo, min(lo + self.batch_size, self.hi))}
             return
         rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(self.num_images)
+        order = self.draw(rng)
         y, x, h, w = random_resized_crops(self.heights[order], self.widths[order], self.crop_scale, RRC_RATIO, rng)
         flip = rng.random(self.num_images) < 0.5
         if self.fixed_shard:

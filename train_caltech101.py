@@ -86,6 +86,10 @@ def main(cfg, explicit=None):
         cfg, notes = checkpoint.resume_settings(ckpt, cfg, explicit, resume_path)
         device = engine.resolve_device(cfg["device"], local_rank if world > 1 else None)
     amp_dtype, use_scaler = engine.resolve_amp(cfg["amp"], device)
+    loader, why = data_utils.choose_loader(cfg["loader"], device)
+    if cfg["loader"] == "auto" and rank == 0:
+        print(f"loader auto: {loader}, since {why}")
+    cfg = {**cfg, "loader": loader}  # config.json and last.pth record the loader that ran
     batch, eval_batch = check_world(cfg, world, device)
     distributed.init(device)
     try:
@@ -157,12 +161,14 @@ def set_determinism(cfg, device):
         torch.backends.cudnn.benchmark = True  # autotuned kernels: fastest, not bit-reproducible
 
 
-def build_parts(cfg, model, optimizer, scheduler, train_loader, num_classes, device, use_scaler, rank):
+def build_parts(cfg, model, optimizer, scheduler, train_loader, num_classes, device, use_scaler, rank,
+                class_weights=None):
     """checkpoint.Parts: the model and everything else stateful that last.pth saves."""
     return checkpoint.Parts(
         model, optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=use_scaler),
         augment.MixupCutmix(num_classes, cfg["mixup_alpha"], cfg["cutmix_alpha"], cfg["mix_switch_prob"],
-                            cfg["label_smoothing"], seed=[cfg["seed"], rank]), train_loader,
+                            cfg["label_smoothing"], seed=[cfg["seed"], rank],
+                            class_weights=None if class_weights is None else class_weights.to(device)), train_loader,
         engine.ModelEma(model, cfg["ema_decay"], cfg["ema_every"], cfg["ema_warmup"]) if cfg["ema_decay"] else None,
         engine.EarlyStopping(cfg["monitor"], cfg["early_stop_patience"], cfg["min_delta"]))
 
@@ -232,7 +238,10 @@ def train(cfg, device, amp_dtype, use_scaler, batch, eval_batch, resume_path, ck
     num_classes, steps_per_epoch = len(classes), len(train_loader)
     model, optimizer, frozen_stages = engine.build_model(cfg, num_classes, device, quiet=not main_rank)
     scheduler, total_steps, warmup_steps = engine.build_schedule(optimizer, cfg, steps_per_epoch, frozen_stages)
-    parts = build_parts(cfg, model, optimizer, scheduler, train_loader, num_classes, device, use_scaler, rank)
+    train_labels = splits.read_split(cfg["data_root"], "train")[1]
+    class_weights = augment.class_weights(train_labels, num_classes) if cfg["class_balance"] == "loss" else None
+    parts = build_parts(cfg, model, optimizer, scheduler, train_loader, num_classes, device, use_scaler, rank,
+                        class_weights)
     ema, stopper = parts.ema, parts.stopper
     state = {"next_epoch": 1, "next_step": 0, "rows": [], "wall_time_s": 0.0, "tally": None}
     if ckpt is not None:
@@ -247,6 +256,7 @@ def train(cfg, device, amp_dtype, use_scaler, batch, eval_batch, resume_path, ck
         log(f"resumed from {resume_path}: continuing at epoch {state['next_epoch']} step {state['next_step']}")
     run_report.describe(cfg, log, device, amp_dtype, use_scaler, train_loader, val_loader, model, optimizer, world,
                         batch, steps_per_epoch, total_steps, warmup_steps, ema, run_dir)
+    run_report.describe_balance(cfg, log, train_labels, classes, class_weights)
     run_report.estimate_duration(cfg, log, model, device, amp_dtype, batch, steps_per_epoch,
                                  val_loader.plan.num_images)
 

@@ -70,8 +70,7 @@ def test_recipes_race_two_runs_to_a_val_top1(prepared_root, tmp_path, monkeypatc
     import runs
 
     monkeypatch.setattr(bench.tempfile, "TemporaryDirectory", lambda: contextlib.nullcontext(str(tmp_path)))
-    tiny = ("--img_size 48 --batch_size 4 --eval_batch_size 8 --workers 1 --epochs 2 --warmup_epochs 0.5 "
-            "--eval_every 1")
+    tiny = "--img_size 48 --batch_size 4 --eval_batch_size 8 --workers 1 --epochs 1 --warmup_epochs 0.5"
     recipes = [f"--exp cpu_smoke {tiny}", f"--exp cpu_smoke {tiny} --img_size_start 32"]
     args = bench.get_args_parser().parse_args(["--data_root", prepared_root, "--only", "recipes", "--target", "0",
                                                "--recipes", *recipes])

@@ -68,7 +68,7 @@ def test_every_registered_name_has_its_implementation():
     # A name a user can choose is one the code implements, and every implementation can be chosen: adding a
     # schedule or a loader without its registration line (or the other way round) fails here.
     assert tuple(engine.SCHEDULES) == presets.CHOICES["schedule"]
-    assert tuple(data_utils.LOADERS) == presets.CHOICES["loader"]
+    assert ("auto", *data_utils.LOADERS) == presets.CHOICES["loader"]
     assert all(issubclass(cls, splits.PlanPosition) for cls in data_utils.LOADERS.values())
     assert presets.CHOICES["monitor"] == tuple(f"val_{name}" for name in metrics.METRICS)
     assert presets.CHOICES["arch"] == model_utils.ARCHS and presets.CHOICES["trainable"] == tuple(model_utils.TRAINABLE)
@@ -149,6 +149,41 @@ def test_a_gpu_torch_cannot_use_is_said_in_one_line(monkeypatch, capsys):
     assert engine.resolve_device("auto") == CPU and capsys.readouterr().err == ""
     with pytest.raises(presets.ConfigError, match="no CUDA device is visible"):
         engine.resolve_device("cuda")
+
+
+def test_auto_device_is_cuda_then_apples_mps_then_the_cpu(monkeypatch, capsys):
+    """The order --device auto follows, with stubs for what this machine lacks; MPS has its own AMP choice (fp32
+    unless asked) and never runs DALI."""
+    mps = torch.device("mps")
+    monkeypatch.setattr(engine, "mps_available", lambda: True)
+    FakeGpus().install(monkeypatch)
+    assert engine.resolve_device("auto") == torch.device("cuda", 0)  # CUDA first, MPS or not
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert engine.resolve_device("auto") == mps and engine.resolve_device("mps") == mps
+    assert engine.resolve_device("auto", local_rank=0) == CPU  # torchrun ranks: CUDA or gloo on the CPU, not MPS
+    assert engine.resolve_amp("auto", mps) == (None, False)
+    assert engine.resolve_amp("bf16", mps) == (torch.bfloat16, False)
+    with pytest.raises(presets.ConfigError, match="amp=fp16 needs CUDA; on mps use --amp bf16 or --amp off"):
+        engine.resolve_amp("fp16", mps)
+    assert data_utils.choose_loader("auto", mps) == ("torch", "DALI does not run on mps")
+    with pytest.raises(data_utils.splits.DataError, match="DALI does not run on mps; use --loader torch"):
+        data_utils.choose_loader("dali", mps)
+    monkeypatch.setattr(engine, "mps_available", lambda: False)
+    assert engine.resolve_device("auto") == CPU
+    with pytest.raises(presets.ConfigError, match="device=mps but torch .* has no usable MPS backend here"):
+        engine.resolve_device("mps")
+    assert presets.resolve(overrides={"device": "mps"})["device"] == "mps"
+
+
+def test_auto_loader_is_dali_where_it_imports_else_torch(monkeypatch):
+    import dali_loader
+
+    assert data_utils.choose_loader("auto", CPU) == ("dali", f"DALI {dali_loader.VERSION} runs on cpu")
+    assert data_utils.choose_loader("torch", CPU) == ("torch", "asked for")
+    monkeypatch.setattr(dali_loader, "HAVE_DALI", False)
+    name, why = data_utils.choose_loader("auto", CPU)
+    assert name == "torch" and why == "DALI is not installed here (pip install nvidia-dali-cuda120: Linux wheels only)"
+    assert data_utils.choose_loader("dali", CPU) == ("dali", "asked for")  # the loader itself says it is missing
 
 
 def test_ema_is_the_hand_computed_average_including_batchnorm():

@@ -34,6 +34,9 @@ def sizes(img_size, epochs, start=0, ramp=None, step=16):
     ((224, 8, 128, "2,6", 32), [128, 128, 128, 160, 192, 224, 224, 224]),
     # A start off the step's grid: 72 + 24 e / 3 = 80, 88 -> 80; then 96.
     ((96, 4, 72, "0,3"), [80, 80, 96, 96]),
+    # Too short for the default ramp (a quarter to three quarters of 1 epoch: 0, 0): the final size.
+    ((96, 1, 64), [96]),
+    ((96, 3, 64), [80, 96, 96]),  # A = 3 // 4 = 0, B = 9 // 4 = 2: epoch 1 at 64 + 32 / 2
 ])
 def test_sizes_per_epoch(spec, expected):
     assert sizes(*spec) == expected

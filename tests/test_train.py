@@ -133,11 +133,11 @@ def test_a_run_that_fails_at_start_up_writes_nothing(prepared_root, tmp_path, ca
 
 # Every stateful piece of a run at once: MixUp and CutMix draws, EMA, early stopping's best value and counter
 # (min_delta 10: only the first evaluation improves, so the counter runs), gradual unfreezing (head only in epoch 1,
-# everything from epoch 2), layer-wise LRs, label smoothing, progressive resizing (32, 40, 48 px: the stop in epoch 2
+# everything from epoch 2), layer-wise LRs, label smoothing, progressive resizing (32, 36, 40 px: the stop in epoch 2
 # is mid-ramp).
 EVERYTHING = dict(mixup_alpha=0.2, cutmix_alpha=1.0, ema_decay=0.9, early_stop_patience=5, min_delta=10.0,
-                  trainable="head", freeze_epochs=1, layer_decay=0.7, label_smoothing=0.1, epochs=3, img_size=48,
-                  img_size_start=32, img_size_ramp="0,3", img_size_step=8)
+                  trainable="head", freeze_epochs=1, layer_decay=0.7, label_smoothing=0.1, epochs=3, img_size=40,
+                  img_size_start=32, img_size_ramp="0,3", img_size_step=4)
 
 
 def same_optimizer_state(a, b):
@@ -157,7 +157,7 @@ def test_a_mid_epoch_stop_resumes_to_the_same_state(prepared_root, tmp_path, mon
     early-stopping state), and metrics.csv the same, times aside: the resumed epoch reports the whole epoch. The
     torch loader's crops come from the plan, not from worker RNGs."""
     kw = dict(EVERYTHING, loader=loader, cache=cache, deterministic=True, workers=2 if loader == "torch" else 1)
-    assert presets.train_sizes(tiny_cfg(prepared_root, tmp_path, **kw)) == [32, 40, 48]
+    assert presets.train_sizes(tiny_cfg(prepared_root, tmp_path, **kw)) == [32, 36, 40]
     straight = train.main(tiny_cfg(prepared_root, tmp_path / "straight", **kw))
     stopped = stopped_run(tiny_cfg(prepared_root, tmp_path / "halves", **kw), at=at, monkeypatch=monkeypatch)
     assert stopped["exit_code"] == 128 + signal.SIGTERM
