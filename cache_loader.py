@@ -17,7 +17,6 @@ Val/test images are stored already resized and centre-cropped exactly as the
 DALI val pipeline cuts them, so a val batch is an index and a normalisation.
 Under torchrun each rank decodes only the images its plan can give it (splits.SamplePlan, fixed_shard=True).
 """
-import concurrent.futures
 import math
 import os
 import time
@@ -99,9 +98,6 @@ class CacheLoader(splits.PlanPosition):
         # filter) of each crop does a fraction of the batched float sampling's arithmetic; a GPU wants a batch
         # to be a fixed number of kernels.
         self.per_image = device.type == "cpu" if per_image is None else per_image
-        # The one-by-one crops run on `workers` threads (the ATen resize releases the GIL): the batch is built in
-        # the training thread, so these are the cores the model waits on anyway.
-        self.pool = concurrent.futures.ThreadPoolExecutor(max(1, workers)) if self.per_image and plan.train else None
         self.layout = model_utils.memory_format(channels_last)
         n = len(files)
         # The images this rank can be given: its fixed shard for train, its contiguous part for val/test.
@@ -179,17 +175,13 @@ class CacheLoader(splits.PlanPosition):
         right = np.minimum(np.maximum(np.rint((step["x"] + step["w"]) * self.scale_x[local]), left + 1), widths)
         out = torch.empty(len(local), size, size, 3, dtype=torch.uint8, device=self.device)
         boxes = np.stack([heights, widths, offsets, top, left, bottom, right], 1).astype(np.int64).tolist()
-
-        def resize(part):
-            for i in part:
-                height, width, offset, top, left, bottom, right = boxes[i]
-                image = self.pixels[offset:offset + height * width * 3].view(1, height, width, 3)
-                crop = image[:, top:bottom, left:right].permute(0, 3, 1, 2)  # NCHW sizes, channels_last strides
-                resized = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)
-                out[i] = resized[0].permute(1, 2, 0)
-
-        threads = self.pool._max_workers
-        list(self.pool.map(resize, [range(k, len(boxes), threads) for k in range(threads)]))
+        # One thread: torch's own intra-op threads run each resize (a pool of Python threads on top measured
+        # slower here, oversubscribing the cores DALI and the model share).
+        for i, (height, width, offset, top, left, bottom, right) in enumerate(boxes):
+            image = self.pixels[offset:offset + height * width * 3].view(1, height, width, 3)
+            crop = image[:, top:bottom, left:right].permute(0, 3, 1, 2)  # NCHW sizes, channels_last strides
+            resized = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)
+            out[i] = resized[0].permute(1, 2, 0)
         flipped = self.to_device(np.flatnonzero(step["flip"]))
         out[flipped] = out[flipped].flip(2)
         return self.finish(out.permute(0, 3, 1, 2).float(), step["index"])

@@ -515,8 +515,9 @@ def settings_parser(description):
     parser.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",
                         help="YAML or JSON file of settings (a run's config.json reruns it); flags beat it")
     for key, default in DEFAULTS.items():
-        kind = {bool: _bool, int: int, float: float}.get(type(default), _optional_str)
         choices = CHOICES.get(key)
+        # A text setting with a list of values takes them as written ("none" is class_balance's, not null).
+        kind = {bool: _bool, int: int, float: float}.get(type(default), str if choices else _optional_str)
         if key in VALUE_ALIASES:
             choices = list(choices) + [v for v in VALUE_ALIASES[key] if v not in choices]
         # SUPPRESS: only flags given on the command line appear in args, so they (and only they) beat the preset.

@@ -12,6 +12,12 @@ import train_caltech101 as train
 from conftest import make_image, run_cli, tiny_cfg
 
 
+def test_every_class_balance_is_a_flag_value():
+    parser = train.get_args_parser()
+    for value in ("none", "loss", "sampler"):  # "none" is a value here, not null
+        assert vars(parser.parse_args(["--class_balance", value]))["class_balance"] == value
+
+
 def test_class_weights_are_inverse_frequency_averaging_one():
     # 10 images of class 0, 2 of class 1, none of class 2: w = 12 / (2 * n_c), 0 for the absent class.
     weights = augment.class_weights([0] * 10 + [1] * 2, 3)

@@ -134,10 +134,10 @@ def test_a_run_that_fails_at_start_up_writes_nothing(prepared_root, tmp_path, ca
 # Every stateful piece of a run at once: MixUp and CutMix draws, EMA, early stopping's best value and counter
 # (min_delta 10: only the first evaluation improves, so the counter runs), gradual unfreezing (head only in epoch 1,
 # everything from epoch 2), layer-wise LRs, label smoothing, progressive resizing (32, 36, 40 px: the stop in epoch 2
-# is mid-ramp).
+# is mid-ramp), the class-balanced sampler.
 EVERYTHING = dict(mixup_alpha=0.2, cutmix_alpha=1.0, ema_decay=0.9, early_stop_patience=5, min_delta=10.0,
                   trainable="head", freeze_epochs=1, layer_decay=0.7, label_smoothing=0.1, epochs=3, img_size=40,
-                  img_size_start=32, img_size_ramp="0,3", img_size_step=4)
+                  img_size_start=32, img_size_ramp="0,3", img_size_step=4, class_balance="sampler")
 
 
 def same_optimizer_state(a, b):
