@@ -20,6 +20,7 @@ import torch
 import cache_loader
 import dali_loader
 import presets
+import resolution
 import splits
 
 
@@ -184,5 +185,5 @@ def loader_from_settings(cfg, split, batch_size, device, dtype, rank=0, world=1,
                         drop_last=cfg["drop_last"] or cfg["compile"],  # static shapes for torch.compile
                         crop_scale_min=cfg["crop_scale_min"], cache=cfg["cache"] if cache is None else cache,
                         channels_last=cfg["channels_last"], train=train, hw_decoder_load=cfg["hw_decoder_load"],
-                        out_sizes=presets.train_sizes(cfg) if train and cfg.get("img_size_start") else None,
+                        out_sizes=resolution.train_sizes(cfg) if train and cfg.get("img_size_start") else None,
                         balanced=train and cfg.get("class_balance") == "sampler")

@@ -27,6 +27,7 @@ import errors
 import metrics
 import model_utils
 import presets
+import resolution
 
 TrainingError = errors.TrainingError  # raised here when a run cannot go on; the kit's errors live in errors.py
 
@@ -168,7 +169,7 @@ def compiled(model, cfg):
     """torch.compile with one graph per input shape: each train size of a progressive-resizing schedule and
     evaluation's get their own static graph (and CUDA graph under reduce-overhead), rather than one dynamic-shape
     graph from the second size on, and the recompile limit leaves room for all of them."""
-    graphs = len(set(presets.train_sizes(cfg))) + 1
+    graphs = len(set(resolution.train_sizes(cfg))) + 1
     config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, graphs + 1)
     return torch.compile(model, mode=None if cfg["compile_mode"] == "default" else cfg["compile_mode"],

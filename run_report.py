@@ -17,6 +17,7 @@ import engine
 import metrics
 import model_utils
 import presets
+import resolution
 
 
 def print_model(cfg, num_classes):
@@ -55,7 +56,7 @@ def eta_seconds(cfg, epoch, rows, first_epoch, elapsed):
     training time per unit of pixels (an epoch's cost follows its train size under progressive resizing) times
     the pixels to come, plus the evaluations to come at the mean time of those so far, plus the rest (saving,
     start-up) per epoch."""
-    cost = [(size / cfg["img_size"]) ** 2 for size in presets.train_sizes(cfg)]
+    cost = [(size / cfg["img_size"]) ** 2 for size in resolution.train_sizes(cfg)]
     mine = [r for r in rows if r["epoch"] >= first_epoch]
     train_s = sum(r["train_time_s"] for r in mine)
     evals = [r["val_images"] / r["val_images_per_s"] for r in mine if r.get("val_images_per_s")]
@@ -82,16 +83,16 @@ def describe(cfg, log, device, amp_dtype, use_scaler, train_loader, val_loader, 
     log(f"run folder {run_dir}")
     log(f"device {device}, amp {amp_dtype}, grad scaler {use_scaler}, channels_last {cfg['channels_last']}, "
         f"loader {train_loader.kind}, torch.compile {cfg['compile']}"
-        + (f" ({cfg['compile_mode']}; {len(set(presets.train_sizes(cfg))) + 1} graphs: one per train size and one "
+        + (f" ({cfg['compile_mode']}; {len(set(resolution.train_sizes(cfg))) + 1} graphs: one per train size and one "
            f"for evaluation; the short last train step is dropped for static shapes)" if cfg["compile"] else ""))
     log(f"processes: world size {world}, per-rank batch {batch}, global batch {batch * world}")
     log(f"data: {len(model_utils.unwrap(model).fc.weight)} classes, {train_loader.num_images * world} train "
         f"({train_loader.num_images} per rank) / {val_loader.plan.num_images} val images; train crops "
         f"{cfg['img_size']} px, val centre crops {presets.eval_size(cfg)} px")
-    sizes = presets.train_sizes(cfg)
+    sizes = resolution.train_sizes(cfg)
     if len(set(sizes)) > 1:
         share = sum(size ** 2 for size in sizes) / (cfg["img_size"] ** 2 * len(sizes))
-        log(f"progressive resizing: train crops {presets.describe_sizes(sizes)} ({share:.0%} of the pixels of "
+        log(f"progressive resizing: train crops {resolution.describe_sizes(sizes)} ({share:.0%} of the pixels of "
             f"{cfg['img_size']} px throughout)")
     init = cfg["weights"] or ("ImageNet" if cfg["pretrained"] else "scratch")
     log(f"model: {cfg['arch']} ({init} init), {n_params / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trainable "
@@ -144,7 +145,7 @@ def estimate_duration(cfg, log, model, device, amp_dtype, batch, steps_per_epoch
     epochs, then everything), and print what the run will take. Under progressive resizing, steps are timed at the
     smallest and the final size, and an epoch's step time is the straight line between them at its pixel count."""
     probe = copy.deepcopy(model_utils.unwrap(model)).train()
-    sizes = presets.train_sizes(cfg)
+    sizes = resolution.train_sizes(cfg)
     frozen_epochs = cfg["freeze_epochs"] or (cfg["epochs"] if cfg["trainable"] != "all" else 0)
 
     def step_times(trains):

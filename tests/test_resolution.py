@@ -10,6 +10,7 @@ import torch
 import data_utils
 import engine
 import presets
+import resolution
 import run_report
 import splits
 import train_caltech101 as train
@@ -19,7 +20,7 @@ CPU = torch.device("cpu")
 
 
 def sizes(img_size, epochs, start=0, ramp=None, step=16):
-    return presets.train_sizes(dict(presets.DEFAULTS, img_size=img_size, epochs=epochs, img_size_start=start,
+    return resolution.train_sizes(dict(presets.DEFAULTS, img_size=img_size, epochs=epochs, img_size_start=start,
                                     img_size_ramp=ramp, img_size_step=step))
 
 
@@ -43,28 +44,28 @@ def test_sizes_per_epoch(spec, expected):
 
 
 def test_the_schedule_is_described_by_epoch_spans():
-    assert presets.describe_sizes([64] * 15 + [80] * 8 + [96] * 9) == \
+    assert resolution.describe_sizes([64] * 15 + [80] * 8 + [96] * 9) == \
         "64 px epochs 1-15, 80 px epochs 16-23, 96 px epochs 24-32"
-    assert presets.describe_sizes([80, 96]) == "80 px epoch 1, 96 px epoch 2"
+    assert resolution.describe_sizes([80, 96]) == "80 px epoch 1, 96 px epoch 2"
 
 
 def test_a_presets_schedule_gives_way_to_overrides(capfd, tmp_path):
     """cpu_smoke ramps 64 -> 96 px over the middle half of its epochs: other epochs keep the shares, another
     img_size drops the schedule with one note, an explicit ramp from a config file scales with --epochs."""
-    assert presets.train_sizes(presets.resolve("cpu_smoke")) == [64] * 15 + [80] * 8 + [96] * 9
-    assert presets.train_sizes(presets.resolve("cpu_smoke", {"epochs": 16})) == [64] * 7 + [80] * 4 + [96] * 5
+    assert resolution.train_sizes(presets.resolve("cpu_smoke")) == [64] * 15 + [80] * 8 + [96] * 9
+    assert resolution.train_sizes(presets.resolve("cpu_smoke", {"epochs": 16})) == [64] * 7 + [80] * 4 + [96] * 5
     capfd.readouterr()
     cfg = presets.resolve("cpu_smoke", {"img_size": 32, "epochs": 1})
-    assert (cfg["img_size_start"], presets.train_sizes(cfg)) == (0, [32])
+    assert (cfg["img_size_start"], resolution.train_sizes(cfg)) == (0, [32])
     out = capfd.readouterr().out
     assert out.count("\n") == 1 and "preset cpu_smoke's resolution schedule (img_size_start 64) dropped" in out
     config = tmp_path / "ramp.yaml"
     config.write_text("img_size_start: 64\nimg_size_ramp: 8,24\n")
     cfg = presets.resolve("cpu_smoke", {"epochs": 16}, config=str(config))
-    assert cfg["img_size_ramp"] == "4,12" and presets.train_sizes(cfg) == [64] * 7 + [80] * 4 + [96] * 5
+    assert cfg["img_size_ramp"] == "4,12" and resolution.train_sizes(cfg) == [64] * 7 + [80] * 4 + [96] * 5
     # Given on the command line, the schedule is the user's: it is checked, not adapted.
     cfg = presets.resolve("cpu_smoke", {"img_size": 128, "img_size_start": 64, "img_size_ramp": "1,3", "epochs": 4})
-    assert presets.train_sizes(cfg) == [64, 96, 128, 128]
+    assert resolution.train_sizes(cfg) == [64, 96, 128, 128]
 
 
 @pytest.mark.parametrize("flags,expected", [
@@ -119,7 +120,7 @@ def test_compile_takes_one_static_graph_per_size(monkeypatch):
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1))
     cfg = dict(presets.DEFAULTS, img_size=224, img_size_start=64, img_size_ramp="0,20", img_size_step=16,
                epochs=24, compile=True)
-    assert len(set(presets.train_sizes(cfg))) == 11  # 64, 80, ..., 224
+    assert len(set(resolution.train_sizes(cfg))) == 11  # 64, 80, ..., 224
     with torch._dynamo.config.patch(recompile_limit=8):  # torch's default; restored after
         step_model = engine.step_model_for(model, cfg, CPU, world=1)
         assert torch._dynamo.config.recompile_limit >= 12  # 11 train sizes and evaluation's

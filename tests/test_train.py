@@ -12,6 +12,7 @@ import torch
 import engine
 import model_utils
 import presets
+import resolution
 import runs
 import train_caltech101 as train
 from conftest import one_line_error, run_cli, stop_at, stopped_run, tiny_argv, tiny_cfg
@@ -157,7 +158,7 @@ def test_a_mid_epoch_stop_resumes_to_the_same_state(prepared_root, tmp_path, mon
     early-stopping state), and metrics.csv the same, times aside: the resumed epoch reports the whole epoch. The
     torch loader's crops come from the plan, not from worker RNGs."""
     kw = dict(EVERYTHING, loader=loader, cache=cache, deterministic=True, workers=2 if loader == "torch" else 1)
-    assert presets.train_sizes(tiny_cfg(prepared_root, tmp_path, **kw)) == [32, 36, 40]
+    assert resolution.train_sizes(tiny_cfg(prepared_root, tmp_path, **kw)) == [32, 36, 40]
     straight = train.main(tiny_cfg(prepared_root, tmp_path / "straight", **kw))
     stopped = stopped_run(tiny_cfg(prepared_root, tmp_path / "halves", **kw), at=at, monkeypatch=monkeypatch)
     assert stopped["exit_code"] == 128 + signal.SIGTERM
