@@ -46,6 +46,7 @@ import torch
 import augment
 import cache_loader
 import data_utils
+import devices
 import engine
 import errors
 import metrics
@@ -85,7 +86,7 @@ def kit_settings(args):
 def kit_loader(args, device, files, labels, train_split, cache, batch_size):
     """The kit's DALI or cache loader (data_utils' own builder) over a list of files (the data section uses the
     whole train split)."""
-    amp_dtype, _ = engine.resolve_amp(args.amp, device)
+    amp_dtype, _ = devices.resolve_amp(args.amp, device)
     return data_utils.loader_over(splits.image_root(args.data_root), files, labels, args.img_size, batch_size, device,
                                   dtype=amp_dtype or torch.float32, loader="dali", workers=args.workers, cache=cache,
                                   train=train_split)
@@ -116,7 +117,7 @@ def bench_data(args, device):
     files, labels = split_subset(args.data_root, "train", args.images)
     dali = kit_loader(args, device, files, labels, True, False, args.batch_size)
     cache = kit_loader(args, device, files, labels, True, True, args.batch_size)
-    amp_dtype, _ = engine.resolve_amp(args.amp, device)
+    amp_dtype, _ = devices.resolve_amp(args.amp, device)
     # The kit's other cache path, timed where it is not the default: on a CPU the fixed-ops batch path a GPU runs,
     # on a GPU the one-by-one path a CPU runs.
     other = cache_loader.CacheLoader(splits.image_root(args.data_root), files, labels, cache.plan, args.img_size,
@@ -164,7 +165,7 @@ def make_model(args, device):
 def kit_trainer(args, device, compile_model=False, guard_bn=True):
     """A function(loader) -> train_one_epoch statistics, with the kit's model, optimizer, AMP and mixing
     (guard_bn=False: without the BatchNorm restore that makes a skipped step leave no trace)."""
-    amp_dtype, use_scaler = engine.resolve_amp(args.amp, device)
+    amp_dtype, use_scaler = devices.resolve_amp(args.amp, device)
     model, optimizer = make_model(args, device)
     step_model = torch.compile(model) if compile_model else model
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
@@ -179,7 +180,7 @@ def bench_step(args, device):
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=generator)
     labels = torch.randint(0, 101, (args.batch_size,), generator=generator).to(device)
-    amp_dtype, _ = engine.resolve_amp(args.amp, device)
+    amp_dtype, _ = devices.resolve_amp(args.amp, device)
     kit_images = images.to(device, dtype=amp_dtype or torch.float32, memory_format=torch.channels_last)
     baseline, baseline_opt = plain_model(args.arch, device)
     plain_batches = RepeatBatch(images.to(device), labels, args.steps)
@@ -226,7 +227,7 @@ def bench_e2e(args, device):
 
 def bench_eval(args, device):
     files, labels = split_subset(args.data_root, "val", args.images)
-    amp_dtype, _ = engine.resolve_amp(args.amp, device)
+    amp_dtype, _ = devices.resolve_amp(args.amp, device)
     val = kit_loader(args, device, files, labels, False, False, args.eval_batch_size)
     kit_model, _ = make_model(args, device)
     baseline, _ = plain_model(args.arch, device)
@@ -266,7 +267,7 @@ def bench_infer(args, device):
     model = model_utils.get_model(101, arch=args.arch).eval()
     kit = model_utils.get_model(101, arch=args.arch).eval().to(memory_format=torch.channels_last)
     kit.load_state_dict(model.state_dict())
-    amp_dtype, _ = engine.resolve_amp(args.amp, torch.device("cpu"))
+    amp_dtype, _ = devices.resolve_amp(args.amp, torch.device("cpu"))
     with tempfile.TemporaryDirectory() as folder:
         path = export.write_onnx(model, args.img_size, os.path.join(folder, "model.onnx"))
         session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
@@ -280,7 +281,7 @@ def bench_infer(args, device):
         return seen / (time.perf_counter() - start)
 
     def kit_forward(x):
-        with engine.autocast(torch.device("cpu"), amp_dtype):
+        with devices.autocast(torch.device("cpu"), amp_dtype):
             return kit(x.contiguous(memory_format=torch.channels_last))
 
     rows = []
@@ -304,7 +305,7 @@ def bench_overhead(args, device):
     import checkpoint
 
     model, optimizer = make_model(args, device)
-    amp_dtype, _ = engine.resolve_amp(args.amp, device)
+    amp_dtype, _ = devices.resolve_amp(args.amp, device)
     images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device).to(
         memory_format=torch.channels_last, dtype=amp_dtype or torch.float32)
     labels = torch.randint(0, 101, (args.batch_size,), device=device)
@@ -323,7 +324,7 @@ def bench_overhead(args, device):
         model.eval()
         sync(device)
         start = time.perf_counter()
-        with torch.inference_mode(), engine.autocast(device, amp_dtype):
+        with torch.inference_mode(), devices.autocast(device, amp_dtype):
             for _ in range(args.steps):
                 model(images)
         sync(device)
@@ -420,7 +421,7 @@ def get_args_parser():
 
 
 def main(args):
-    device = engine.resolve_device(args.device)
+    device = devices.resolve_device(args.device)
     on_gpu = device.type == "cuda"  # defaults that feed a GPU: a big batch and more decoder threads
     args.batch_size = args.batch_size or (256 if on_gpu else 32)
     args.eval_batch_size = args.eval_batch_size or 2 * args.batch_size

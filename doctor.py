@@ -18,7 +18,7 @@ import torch
 
 import dali_loader
 import data_utils
-import engine
+import devices
 import errors
 import presets
 import splits
@@ -48,7 +48,7 @@ def gpu_rows():
     for index in range(torch.cuda.device_count()):
         device = torch.device("cuda", index)
         props = torch.cuda.get_device_properties(index)
-        amp_dtype, scaler = engine.resolve_amp("auto", device)
+        amp_dtype, scaler = devices.resolve_amp("auto", device)
         amp = AMP_NAMES[amp_dtype] + (" + GradScaler" if scaler else "")
         hw = any(name in props.name for name in HW_DECODER_GPUS)
         rows.append((f"GPU {index}", OK, f"{props.name}, {props.total_memory / 2**30:.1f} GiB, compute capability "
@@ -83,7 +83,7 @@ def checks(data_root):
             ("torch", OK, f"{torch.__version__}, " + (f"built for CUDA {torch.version.cuda}" if torch.version.cuda
                                                        else "CPU-only build"))]
     driver = driver_version()
-    unusable = engine.unusable_gpu()
+    unusable = devices.unusable_gpu()
     if unusable:
         rows.append(("NVIDIA driver", FAIL, f"{driver or 'version unknown'}: {unusable}"))
     elif driver or torch.cuda.is_available():
@@ -93,10 +93,10 @@ def checks(data_root):
         rows.append(("NVIDIA driver", "-", "none (no NVIDIA GPU here)"))
     if torch.cuda.is_available():
         rows += gpu_rows()
-    rows.append(("Apple MPS", OK if engine.mps_available() else "-",
-                 "available (--device auto uses it; untested by the kit)" if engine.mps_available()
+    rows.append(("Apple MPS", OK if devices.mps_available() else "-",
+                 "available (--device auto uses it; untested by the kit)" if devices.mps_available()
                  else "not available"))
-    device = engine.resolve_device("auto") if not unusable else torch.device("cpu")
+    device = devices.resolve_device("auto") if not unusable else torch.device("cpu")
     if dali_loader.HAVE_DALI:
         ok, what = dali_loader.decodes_a_jpeg(device) if device.type in ("cuda", "cpu") else (True, "not on mps")
         rows.append(("DALI", OK if ok else FAIL, f"{dali_loader.VERSION}; {what}"))
@@ -109,7 +109,7 @@ def checks(data_root):
         rows.append(("onnxruntime", WARN, "not installed: export.py's ONNX check and predict.py --onnx need it "
                                           "(pip install onnxruntime)"))
     rows += data_rows(data_root)
-    amp_dtype, _ = engine.resolve_amp("auto", device)
+    amp_dtype, _ = devices.resolve_amp("auto", device)
     loader, why = data_utils.choose_loader("auto", device)
     rows.append(("--device auto", OK, f"{device}, --amp auto: {AMP_NAMES[amp_dtype]}"))
     rows.append(("--loader auto", OK, f"{loader}, since {why}"))

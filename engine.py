@@ -1,8 +1,7 @@
-"""The training engine: device and precision choice, optimizer and LR schedule, one training epoch, weight EMA,
+"""The training engine: optimizer and LR schedule, one training epoch, weight EMA,
 early stopping, and the one evaluation loop that training, evaluate.py and bench.py use (its figures: metrics.py).
 
     import engine
-    device = engine.resolve_device("auto"); amp_dtype, use_scaler = engine.resolve_amp("auto", device)
     stats = engine.train_one_epoch(model, loader, optimizer, scheduler, scaler, mixer, amp_dtype, cfg, epoch=1)
     metrics = engine.evaluate(model, val_loader, num_classes, amp_dtype)
 
@@ -13,7 +12,6 @@ import copy
 import math
 import os
 import random
-import shutil
 import sys
 import time
 
@@ -22,6 +20,7 @@ import torch
 
 import augment
 import data_utils
+import devices
 import distributed
 import errors
 import metrics
@@ -30,82 +29,6 @@ import presets
 import resolution
 
 TrainingError = errors.TrainingError  # raised here when a run cannot go on; the kit's errors live in errors.py
-
-
-def nvidia_gpu_present():
-    return shutil.which("nvidia-smi") is not None or os.path.exists("/dev/nvidia0")
-
-
-def unusable_gpu():
-    """The one-line diagnosis when an NVIDIA GPU is present but torch cannot use it, else None."""
-    if torch.cuda.is_available() or not nvidia_gpu_present():
-        return None
-    return (f"an NVIDIA GPU is present but this torch {torch.__version__} (built for CUDA {torch.version.cuda}) "
-            f"cannot use it, usually a driver older than that CUDA; install the torch wheel for your CUDA version "
-            f"(README, Install)")
-
-
-def mps_available():
-    """Apple's Metal backend (macOS on Apple silicon). Untested on the kit's own machines, which have no Mac."""
-    mps = getattr(torch.backends, "mps", None)
-    return mps is not None and mps.is_available()
-
-
-def resolve_device(name, local_rank=None):
-    """The torch.device for a --device setting; under torchrun (local_rank given) a CUDA run uses cuda:LOCAL_RANK.
-    auto: CUDA, else Apple's MPS, else the CPU."""
-    if name == "auto":
-        if not torch.cuda.is_available():
-            if mps_available() and local_rank is None:
-                return torch.device("mps")
-            if unusable_gpu():
-                print(f"warning: {unusable_gpu()}; training on the CPU", file=sys.stderr)
-            return torch.device("cpu")
-        name = "cuda"
-    if name == "cpu":
-        return torch.device("cpu")
-    if name == "mps":
-        if not mps_available():
-            raise presets.ConfigError(f"device=mps but torch {torch.__version__} has no usable MPS backend here (it "
-                                      f"needs macOS 12.3+ on Apple silicon); use --device cpu")
-        return torch.device("mps")
-    if not torch.cuda.is_available():
-        raise presets.ConfigError(f"device={name} but no CUDA device is visible (torch {torch.__version__}, built "
-                                  f"for CUDA {torch.version.cuda}); use --device cpu")
-    if name == "cuda":
-        index = local_rank if local_rank is not None else torch.cuda.current_device()
-    else:
-        index = int(name.split(":", 1)[1])
-        if local_rank is not None:
-            raise presets.ConfigError(f"device={name}: under torchrun each rank uses cuda:LOCAL_RANK; choose the GPUs "
-                                      f"with CUDA_VISIBLE_DEVICES and pass --device cuda")
-        if index >= torch.cuda.device_count():
-            raise presets.ConfigError(f"device={name} but only {torch.cuda.device_count()} CUDA device(s) are visible")
-    torch.cuda.set_device(index)
-    return torch.device("cuda", index)
-
-
-def resolve_amp(amp, device):
-    """(autocast dtype or None, use GradScaler). auto: bf16 only where it runs natively (CUDA compute capability
-    8.0+, i.e. Ampere and newer; CPUs with AVX-512 bf16), fp16 with a GradScaler on older GPUs (T4, V100, RTX 20xx:
-    their bf16 is emulated and slow although torch.cuda.is_bf16_supported() says yes), off on other CPUs and on
-    Apple's MPS (fp32 where in doubt: its autocast covers fewer operators; --amp bf16 asks for it there)."""
-    if amp == "auto":
-        if device.type == "mps":
-            amp = "off"
-        elif device.type == "cuda":
-            amp = "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
-        else:
-            native_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-            amp = "bf16" if native_bf16 else "off"
-    if amp == "fp16" and device.type != "cuda":
-        raise presets.ConfigError(f"amp=fp16 needs CUDA; on {device.type} use --amp bf16 or --amp off")
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp], amp == "fp16"
-
-
-def autocast(device, amp_dtype):
-    """The one autocast context of the kit: amp_dtype (bf16/fp16) on the device's autocast, or off when None."""
-    return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
 
 
 def seed_everything(seed):
@@ -322,7 +245,7 @@ def train_step(model, images, labels, optimizer, scaler, mixer, amp_dtype, grad_
     bn_stats = batchnorm_stats(model) if bn_stats is None else bn_stats
     saved = [buf.clone() for buf in bn_stats]
     images, targets = mixer(images, labels)
-    with autocast(images.device, amp_dtype):
+    with devices.autocast(images.device, amp_dtype):
         logits = model(images)
     loss = augment.soft_target_cross_entropy(logits, targets)
     loss_value = loss.detach()
@@ -469,7 +392,7 @@ def collect_logits(model, loader, amp_dtype, tta="none", static_batch=None):
         if static_batch and n < static_batch:
             images = torch.cat([images, images.new_zeros((static_batch - n,) + images.shape[1:])])
             images = images.contiguous(memory_format=torch.channels_last) if images.dim() == 4 else images
-        with autocast(device, amp_dtype):
+        with devices.autocast(device, amp_dtype):
             # clone(): under torch.compile's CUDA graphs an output is overwritten by the next call.
             logits = model(images).float().clone()
             if tta == "flip":

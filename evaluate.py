@@ -18,6 +18,7 @@ import os
 import sys
 
 import dali_loader
+import devices
 import engine
 import errors
 import metrics
@@ -154,8 +155,8 @@ def evaluate_checkpoint(args):
     if args.batch_size is not None and args.batch_size < 1:
         raise presets.ConfigError(f"--batch_size must be at least 1, got {args.batch_size}")
     files = check_split(run, cfg["data_root"], args.split, args.allow_other_split)
-    device = engine.resolve_device(cfg["device"])
-    amp_dtype, _ = engine.resolve_amp(cfg["amp"], device)
+    device = devices.resolve_device(cfg["device"])
+    amp_dtype, _ = devices.resolve_amp(cfg["amp"], device)
     classes = run.classes
     logits, labels, m = engine.evaluate_weights(run.path, cfg, args.split, len(classes), device, amp_dtype,
                                                 args.batch_size or cfg["eval_batch_size"], tta=args.tta)

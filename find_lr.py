@@ -23,6 +23,7 @@ import torch
 import augment
 import dali_loader
 import data_utils
+import devices
 import engine
 import errors
 import model_utils
@@ -83,8 +84,8 @@ def suggestions(records, skip_start=10):
 
 
 def main(cfg, steps=100, start=1e-7, end=10.0):
-    device = engine.resolve_device(cfg["device"])
-    amp_dtype, use_scaler = engine.resolve_amp(cfg["amp"], device)
+    device = devices.resolve_device(cfg["device"])
+    amp_dtype, use_scaler = devices.resolve_amp(cfg["amp"], device)
     engine.seed_everything(cfg["seed"])
     train_loader = data_utils.loader_from_settings(cfg, "train", cfg["batch_size"], device,
                                                    amp_dtype or torch.float32)

@@ -12,8 +12,8 @@ import time
 import numpy as np
 import torch
 
+import devices
 import distributed
-import engine
 import metrics
 import model_utils
 import presets
@@ -132,7 +132,7 @@ def time_step(probe, images, amp_dtype, device):
     timings = []
     for _ in range(3):
         start = time.perf_counter()
-        with engine.autocast(device, amp_dtype):
+        with devices.autocast(device, amp_dtype):
             probe(images).float().sum().backward()
         if device.type == "cuda":
             torch.cuda.synchronize()

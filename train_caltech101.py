@@ -25,6 +25,7 @@ import augment
 import checkpoint
 import dali_loader
 import data_utils
+import devices
 import distributed
 import engine
 import errors
@@ -79,13 +80,13 @@ def main(cfg, explicit=None):
     """Train one run. `explicit`: the settings the user gave (flags, config file); on --resume the others come from
     the checkpoint (None: every setting of cfg counts as given)."""
     rank, world, local_rank = distributed.env()
-    device = engine.resolve_device(cfg["device"], local_rank if world > 1 else None)
+    device = devices.resolve_device(cfg["device"], local_rank if world > 1 else None)
     resume_path, ckpt = find_resume(cfg)
     notes = []
     if ckpt is not None:
         cfg, notes = checkpoint.resume_settings(ckpt, cfg, explicit, resume_path)
-        device = engine.resolve_device(cfg["device"], local_rank if world > 1 else None)
-    amp_dtype, use_scaler = engine.resolve_amp(cfg["amp"], device)
+        device = devices.resolve_device(cfg["device"], local_rank if world > 1 else None)
+    amp_dtype, use_scaler = devices.resolve_amp(cfg["amp"], device)
     loader, why = data_utils.choose_loader(cfg["loader"], device)
     if cfg["loader"] == "auto" and rank == 0:
         print(f"loader auto: {loader}, since {why}")

@@ -6,8 +6,8 @@ import types
 import torch
 
 import dali_loader
+import devices
 import doctor
-import engine
 from conftest import run_cli
 
 
@@ -29,7 +29,7 @@ def test_this_machine(prepared_root, capfd):
     classes = open(f"{prepared_root}/classes.txt").read().split()
     train, val = (len(open(f"{prepared_root}/{split}.txt").read().splitlines()) for split in ("train", "val"))
     assert rows["data"][0] == "ok" and f": {len(classes)} classes, {train} train / {val} val images" in rows["data"][1]
-    assert rows["--device auto"] == ("ok", "cpu, --amp auto: " + ("bf16" if engine.resolve_amp(
+    assert rows["--device auto"] == ("ok", "cpu, --amp auto: " + ("bf16" if devices.resolve_amp(
         "auto", torch.device("cpu"))[0] else "off"))
     assert rows["--loader auto"] == ("ok", f"dali, since DALI {dali_loader.VERSION} runs on cpu")
     assert float(rows["free disk"][1].split()[0]) > 0
@@ -39,7 +39,7 @@ def test_unprepared_data_and_an_unusable_gpu_fail(tmp_path, monkeypatch, capfd):
     code, rows, out = table(capfd, "--data_root", str(tmp_path / "none"))
     assert code == 1 and rows["data"][0] == "FAIL" and "download.py" in rows["data"][1]
     assert out.strip().endswith("training cannot run here: see data")
-    monkeypatch.setattr(engine, "nvidia_gpu_present", lambda: True)
+    monkeypatch.setattr(devices, "nvidia_gpu_present", lambda: True)
     monkeypatch.setattr(doctor, "driver_version", lambda: "470.57.02")
     code, rows, _ = table(capfd, "--data_root", str(tmp_path / "none"))
     status, detail = rows["NVIDIA driver"]

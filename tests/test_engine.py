@@ -6,6 +6,7 @@ import torch
 
 import augment
 import data_utils
+import devices
 import engine
 import metrics
 import model_utils
@@ -105,9 +106,9 @@ def test_amp_auto_picks_bf16_only_where_it_is_native(monkeypatch, capability, ex
     # T4 (7.5) and V100 (7.0) report bf16 support (emulated): auto must choose fp16 with a GradScaler there.
     monkeypatch.setattr(torch.cuda, "get_device_capability", FakeCuda(capability).get_device_capability)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert engine.resolve_amp("auto", torch.device("cuda", 0)) == expected
+    assert devices.resolve_amp("auto", torch.device("cuda", 0)) == expected
     with pytest.raises(presets.ConfigError, match="fp16 needs CUDA"):
-        engine.resolve_amp("fp16", CPU)
+        devices.resolve_amp("fp16", CPU)
 
 
 class FakeGpus:
@@ -127,51 +128,51 @@ def test_each_rank_and_its_dali_pipeline_use_cuda_local_rank(monkeypatch):
     import dali_loader
     gpus = FakeGpus()
     gpus.install(monkeypatch)
-    device = engine.resolve_device("cuda", local_rank=2)
+    device = devices.resolve_device("cuda", local_rank=2)
     assert device == torch.device("cuda", 2) and gpus.current == 2
     # the pipeline follows the rank's GPU, whether the device names its index or not (not GPU 0 for every rank)
     assert dali_loader.dali_device_id(device) == 2 and dali_loader.dali_device_id(torch.device("cuda")) == 2
-    assert engine.resolve_device("cuda:3") == torch.device("cuda", 3) and gpus.current == 3
+    assert devices.resolve_device("cuda:3") == torch.device("cuda", 3) and gpus.current == 3
     assert dali_loader.dali_device_id(CPU) is None
     with pytest.raises(presets.ConfigError, match="only 4 CUDA device"):
-        engine.resolve_device("cuda:4")
+        devices.resolve_device("cuda:4")
     with pytest.raises(presets.ConfigError, match="CUDA_VISIBLE_DEVICES"):
-        engine.resolve_device("cuda:1", local_rank=0)
+        devices.resolve_device("cuda:1", local_rank=0)
 
 
 def test_a_gpu_torch_cannot_use_is_said_in_one_line(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(engine, "nvidia_gpu_present", lambda: True)
-    assert engine.resolve_device("auto") == CPU
+    monkeypatch.setattr(devices, "nvidia_gpu_present", lambda: True)
+    assert devices.resolve_device("auto") == CPU
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "NVIDIA GPU is present" in err and "driver" in err
-    monkeypatch.setattr(engine, "nvidia_gpu_present", lambda: False)
-    assert engine.resolve_device("auto") == CPU and capsys.readouterr().err == ""
+    monkeypatch.setattr(devices, "nvidia_gpu_present", lambda: False)
+    assert devices.resolve_device("auto") == CPU and capsys.readouterr().err == ""
     with pytest.raises(presets.ConfigError, match="no CUDA device is visible"):
-        engine.resolve_device("cuda")
+        devices.resolve_device("cuda")
 
 
 def test_auto_device_is_cuda_then_apples_mps_then_the_cpu(monkeypatch, capsys):
     """The order --device auto follows, with stubs for what this machine lacks; MPS has its own AMP choice (fp32
     unless asked) and never runs DALI."""
     mps = torch.device("mps")
-    monkeypatch.setattr(engine, "mps_available", lambda: True)
+    monkeypatch.setattr(devices, "mps_available", lambda: True)
     FakeGpus().install(monkeypatch)
-    assert engine.resolve_device("auto") == torch.device("cuda", 0)  # CUDA first, MPS or not
+    assert devices.resolve_device("auto") == torch.device("cuda", 0)  # CUDA first, MPS or not
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert engine.resolve_device("auto") == mps and engine.resolve_device("mps") == mps
-    assert engine.resolve_device("auto", local_rank=0) == CPU  # torchrun ranks: CUDA or gloo on the CPU, not MPS
-    assert engine.resolve_amp("auto", mps) == (None, False)
-    assert engine.resolve_amp("bf16", mps) == (torch.bfloat16, False)
+    assert devices.resolve_device("auto") == mps and devices.resolve_device("mps") == mps
+    assert devices.resolve_device("auto", local_rank=0) == CPU  # torchrun ranks: CUDA or gloo on the CPU, not MPS
+    assert devices.resolve_amp("auto", mps) == (None, False)
+    assert devices.resolve_amp("bf16", mps) == (torch.bfloat16, False)
     with pytest.raises(presets.ConfigError, match="amp=fp16 needs CUDA; on mps use --amp bf16 or --amp off"):
-        engine.resolve_amp("fp16", mps)
+        devices.resolve_amp("fp16", mps)
     assert data_utils.choose_loader("auto", mps) == ("torch", "DALI does not run on mps")
     with pytest.raises(data_utils.splits.DataError, match="DALI does not run on mps; use --loader torch"):
         data_utils.choose_loader("dali", mps)
-    monkeypatch.setattr(engine, "mps_available", lambda: False)
-    assert engine.resolve_device("auto") == CPU
+    monkeypatch.setattr(devices, "mps_available", lambda: False)
+    assert devices.resolve_device("auto") == CPU
     with pytest.raises(presets.ConfigError, match="device=mps but torch .* has no usable MPS backend here"):
-        engine.resolve_device("mps")
+        devices.resolve_device("mps")
     assert presets.resolve(overrides={"device": "mps"})["device"] == "mps"
 
 

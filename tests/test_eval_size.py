@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import data_utils
+import devices
 import engine
 import evaluate
 import export
@@ -31,7 +32,7 @@ def direct_val_top1(run_dir, data_root, size):
     """best.pth's val top-1 at `size`, through a loader built here (not from the run's settings)."""
     loader = data_utils.build_loader(data_root, "val", size, 8, CPU, loader="torch", workers=0)
     model = model_utils.load_trained(os.path.join(run_dir, "best.pth"), 3).to(memory_format=torch.channels_last)
-    amp_dtype, _ = engine.resolve_amp("auto", CPU)
+    amp_dtype, _ = devices.resolve_amp("auto", CPU)
     return engine.evaluate(model, loader, 3, amp_dtype)["val_top1"]
 
 

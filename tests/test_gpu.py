@@ -16,6 +16,7 @@ import augment
 import cache_loader
 import dali_loader
 import data_utils
+import devices
 import engine
 import model_utils
 import splits
@@ -88,7 +89,7 @@ def test_a_short_run_on_the_gpu_writes_every_output(prepared_root, tmp_path, amp
 
 
 def test_amp_auto_follows_the_compute_capability():
-    dtype, scaler = engine.resolve_amp("auto", GPU)
+    dtype, scaler = devices.resolve_amp("auto", GPU)
     native = torch.cuda.get_device_capability() >= (8, 0)
     assert (dtype, scaler) == ((torch.bfloat16, False) if native else (torch.float16, True))
 

@@ -9,6 +9,7 @@ import signal
 import pytest
 import torch
 
+import devices
 import engine
 import model_utils
 import presets
@@ -56,7 +57,7 @@ def test_best_checkpoints_are_the_best_epochs(trained_run, prepared_with_test):
     rows = trained_run["rows"]
     by_top1 = max(rows, key=lambda r: r["val_top1"])  # first of equals, as the monitor keeps it
     by_loss = min(rows, key=lambda r: r["val_loss"])
-    amp_dtype, _ = engine.resolve_amp("auto", torch.device("cpu"))  # as the run chose: bf16 only where native
+    amp_dtype, _ = devices.resolve_amp("auto", torch.device("cpu"))  # as the run chose: bf16 only where native
     val = data_utils.build_loader(prepared_with_test, "val", 32, 8, torch.device("cpu"),
                                   dtype=amp_dtype or torch.float32, workers=1)
     for name, row in (("best.pth", by_top1), ("best_loss.pth", by_loss)):

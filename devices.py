@@ -1,0 +1,89 @@
+"""Where a run computes and in what precision: --device (CUDA, Apple's MPS, the CPU; the one-line diagnosis of a GPU
+torch cannot use), --amp (bf16 / fp16 with a GradScaler / off, per device) and the kit's one autocast context.
+
+    device = devices.resolve_device("auto"); amp_dtype, use_scaler = devices.resolve_amp("auto", device)
+    with devices.autocast(device, amp_dtype): logits = model(images)
+"""
+import os
+import shutil
+import sys
+
+import torch
+
+import presets
+
+
+def nvidia_gpu_present():
+    return shutil.which("nvidia-smi") is not None or os.path.exists("/dev/nvidia0")
+
+
+def unusable_gpu():
+    """The one-line diagnosis when an NVIDIA GPU is present but torch cannot use it, else None."""
+    if torch.cuda.is_available() or not nvidia_gpu_present():
+        return None
+    return (f"an NVIDIA GPU is present but this torch {torch.__version__} (built for CUDA {torch.version.cuda}) "
+            f"cannot use it, usually a driver older than that CUDA; install the torch wheel for your CUDA version "
+            f"(README, Install)")
+
+
+def mps_available():
+    """Apple's Metal backend (macOS on Apple silicon). Untested on the kit's own machines, which have no Mac."""
+    mps = getattr(torch.backends, "mps", None)
+    return mps is not None and mps.is_available()
+
+
+def resolve_device(name, local_rank=None):
+    """The torch.device for a --device setting; under torchrun (local_rank given) a CUDA run uses cuda:LOCAL_RANK.
+    auto: CUDA, else Apple's MPS, else the CPU."""
+    if name == "auto":
+        if not torch.cuda.is_available():
+            if mps_available() and local_rank is None:
+                return torch.device("mps")
+            if unusable_gpu():
+                print(f"warning: {unusable_gpu()}; training on the CPU", file=sys.stderr)
+            return torch.device("cpu")
+        name = "cuda"
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "mps":
+        if not mps_available():
+            raise presets.ConfigError(f"device=mps but torch {torch.__version__} has no usable MPS backend here (it "
+                                      f"needs macOS 12.3+ on Apple silicon); use --device cpu")
+        return torch.device("mps")
+    if not torch.cuda.is_available():
+        raise presets.ConfigError(f"device={name} but no CUDA device is visible (torch {torch.__version__}, built "
+                                  f"for CUDA {torch.version.cuda}); use --device cpu")
+    if name == "cuda":
+        index = local_rank if local_rank is not None else torch.cuda.current_device()
+    else:
+        index = int(name.split(":", 1)[1])
+        if local_rank is not None:
+            raise presets.ConfigError(f"device={name}: under torchrun each rank uses cuda:LOCAL_RANK; choose the GPUs "
+                                      f"with CUDA_VISIBLE_DEVICES and pass --device cuda")
+        if index >= torch.cuda.device_count():
+            raise presets.ConfigError(f"device={name} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def resolve_amp(amp, device):
+    """(autocast dtype or None, use GradScaler). auto: bf16 only where it runs natively (CUDA compute capability
+    8.0+, i.e. Ampere and newer; CPUs with AVX-512 bf16), fp16 with a GradScaler on older GPUs (T4, V100, RTX 20xx:
+    their bf16 is emulated and slow although torch.cuda.is_bf16_supported() says yes), off on other CPUs and on
+    Apple's MPS (fp32 where in doubt: its autocast covers fewer operators; --amp bf16 asks for it there)."""
+    if amp == "auto":
+        if device.type == "mps":
+            amp = "off"
+        elif device.type == "cuda":
+            amp = "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
+        else:
+            native_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+            amp = "bf16" if native_bf16 else "off"
+    if amp == "fp16" and device.type != "cuda":
+        raise presets.ConfigError(f"amp=fp16 needs CUDA; on {device.type} use --amp bf16 or --amp off")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp], amp == "fp16"
+
+
+def autocast(device, amp_dtype):
+    """The one autocast context of the kit: amp_dtype (bf16/fp16) on the device's autocast, or off when None."""
+    return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
