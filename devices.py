@@ -87,3 +87,11 @@ def resolve_amp(amp, device):
 def autocast(device, amp_dtype):
     """The one autocast context of the kit: amp_dtype (bf16/fp16) on the device's autocast, or off when None."""
     return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+
+
+def describe_amp(amp_dtype, use_scaler=False):
+    """'bf16 autocast', 'fp16 autocast with a GradScaler' or 'off (fp32)': what a run's AMP setting became."""
+    if amp_dtype is None:
+        return "off (fp32)"
+    return f"{str(amp_dtype).replace('torch.', '').replace('bfloat16', 'bf16').replace('float16', 'fp16')} autocast" \
+        + (" with a GradScaler" if use_scaler else "")

@@ -87,7 +87,7 @@ def download(url, dest, expected_md5, quiet=False):
             total = response.headers.get("Content-Length")
             total = int(total) + start if total is not None else None
             with open(part, mode) as f, tqdm(total=total, initial=start, unit="B", unit_scale=True,
-                                             desc="download", disable=quiet) as bar:
+                                             desc="download", disable=quiet or not sys.stderr.isatty()) as bar:
                 for block in iter(lambda: response.read(1 << 20), b""):
                     f.write(block)
                     bar.update(len(block))

@@ -10,7 +10,6 @@ tells the story of a run with them. Under torchrun the same functions run on eve
 """
 import copy
 import math
-import os
 import random
 import sys
 import time
@@ -324,7 +323,9 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, mixer, amp_dtyp
     max_bad, every_ema = cfg.get("max_bad_steps", 10), cfg.get("ema_every", 1)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    show = cfg.get("progress", True) and os.environ.get("CI") != "true" and distributed.is_main()
+    # A bar only on a terminal: in a redirected log (nohup, a cluster job, > train.log) its redraws would bury the
+    # one line per epoch.
+    show = cfg.get("progress", True) and sys.stderr.isatty() and distributed.is_main()
     bar = tqdm(total=len(loader), initial=start_step, desc=f"epoch {epoch}", unit="step", leave=False,
                dynamic_ncols=True, disable=not show)
     stopping = False

@@ -9,7 +9,9 @@
 The architecture, image size, data root, loader and AMP mode come from the run's config.json (beside the
 checkpoint), so no training flag has to be repeated. Evaluation uses the training loaders (DALI by default), AMP
 and channels_last, so it reproduces the training run's own evaluation of the same weights.
-Writes into <run>/eval_<split>[_flip]/: report.json, per_class.csv, confusion.png, wrong.png.
+Writes into <run>/eval_<split>[_flip]/: report.json, per_class.csv, confusion.png, wrong.png and report.html (the
+run's page with this evaluation: per class, confusions, misclassified images, Grad-CAM; --no_report_page: not).
+    python evaluate.py --compare checkpoints/a checkpoints/b --html compare.html    # the table as a page too
 """
 import argparse
 import csv
@@ -24,6 +26,7 @@ import errors
 import metrics
 import plots
 import presets
+import report_page
 import runs
 import splits
 
@@ -49,11 +52,7 @@ def run_row(run_dir):
         raise presets.ConfigError(f"{run_dir} is not a training run folder (no metrics.csv)")
     cfg = {**presets.DEFAULTS, **runs.read_run_config(run_dir)}  # an older run: settings added since as defaults
     rows = runs.read_metrics(run_dir)
-    try:
-        with open(os.path.join(run_dir, "summary.json"), encoding="utf-8") as f:
-            summary = json.load(f)
-    except FileNotFoundError:
-        summary = None
+    summary = runs.read_summary(run_dir)
     records = metrics.time_to_reach(rows, cfg["monitor"])  # an unfinished run: its best epoch so far
     best_epoch = summary["best"]["epoch"] if summary else (records[-1]["epoch"] if records else None)
     figures = {}
@@ -69,10 +68,10 @@ def run_row(run_dir):
             "stopped": (summary or {}).get("early_stop")}
 
 
-def compare_runs(run_dirs):
-    """A markdown table of runs, as the multi-architecture kit reports them: the best epoch, and the train (through
-    the val transform), val and test top-1 of best.pth, with mean per-class accuracy; rows are told apart by run
-    folder and the settings that differ between the runs. "-": no test split (or no figure)."""
+def compare_table(run_dirs):
+    """(header, rows of cells, run folders) of the runs compared: the best epoch, and the train (through the val
+    transform), val and test top-1 of best.pth with mean per-class accuracy; rows are told apart by run folder and
+    the settings that differ between the runs. "-": no test split (or no figure)."""
     # `--compare checkpoints/*` meets other folders too (an LR finder's, a file): each is skipped with a note.
     found = [d for d in run_dirs if os.path.isfile(os.path.join(d, "metrics.csv"))]
     if not found:
@@ -90,16 +89,36 @@ def compare_runs(run_dirs):
     columns = [(split, name) for name in metrics.SUMMARY for split in ("train", "val", "test")]
     head = ["run", "preset", *differing, "best epoch", "epochs run",
             *[f"{split} {metrics.METRICS[name][0]}" for split, name in columns], "wall time", "time to best"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for r in runs:
         f = r["figures"]
-        cells = [os.path.normpath(r["run"]), str(r["cfg"].get("exp")),
-                 *[str(r["cfg"].get(k)) for k in differing], str(int(r["best_epoch"])) if r["best_epoch"] else "-",
-                 r["epochs"] + (" (early stop)" if r["stopped"] else ""),
-                 *[fmt(f[split], name) for split, name in columns], f"{r['wall'] / 60:.1f} min",
-                 f"{r['to_best'] / 60:.1f} min" if r["to_best"] is not None else "-"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append([os.path.normpath(r["run"]), str(r["cfg"].get("exp")),
+                     *[str(r["cfg"].get(k)) for k in differing], str(int(r["best_epoch"])) if r["best_epoch"] else "-",
+                     r["epochs"] + (" (early stop)" if r["stopped"] else ""),
+                     *[fmt(f[split], name) for split, name in columns], f"{r['wall'] / 60:.1f} min",
+                     f"{r['to_best'] / 60:.1f} min" if r["to_best"] is not None else "-"])
+    return head, rows, found
+
+
+def compare_runs(run_dirs):
+    """A markdown table of runs, as the multi-architecture kit reports them (see compare_table)."""
+    head, rows, _ = compare_table(run_dirs)
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+                     + ["| " + " | ".join(cells) + " |" for cells in rows])
+
+
+def write_compare_page(run_dirs, path):
+    """compare.html: the comparison table and the runs' val curves overlaid (by epoch and by wall time)."""
+    head, rows, found = compare_table(run_dirs)
+    esc = report_page.esc
+    curves = plots.plot_compare(found)
+    sections = [("runs", "Runs", report_page.table([esc(h) for h in head], [[esc(c) for c in cells] for cells in rows],
+                                                   sortable=True)),
+                ("curves", "Validation curves", f'<div class="wide"><img alt="val curves of the runs" '
+                                                f'src="{report_page.data_uri(curves, "image/png")}"></div>')]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return report_page.write(report_page.page(f"comparison of {len(found)} runs", sections,
+                                              subtitle="best.pth of each run; click a heading to sort"), path)
 
 
 def get_args_parser():
@@ -121,6 +140,9 @@ def get_args_parser():
                         "(figures not comparable; never on images it trained on)")
     p.add_argument("--curves", metavar="RUN_DIR", help="only write RUN_DIR/curves.png")
     p.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="only print a markdown table of these runs")
+    p.add_argument("--html", default=None, metavar="PATH", help="with --compare: also write the comparison as one "
+                                                               "self-contained page (table and overlaid val curves)")
+    p.add_argument("--no_report_page", action="store_true", help="do not write report.html beside report.json")
     return p
 
 
@@ -166,28 +188,35 @@ def evaluate_checkpoint(args):
     os.makedirs(out_dir, exist_ok=True)
     write_per_class(m, classes, os.path.join(out_dir, "per_class.csv"))
     plots.plot_confusion(m["confusion"], classes, os.path.join(out_dir, "confusion.png"))
-    wrong = plots.plot_wrong(logits, m["pred"], labels, files, splits.image_root(cfg["data_root"]), classes,
-                             os.path.join(out_dir, "wrong.png"))
-    report = {"checkpoint": os.path.abspath(run.path), "split": args.split, "tta": args.tta, "arch": cfg["arch"],
-              "img_size": cfg["img_size"], "eval_img_size": run.img_size, "amp": str(amp_dtype),
-              **{k: m[k] for k in (*metrics.METRICS, "images")},
-              "per_class": {c: {"support": m["support"][i], "accuracy": m["recall"][i],
-                                "precision": m["precision"][i]} for i, c in enumerate(classes)},
-              "most_confident_wrong": wrong}
-    with open(os.path.join(out_dir, "report.json"), "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=1)
+    image_root = splits.image_root(cfg["data_root"])
+    plots.plot_wrong(logits, m["pred"], labels, files, image_root, classes, os.path.join(out_dir, "wrong.png"))
+    header = {"checkpoint": os.path.abspath(run.path), "split": args.split, "tta": args.tta, "arch": cfg["arch"],
+              "img_size": cfg["img_size"], "eval_img_size": run.img_size, "amp": str(amp_dtype)}
+    report, pics = report_page.evaluation_files(out_dir, (logits, labels, m), header, files, classes, run.path,
+                                                cfg["arch"], run.img_size, image_root)
+    written = "report.json, per_class.csv, confusion.png, wrong.png"
+    if not args.no_report_page:
+        summary = runs.read_summary(run.run_dir)
+        title = f"{os.path.basename(os.path.normpath(run.run_dir))}: {os.path.basename(run.path)} on {args.split}"
+        report_page.write_run_page(os.path.join(out_dir, "report.html"), run.run_dir, report, pics, summary,
+                                   title=title)
+        written += ", report.html"
     print(f"{run.path} on {args.split} ({m['images']} images, tta={args.tta}): {metrics.describe(m)}")
     worst = sorted((i for i in range(len(classes)) if m["support"][i]), key=lambda i: m["recall"][i])[:10]
     print("| worst classes | accuracy | precision | support |\n|---|---|---|---|")
     for i in worst:
         print(f"| {classes[i]} | {m['recall'][i]:.3f} | {m['precision'][i]:.3f} | {m['support'][i]} |")
-    print(f"reports: {out_dir}/ (report.json, per_class.csv, confusion.png, wrong.png)")
+    print(f"reports: {out_dir}/ ({written})")
     return report
 
 
 def main(args):
+    if args.html and not args.compare:
+        raise presets.ConfigError("--html writes a comparison page: give it with --compare RUN_DIR...")
     if args.compare:
         print(compare_runs(args.compare))
+        if args.html:
+            print(f"comparison page: {write_compare_page(args.compare, args.html)}", file=sys.stderr)
     elif args.curves:
         print(plots.plot_curves(args.curves))
     elif args.checkpoint:

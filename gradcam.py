@@ -62,7 +62,13 @@ def class_activation_map(model, images, class_idx, layer="layer4", method="gradc
 
 
 def save_overlay(image, heat, path, box=None, alpha=0.45):
-    """Blend a [0, 1] heatmap over a PIL image at the image's own size and save it as PNG.
+    """Blend a [0, 1] heatmap over a PIL image at the image's own size and save it as PNG (see overlay)."""
+    overlay(image, heat, box, alpha).save(path, format="PNG")
+    return path
+
+
+def overlay(image, heat, box=None, alpha=0.45):
+    """A PIL image: the [0, 1] heatmap blended over `image` at the image's own size.
 
     box=(x0, y0, x1, y1): the region of the original image the heatmap covers (the centre crop the model saw);
     outside it there is no heat. None: the whole image.
@@ -80,8 +86,15 @@ def save_overlay(image, heat, path, box=None, alpha=0.45):
     full[y0:y1, x0:x1] = placed
     colour = matplotlib.colormaps["jet"](full)[..., :3]
     blended = (1 - alpha) * rgb + alpha * colour
-    Image.fromarray((blended * 255).round().astype(np.uint8)).save(path, format="PNG")
-    return path
+    return Image.fromarray((blended * 255).round().astype(np.uint8))
+
+
+def explain(model, image, img_size, class_idx, method="gradcam", layer="layer4"):
+    """A PIL image: `class_idx`'s heatmap over a PIL image, computed on the view the run's val transform gives the
+    model (shorter side to img_size*256/224, centre crop) and placed where that crop sits in the image."""
+    x = splits.val_transform(img_size)(image.convert("RGB"))[None].to(next(model.parameters()).device)
+    heat = class_activation_map(model, x, class_idx, layer=layer, method=method)[0]
+    return overlay(image, heat, centre_crop_box(image.width, image.height, splits.resize_size(img_size), img_size))
 
 
 def centre_crop_box(width, height, resize_shorter, crop):

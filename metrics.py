@@ -90,3 +90,38 @@ def describe_time_to_reach(records, monitor="val_top1"):
     """'val_top1 first reached 0.4512 at 3.1 min (epoch 8), 0.6217 at 9.3 min (epoch 24), ...'."""
     return f"{monitor} first reached " + ", ".join(
         f"{r[monitor]:.4f} at {r['wall_time_s'] / 60:.1f} min (epoch {int(r['epoch'])})" for r in records)
+
+
+def most_confident_wrong(logits, pred, labels, files, classes, count=24):
+    """The split's mistakes, highest softmax confidence in the (wrong) top-1 first: [{file, true, predicted,
+    confidence}], at most `count`. `pred` is split_metrics' top-1, so the list and the figures count the same
+    mistakes; rows are in split-list order (`files`), as collect_logits returns them under torchrun too."""
+    conf = logits.float().softmax(1).gather(1, pred[:, None])[:, 0]
+    wrong = (pred != labels).nonzero().flatten()
+    order = wrong[conf[wrong].argsort(descending=True, stable=True)][:count].tolist()
+    return [{"file": files[i], "true": classes[labels[i]], "predicted": classes[pred[i]],
+             "confidence": conf[i].item()} for i in order]
+
+
+def confusions(m, classes, pairs=15, per_class=3, cap=60):
+    """What a split's confusion matrix says, small enough for a page of 1,000 classes: each class's most frequent
+    wrong predictions (`per_class`), the most confused (true, predicted) pairs, and the matrix restricted to the
+    `cap` classes with the most mistakes (in or out) when there are more classes than that."""
+    confusion = m["confusion"].clone()
+    confusion.fill_diagonal_(0)
+    top = {}
+    for i, name in enumerate(classes):
+        counts, idx = confusion[i].topk(min(per_class, len(classes)))
+        top[name] = [[classes[j], c] for c, j in zip(counts.tolist(), idx.tolist()) if c > 0]
+    flat = confusion.flatten()
+    counts, idx = flat.topk(min(pairs, flat.numel()))
+    pair_list = [{"true": classes[j // len(classes)], "predicted": classes[j % len(classes)], "count": c}
+                 for c, j in zip(counts.tolist(), idx.tolist()) if c > 0]
+    shown = list(range(len(classes)))
+    if len(classes) > cap:
+        errors = confusion.sum(0) + confusion.sum(1)
+        shown = sorted(errors.argsort(descending=True, stable=True)[:cap].tolist())  # ties: lower index first
+    keep = torch.tensor(shown)
+    return {"per_class": top, "pairs": pair_list,
+            "matrix": {"classes": [classes[i] for i in shown], "counts": m["confusion"][keep][:, keep].tolist(),
+                       "of_classes": len(classes)}}

@@ -12,13 +12,15 @@ import runs
 import splits
 
 
-def plot_confusion(confusion, classes, path):
-    """Row-normalised confusion matrix, sized so that 101 class names stay legible."""
+def plot_confusion(confusion, classes, path=None, title="confusion matrix (each row sums to 1)", dpi=110):
+    """Row-normalised confusion matrix, sized so that 101 class names stay legible; PNG bytes when path is None."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import torch
 
     n = len(classes)
+    confusion = torch.as_tensor(confusion)
     rates = confusion.double() / confusion.sum(1, keepdim=True).clamp(min=1)
     side = max(6.0, 0.16 * n + 2)
     fig, ax = plt.subplots(figsize=(side, side))
@@ -30,11 +32,16 @@ def plot_confusion(confusion, classes, path):
     ax.set_yticklabels(classes, fontsize=font)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title("confusion matrix (each row sums to 1)")
+    ax.set_title(title)
     fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=dpi)
     plt.close(fig)
+    if path is None:
+        return png.getvalue()
+    fileio.write_atomic(png.getvalue(), path)
+    return path
 
 
 def plot_wrong(logits, pred, labels, files, image_root, classes, path, count=16):
@@ -44,13 +51,9 @@ def plot_wrong(logits, pred, labels, files, image_root, classes, path, count=16)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    conf = logits.softmax(1).gather(1, pred[:, None])[:, 0]
-    wrong = (pred != labels).nonzero().flatten()
-    order = wrong[conf[wrong].argsort(descending=True)][:count].tolist()
-    listed = [{"file": files[i], "true": classes[labels[i]], "predicted": classes[pred[i]],
-               "confidence": conf[i].item()} for i in order]
+    listed = metrics.most_confident_wrong(logits, pred, labels, files, classes, count)
     cols = 4
-    rows = max(1, math.ceil(len(order) / cols))
+    rows = max(1, math.ceil(len(listed) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 3.2, rows * 3.4), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
@@ -104,6 +107,32 @@ def plot_curves(run_dir, path=None):
     plt.close(fig)
     fileio.write_atomic(png.getvalue(), path)  # whole or not at all: a kill mid-write leaves no half picture
     return path
+
+
+def plot_compare(run_dirs):
+    """PNG bytes: the runs' val top-1 and val loss overlaid, against epoch and against wall time."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for run_dir in run_dirs:
+        rows = [r for r in runs.read_metrics(run_dir) if r.get("val_top1") is not None]
+        label = os.path.basename(os.path.normpath(run_dir))
+        axes[0].plot([r["epoch"] for r in rows], [r["val_top1"] for r in rows], "o-", ms=3, label=label)
+        axes[1].plot([r["wall_time_s"] / 60 for r in rows], [r["val_top1"] for r in rows], "o-", ms=3, label=label)
+        axes[2].plot([r["epoch"] for r in rows], [r["val_loss"] for r in rows], "o-", ms=3, label=label)
+    for ax, (title, xlabel) in zip(axes, (("val top-1", "epoch"), ("val top-1 against time", "wall time (min)"),
+                                          ("val loss", "epoch"))):
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=90)
+    plt.close(fig)
+    return png.getvalue()
 
 
 def plot_lr_find(records, suggestions, head_lr, path):

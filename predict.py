@@ -6,6 +6,7 @@
     python predict.py list.txt --checkpoint ... --gradcam --out_dir heatmaps/     # list.txt: one path per line
     python predict.py photo.jpg --checkpoint best.pth --arch resnet18 --img_size 224 --classes classes.txt
     python predict.py photo.jpg --onnx checkpoints/cpu_smoke/export/model.onnx    # exported model, onnxruntime
+    python predict.py my_folder/ --checkpoint ... --gradcam --html my_folder.html  # one page: thumbnails, top-k
 
 From Python:
     import predict
@@ -29,6 +30,7 @@ import torch
 import errors
 import gradcam
 import model_utils
+import report_page
 import runs
 import splits
 
@@ -73,20 +75,18 @@ class Predictor:
     def heatmap(self, image, out_path, target=None, method="gradcam", layer="layer4"):
         """Save a Grad-CAM overlay for `target` (a class name; default: the predicted class)."""
         pil = self.load(image)
-        x = self.batch([pil])
         if target is None:
             with torch.inference_mode():
-                class_idx = int(self.model(x).argmax(1))
+                class_idx = int(self.model(self.batch([pil])).argmax(1))
         elif target in self.classes:
             class_idx = self.classes.index(target)
         else:
             raise errors.ConfigError(f"unknown --target class '{target}'; see classes.txt")
         try:
-            heat = gradcam.class_activation_map(self.model, x, class_idx, layer=layer, method=method)[0]
+            picture = gradcam.explain(self.model, pil, self.img_size, class_idx, method=method, layer=layer)
         except ValueError as e:
             raise errors.ConfigError(str(e)) from None
-        box = gradcam.centre_crop_box(pil.width, pil.height, splits.resize_size(self.img_size), self.img_size)
-        gradcam.save_overlay(pil, heat, out_path, box=box)
+        picture.save(out_path, format="PNG")
         return self.classes[class_idx]
 
 
@@ -154,6 +154,25 @@ def overlay_path(out_dir, path, method, target, used):
     return os.path.join(out_dir, stem + (f"_{used[stem]}" if used[stem] > 1 else "") + ".png")
 
 
+def write_gallery(path, results, thumbs, failures, source):
+    """--html: one self-contained page, a figure per image (thumbnail, Grad-CAM overlay, top-k probabilities)."""
+    esc, num = report_page.esc, report_page.num
+    figures = []
+    for i, (entry, pictures) in enumerate(zip(results, thumbs)):
+        images = "".join(f'<img alt="{esc(entry["file"])}" src="{uri}">' for uri in pictures)
+        top = "<br>".join(f"{esc(t['class'])} {num(t['probability'], '.3f', 'results', i, 'topk', j, 'probability')}"
+                          for j, t in enumerate(entry["topk"]))
+        figures.append(f'<figure>{images}<figcaption><b>{top}</b><br><small>{esc(entry["file"])}</small>'
+                       f'</figcaption></figure>')
+    body = '<div class="gallery">' + "".join(figures) + "</div>"
+    if failures:
+        body += "<p class=\"bad\">not readable as images: " + ", ".join(esc(f) for f in failures) + "</p>"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return report_page.write(report_page.page(f"predictions of {os.path.basename(os.path.normpath(source))}",
+                                              [("predictions", f"{len(results)} images", body)],
+                                              subtitle=esc(f"model: {source}")), path)
+
+
 def get_args_parser():
     p = argparse.ArgumentParser(description="Top-k predictions (and Grad-CAM) of a trained run on images.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -174,6 +193,8 @@ def get_args_parser():
     p.add_argument("--target", default=None, help="class name to explain (default: the predicted class)")
     p.add_argument("--layer", default="layer4", help="layer whose activations Grad-CAM uses (conv1, layer1-4)")
     p.add_argument("--out_dir", default="gradcam", help="where --gradcam overlays go")
+    p.add_argument("--html", default=None, metavar="PATH", help="also write one self-contained page: a gallery of "
+                                                               "the images with their top-k (and overlays)")
     return p
 
 
@@ -202,7 +223,7 @@ def main(args):
         print(f"skipped {skipped} file(s) that are not images by their extension", file=sys.stderr)
     if args.random:
         files = random.Random(args.seed).sample(files, min(args.random, len(files)))
-    results, failures, used = [], [], {}
+    results, failures, used, thumbs = [], [], {}, []
     for start in range(0, len(files), args.batch_size):
         chunk, images = [], []
         for path in files[start:start + args.batch_size]:
@@ -225,10 +246,15 @@ def main(args):
                 entry["gradcam_class"] = predictor.heatmap(image, overlay, target, args.cam_method, args.layer)
                 entry["gradcam"] = overlay
             results.append(entry)
+            if args.html:
+                thumbs.append([report_page.jpeg_uri(image, 200)] + ([report_page.jpeg_uri(
+                    predictor.load(entry["gradcam"]), 200)] if args.gradcam else []))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"checkpoint": args.checkpoint or args.onnx, "results": results, "failed": failures}, f,
                       indent=1)
+    if args.html:
+        write_gallery(args.html, results, thumbs, failures, args.checkpoint or args.onnx)
     overlays = sum("gradcam" in r for r in results)
     print(f"{len(results)} predicted, {len(failures)} failed"
           + (f"; {overlays} Grad-CAM overlay(s) in {os.path.abspath(args.out_dir)}" if args.gradcam else ""),

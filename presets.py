@@ -94,7 +94,9 @@ SETTINGS = {
     "compile_mode": ("default", "default | reduce-overhead (CUDA graphs) | max-autotune"),
     "seed": (0, "data order, crops, flips, init and MixUp draws"),
     "log_every": (10, "steps between progress refreshes (each reads the loss from the device)"),
-    "progress": (True, "show a progress bar (off in CI logs)"),
+    "progress": (True, "show a progress bar (only when stderr is a terminal: a redirected log keeps one line per "
+                       "epoch)"),
+    "report_page": (True, "write report.html (one self-contained page of the run) at its end and on a stop"),
     "out_dir": ("checkpoints", "runs go to out_dir/<name>/ (a folder holding a run: out_dir/<name>_2, ...)"),
     "name": (None, "run folder name (default: the preset name)"),
     "resume": (None, "a last.pth, or 'auto' for the run folder's own (a fresh start if there is none yet)"),
@@ -147,7 +149,7 @@ RUN_DEFINING = ("loader", "img_size", "eval_img_size", "img_size_start", "img_si
 # How a process is launched, not what the run is: never written into a run's config.json, ignored when read from a
 # config file (a shared config.json must rerun its run, not continue whatever run has that name elsewhere).
 LAUNCH_KEYS = ("resume",)
-RECORD_KEYS = ("exp", "split", "world_size")  # written into config.json by a run; accepted back from it
+RECORD_KEYS = ("exp", "split", "world_size", "ran_on")  # written into config.json by a run; accepted back from it
 
 _finetune = dict(pretrained=True, epochs=240, batch_size=96, lr_backbone=2e-4, lr_fc=4e-3, weight_decay=5e-5,
                  mixup_alpha=0.2, cutmix_alpha=1.0, eval_every=2)  # the recipe of the report's best run (5)

@@ -82,6 +82,20 @@ def resolve_checkpoint(path):
     return path, os.path.dirname(os.path.abspath(path))
 
 
+def kit_version():
+    """'commit 1a2b3c4' (with '-dirty' when the checkout has local changes) of the kit's own folder, or 'unknown'
+    when it is not a git checkout (a copied folder, a wheel)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "describe", "--always",
+                              "--dirty", "--abbrev=10"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (no git)"
+    return f"commit {out.stdout.strip()}" if out.returncode == 0 and out.stdout.strip() else "unknown (not a git " \
+        "checkout)"
+
+
 def read_run_config(run_dir, required=True):
     path = os.path.join(run_dir, "config.json")
     try:
@@ -94,6 +108,17 @@ def read_run_config(run_dir, required=True):
                                   f"--img_size and --classes)") from None
     except ValueError as e:
         raise presets.ConfigError(f"{path} is not valid JSON: {e}") from None
+
+
+def read_summary(run_dir):
+    """summary.json's content, or None: a run that has not finished (or bare weights, run_dir None)."""
+    try:
+        with open(os.path.join(run_dir or "", "summary.json"), encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except ValueError as e:
+        raise presets.ConfigError(f"{os.path.join(run_dir, 'summary.json')} is not valid JSON: {e}") from None
 
 
 def _number(text):

@@ -10,7 +10,8 @@
 
 Writes checkpoints/<exp>/ (a folder that already holds a run is never reused: <exp>_2, ...): best.pth (plain state
 dict of the best model by --monitor), best_loss.pth (lowest val loss), last.pth (everything --resume needs),
-config.json, classes.txt, train_list.txt, metrics.csv, summary.json, tb/ (TensorBoard), curves.png.
+config.json, classes.txt, train_list.txt, metrics.csv, summary.json, tb/ (TensorBoard), curves.png, report.json and
+report.html (one self-contained page of the run: open it in any browser).
 """
 import json
 import math
@@ -34,6 +35,7 @@ import metrics
 import model_utils
 import plots
 import presets
+import report_page
 import run_report
 import runs
 import splits
@@ -101,7 +103,9 @@ def main(cfg, explicit=None):
         distributed.cleanup()
 
 
-END_FILES = ("curves.png", "summary.json")  # written after the last epoch, summary.json last
+def end_files(cfg):
+    """The files written after the last epoch, in order; summary.json last (the marker that they are complete)."""
+    return ("curves.png",) + (("report.json", "report.html") if cfg["report_page"] else ()) + ("summary.json",)
 
 
 def finished_run(cfg, ckpt, resume_path, device, amp_dtype, eval_batch):
@@ -112,7 +116,7 @@ def finished_run(cfg, ckpt, resume_path, device, amp_dtype, eval_batch):
     stopper.load_state_dict(ckpt["early_stopping"])
     ended = f"stopped early after epoch {ckpt['epoch']}" if stopper.reason else f"finished all {ckpt['epoch']} epochs"
     best = f"best {cfg['monitor']} {stopper.best:.4f} at epoch {stopper.best_epoch}"
-    missing = distributed.broadcast_object([name for name in END_FILES  # rank 0's view decides for every rank
+    missing = distributed.broadcast_object([name for name in end_files(cfg)  # rank 0's view decides for all
                                             if not os.path.isfile(os.path.join(run_dir, name))])
     log = print if distributed.is_main() else (lambda *a, **k: None)
     if not missing:
@@ -129,24 +133,55 @@ def finished_run(cfg, ckpt, resume_path, device, amp_dtype, eval_batch):
 
 
 def finish_run(cfg, run_dir, rows, stopper, device, amp_dtype, classes, eval_batch):
-    """The end-of-run files: curves.png, then the train / val / test table of best.pth in summary.json (the marker
-    that the run's files are complete)."""
-    evaluated = {}
-    if os.path.isfile(os.path.join(run_dir, "best.pth")):
-        for split in ("train", "test"):  # train through the val transform; test when the split has one
-            if split == "train" or os.path.isfile(os.path.join(cfg["data_root"], "test.txt")):
-                evaluated[split] = engine.evaluate_weights(
-                    os.path.join(run_dir, "best.pth"), cfg, split, len(classes), device, amp_dtype, eval_batch,
-                    rank=distributed.rank(), world=distributed.world())[2]
+    """The end-of-run files: curves.png; report.json (best.pth on val: per class, confusions, mistakes) and
+    report.html; then the train / val / test table of best.pth in summary.json (the marker that the run's files are
+    complete)."""
+    evaluated, page_eval = {}, None
+    best_path = os.path.join(run_dir, "best.pth")
+    if os.path.isfile(best_path):
+        for split in ("train", "test", "val"):  # train through the val transform; test when the split has one
+            if split == "test" and not os.path.isfile(os.path.join(cfg["data_root"], "test.txt")) or \
+                    split == "val" and not cfg["report_page"]:
+                continue
+            result = engine.evaluate_weights(best_path, cfg, split, len(classes), device, amp_dtype, eval_batch,
+                                             rank=distributed.rank(), world=distributed.world())
+            if split == "val":  # for the page: the summary's val figures are the best epoch's own evaluation
+                page_eval = result
+            else:
+                evaluated[split] = result[2]
     summary = run_report.summary(cfg, rows, stopper, cfg["ema_decay"] > 0, stopper.reason, evaluated)
     if distributed.is_main():
         curves = plots.plot_curves(run_dir)
+        page = write_report_page(cfg, run_dir, classes, best_path, page_eval, summary, amp_dtype) \
+            if cfg["report_page"] else None
         fileio.write_atomic(json.dumps(summary, indent=1) + "\n", os.path.join(run_dir, "summary.json"))
         reached = summary["time_to_val_top1"]
         print(f"done: best {cfg['monitor']} {stopper.best:.4f} at epoch {stopper.best_epoch}; weights "
-              f"{os.path.join(run_dir, 'best.pth')}; curves {curves}"
+              f"{best_path}; curves {curves}" + (f"; report page {page}" if page else "")
               + (f"; {metrics.describe_time_to_reach(reached)}" if reached else ""))
     return summary
+
+
+def write_report_page(cfg, run_dir, classes, best_path, evaluation, summary, amp_dtype):
+    """report.json and report.html of a finished run (rank 0); without best.pth, the page of what exists."""
+    if evaluation is None:
+        return report_page.write_run_page(os.path.join(run_dir, "report.html"), run_dir, summary=summary)
+    header = {"checkpoint": os.path.abspath(best_path), "split": "val", "tta": "none", "arch": cfg["arch"],
+              "img_size": cfg["img_size"], "eval_img_size": presets.eval_size(cfg), "amp": str(amp_dtype)}
+    report, pics = report_page.evaluation_files(
+        run_dir, evaluation, header, splits.read_split(cfg["data_root"], "val")[0], classes, best_path, cfg["arch"],
+        presets.eval_size(cfg), splits.image_root(cfg["data_root"]))
+    return report_page.write_run_page(os.path.join(run_dir, "report.html"), run_dir, report, pics, summary)
+
+
+def stopped_run_page(cfg, run_dir, rows, how):
+    """A signal stop's page: what exists (settings, curves, evaluations so far), written before the process ends;
+    nothing is evaluated, so the stop stays quick."""
+    if not cfg["report_page"] or not distributed.is_main():
+        return
+    if rows:
+        plots.plot_curves(run_dir)
+    report_page.write_run_page(os.path.join(run_dir, "report.html"), run_dir, stopped=how)
 
 
 def launch_free(cfg):
@@ -174,7 +209,7 @@ def build_parts(cfg, model, optimizer, scheduler, train_loader, num_classes, dev
         engine.EarlyStopping(cfg["monitor"], cfg["early_stop_patience"], cfg["min_delta"]))
 
 
-def prepare_run_dir(cfg, resume_path, split_id, classes, world, main_rank):
+def prepare_run_dir(cfg, resume_path, split_id, classes, world, main_rank, ran_on):
     """The run's folder (the resumed one, or a new one claimed by rank 0) with config.json, classes.txt and the
     training list written in it."""
     run_dir = os.path.dirname(os.path.abspath(resume_path)) if resume_path else \
@@ -182,7 +217,7 @@ def prepare_run_dir(cfg, resume_path, split_id, classes, world, main_rank):
                                      if main_rank else None)
     if main_rank:
         try:
-            fileio.write_atomic(json.dumps(dict(launch_free(cfg), split=split_id, world_size=world),
+            fileio.write_atomic(json.dumps(dict(launch_free(cfg), split=split_id, world_size=world, ran_on=ran_on),
                                                     indent=2) + "\n", os.path.join(run_dir, "config.json"))
         except OSError as e:
             raise presets.ConfigError(f"cannot write to the output folder {run_dir}: {e.strerror}") from None
@@ -248,7 +283,9 @@ def train(cfg, device, amp_dtype, use_scaler, batch, eval_batch, resume_path, ck
     if ckpt is not None:
         state, restore_notes = checkpoint.restore(ckpt, resume_path, parts, rank, world)
         notes += restore_notes
-    run_dir = prepare_run_dir(cfg, resume_path, split_id, classes, world, main_rank)
+    ran_on = {"device": str(device), "amp": devices.describe_amp(amp_dtype, use_scaler),
+              "kit": runs.kit_version()}
+    run_dir = prepare_run_dir(cfg, resume_path, split_id, classes, world, main_rank, ran_on)
 
     log("config: " + json.dumps(cfg))
     for note in notes:
@@ -294,6 +331,8 @@ def train(cfg, device, amp_dtype, use_scaler, batch, eval_batch, resume_path, ck
                                            ema=ema, trainable=trainable, tally=tally)
             if not stats["completed"]:  # stopped by a signal mid-epoch: keep exactly where we are
                 last.save(epoch, stats["steps_done"], wall_time(), tally, wait=True)
+                stopped_run_page(cfg, run_dir, rows, f"stopped by a signal in epoch {epoch} (step "
+                                 f"{stats['steps_done']}); --resume continues it")
                 return checkpoint.stopped(stop.signum or signal.SIGTERM, cfg, epoch, stats["steps_done"], last.path,
                                           main_rank)
             row = {"epoch": epoch, **{k: v for k, v in stats.items() if k not in ("steps_done", "completed")},
@@ -315,6 +354,8 @@ def train(cfg, device, amp_dtype, use_scaler, batch, eval_batch, resume_path, ck
                 log(f"early stop after epoch {epoch}: {stop_reason}")
                 break
             if stopping and not finished:
+                stopped_run_page(cfg, run_dir, rows, f"stopped by a signal after epoch {epoch}; --resume continues "
+                                                     f"it")
                 return checkpoint.stopped(stop.signum or signal.SIGTERM, cfg, epoch + 1, 0, last.path, main_rank)
         if writer is not None:
             writer.close()

@@ -128,8 +128,9 @@ def prepared_with_test(synthetic_tree, tmp_path_factory):
     return data_root
 
 
+# report_page off: the page's own tests turn it on (it re-evaluates best.pth on val at the end of every run).
 TINY = dict(img_size=32, batch_size=4, eval_batch_size=8, workers=1, warmup_epochs=0.5, eval_every=1,
-            log_every=2, progress=False)
+            log_every=2, progress=False, report_page=False)
 
 
 def tiny_cfg(data_root, out_dir, exp="cpu_smoke", **overrides):

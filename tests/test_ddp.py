@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import evaluate
+import splits
 from conftest import ROOT
 
 DRIVER = os.path.join(ROOT, "tests", "ddp_driver.py")
@@ -88,6 +89,16 @@ def test_two_ranks_take_the_one_process_steps_and_evaluate_alike(prepared_root, 
     assert (report["top1"], report["mean_class_acc"]) == (best["val_top1"], best["val_mean_class_acc"])
     summary = json.load(open(os.path.join(two_dir, "summary.json")))["splits"]
     assert summary["val"]["images"] == 33 and summary["train"]["images"] == 11
+    # The 2-rank run's page names the mistakes one process finds in its best.pth, with the same predictions: the
+    # gathered logits map to the right files (rank 1's half included).
+    page = json.load(open(os.path.join(two_dir, "report.json")))["most_confident_wrong"]
+    val_files = splits.read_split(str(root), "val")[0]
+    assert max(val_files.index(w["file"]) for w in page) >= 16  # rank 1's part among them
+    assert [(w["file"], w["predicted"]) for w in page] == [(w["file"], w["predicted"])
+                                                           for w in report["most_confident_wrong"]]
+    assert [w["confidence"] for w in page] == pytest.approx([w["confidence"] for w in report["most_confident_wrong"]],
+                                                            abs=1e-5)
+    assert os.path.isfile(os.path.join(two_dir, "report.html"))
 
 
 def test_a_nan_on_one_rank_makes_every_rank_skip_and_leaves_no_trace(prepared_root, tmp_path):
