@@ -17,6 +17,7 @@ import gradcam
 import model_utils
 import predict
 import presets
+import report_page
 import splits
 import train_caltech101 as train
 from conftest import CLASS_COLOURS, make_image, one_line_error, run_cli, tiny_cfg
@@ -57,7 +58,7 @@ def test_reports_exist_parse_and_add_up(trained_run, tmp_path):
     for name in ("confusion.png", "wrong.png"):
         with Image.open(os.path.join(out, name)) as img:
             assert img.format == "PNG" and img.width > 300
-    assert len(report["most_confident_wrong"]) == min(support - correct, 16)
+    assert len(report["most_confident_wrong"]) == min(support - correct, report_page.GALLERY)
 
 
 def test_tta_flip_is_the_mean_of_both_logits(trained_run, prepared_with_test):
