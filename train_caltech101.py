@@ -78,9 +78,11 @@ def find_resume(cfg):
 
 # ---------------------------------------------------------------------------------------------
 
-def main(cfg, explicit=None):
+def main(cfg, explicit=None, judge=None):
     """Train one run. `explicit`: the settings the user gave (flags, config file); on --resume the others come from
-    the checkpoint (None: every setting of cfg counts as given)."""
+    the checkpoint (None: every setting of cfg counts as given). `judge(epoch, value)`: asked after each evaluation
+    with the monitored value (one process only); a reason it returns ends the run as an early stop does (a sweep's
+    pruner)."""
     rank, world, local_rank = distributed.env()
     device = devices.resolve_device(cfg["device"], local_rank if world > 1 else None)
     resume_path, ckpt = find_resume(cfg)
@@ -98,7 +100,9 @@ def main(cfg, explicit=None):
     try:
         if ckpt is not None and checkpoint.is_finished(ckpt):
             return finished_run(cfg, ckpt, resume_path, device, amp_dtype, eval_batch)
-        return train(cfg, device, amp_dtype, use_scaler, batch, eval_batch, resume_path, ckpt, notes)
+        if judge is not None and world > 1:
+            raise presets.ConfigError("a judged run (a sweep's trial) runs in one process, not under torchrun")
+        return train(cfg, device, amp_dtype, use_scaler, batch, eval_batch, resume_path, ckpt, notes, judge)
     finally:
         distributed.cleanup()
 
@@ -255,7 +259,7 @@ def record_epoch(row, rows, writer, run_dir):
     checkpoint.write_metrics(rows, os.path.join(run_dir, "metrics.csv"))
 
 
-def train(cfg, device, amp_dtype, use_scaler, batch, eval_batch, resume_path, ckpt, notes):
+def train(cfg, device, amp_dtype, use_scaler, batch, eval_batch, resume_path, ckpt, notes, judge=None):
     rank, world = distributed.rank(), distributed.world()
     main_rank = rank == 0
     log = print if main_rank else (lambda *a, **k: None)
@@ -341,6 +345,8 @@ def train(cfg, device, amp_dtype, use_scaler, batch, eval_batch, resume_path, ck
                 stop_reason = evaluate_epoch(cfg, epoch, row, model, eval_model, ema, val_loader, num_classes,
                                              amp_dtype, stopper, eval_batch if cfg["compile"] else None, run_dir,
                                              rows, main_rank)
+                if stop_reason is None and judge is not None:
+                    stop_reason = stopper.reason = judge(epoch, row[cfg["monitor"]])
             row["wall_time_s"] = wall_time()
             record_epoch(row, rows, writer, run_dir)
             stopping = distributed.any_rank(stop.requested, device)  # the ranks agree once per epoch

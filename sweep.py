@@ -1,0 +1,390 @@
+"""Hyperparameter sweeps on Optuna: every trial is an ordinary run of the kit in <sweep>/trial_NNNN/ (config.json,
+metrics.csv, best.pth, report.html), unpromising trials are pruned at an evaluation, and the study lives in an
+SQLite file in the sweep folder or in any database Optuna takes, so workers on many machines share one study.
+
+    python sweep.py --exp cpu_smoke --space configs/sweep_cpu.yaml --trials 12 --out_dir sweeps/   # one worker
+    python sweep.py --study lr_wd --storage postgresql://user@host/db --trials 40     # on each machine or GPU
+    python sweep.py --report sweeps/lr_wd                                             # table, best config, plots
+
+The space is a YAML file, one setting per line: `lr_backbone: {log_uniform: [1.0e-4, 3.0e-3]}`, `uniform`, `int`,
+`choice: [...]`. Training flags given here (--epochs 4 --img_size 48) apply to every trial, under the sampled values.
+--trials is the study's total over all its workers. A worker killed mid-trial leaves the trial RUNNING; once its
+heartbeat is older than --grace seconds, any worker of the study (or the same one restarted) fails it and runs a
+continuation that resumes the trial's own run from its last.pth (the kit's exact resume). Ctrl-C / SIGTERM stop
+the worker after the run saves, and the trial is queued to continue the same way.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import warnings
+
+import errors
+import fileio
+import metrics
+import presets
+import runs
+import sweep_report
+import train_caltech101 as train
+from sweep_report import continued_trial
+
+KINDS = ("log_uniform", "uniform", "int", "choice")
+NOT_SWEPT = ("data_root", "out_dir", "name", "resume", "device", "workers", "progress", "report_page")
+PRUNERS = ("median", "halving", "hyperband", "none")
+
+
+class Interrupted(errors.KitError):
+    """The trial's run stopped on a signal after saving: the worker stops; the trial is queued to continue."""
+
+
+class Surplus(errors.KitError):
+    """Asked for after the study had its --trials (workers raced): told failed, marked surplus, never run."""
+
+
+# ---------------------------------------------------------------------------------------------
+# the search space
+
+def load_space(path):
+    """{setting: (kind, values)} from a space file; one-line errors for unknown settings and bad ranges."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise presets.ConfigError(f"cannot read space file {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise presets.ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(data, dict) or not data:
+        raise presets.ConfigError(f"{path}: a space maps settings to distributions, e.g. lr_fc: "
+                                  f"{{log_uniform: [1.0e-4, 1.0e-2]}}")
+    space = {}
+    for key, spec in data.items():
+        where = f"{path}: {key}"
+        key, _ = presets.canonical(key, None, where=f"setting in {path}")
+        if key in NOT_SWEPT:
+            raise presets.ConfigError(f"{where}: {key} says where or how a run happens, not what it learns; give it "
+                                      f"as a flag of sweep.py")
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in KINDS:
+            raise presets.ConfigError(f"{where}: expected one of {', '.join(f'{{{k}: ...}}' for k in KINDS)}, got "
+                                      f"{spec!r}")
+        kind, values = next(iter(spec.items()))
+        if kind == "choice":
+            if not isinstance(values, list) or not values:
+                raise presets.ConfigError(f"{where}: choice takes a non-empty list, got {values!r}")
+            values = [presets.check_type(key, presets.canonical(key, v)[1], where=path) for v in values]
+        else:
+            if not (isinstance(values, list) and len(values) == 2
+                    and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
+                raise presets.ConfigError(f"{where}: {kind} takes [low, high], got {values!r}")
+            low, high = values
+            if not low < high or (kind == "log_uniform" and low <= 0) or \
+                    (kind == "int" and not all(float(v).is_integer() for v in values)):
+                raise presets.ConfigError(f"{where}: bad range [{low}, {high}] for {kind} (low < high"
+                                          + (", both > 0" if kind == "log_uniform" else "")
+                                          + (", whole numbers" if kind == "int" else "") + ")")
+            default = presets.DEFAULTS[key]
+            if isinstance(default, bool) or not isinstance(default, (int, float)) or \
+                    (kind != "int" and isinstance(default, int)):
+                raise presets.ConfigError(f"{where}: {key} takes {type(default).__name__} values, not a {kind} range"
+                                          + ("; use int or choice" if isinstance(default, int) else ""))
+            presets.check_type(key, int(low) if kind == "int" else float(low), where=path)
+        space[key] = (kind, values)
+    return space
+
+
+def suggest(trial, space):
+    """The trial's values of the space (a continuation gets its trial's own)."""
+    out = {}
+    for key, (kind, values) in space.items():
+        if kind == "log_uniform":
+            out[key] = trial.suggest_float(key, *map(float, values), log=True)
+        elif kind == "uniform":
+            out[key] = trial.suggest_float(key, *map(float, values))
+        elif kind == "int":
+            out[key] = trial.suggest_int(key, *map(int, values))
+        else:
+            out[key] = values[trial.suggest_categorical(key, list(range(len(values))))]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the study
+
+def open_study(args, definition, create):
+    """The Optuna study (created, or joined when its definition matches). One-line errors for a storage that cannot
+    be reached and for a study of that name with another definition."""
+    import optuna
+    import sqlalchemy.exc
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    engine_kwargs = {"connect_args": {"timeout": 60}} if args.storage.startswith("sqlite") else \
+        {"pool_pre_ping": True}
+    try:
+        storage = optuna.storages.RDBStorage(
+            args.storage, engine_kwargs=engine_kwargs, heartbeat_interval=args.heartbeat, grace_period=args.grace,
+            heartbeat_stale_trial_callback=retry())
+        if create:
+            study = optuna.create_study(study_name=args.study, storage=storage, load_if_exists=True,
+                                        direction="minimize" if metrics.minimized(definition["monitor"])
+                                        else "maximize", pruner=make_pruner(args, definition))
+        else:
+            study = optuna.load_study(study_name=args.study, storage=storage)
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as e:
+        reason = " ".join(str(e).split("\n")[0].split())[:200]
+        raise presets.ConfigError(f"cannot use storage {redact(args.storage)}: {reason}") from None
+    except KeyError:
+        raise presets.ConfigError(f"no study '{args.study}' in {redact(args.storage)}") from None
+    stored = study.user_attrs.get("kit_sweep")
+    if stored is None and create:
+        study.set_user_attr("kit_sweep", definition)
+    elif create and stored != definition:
+        changed = sorted(k for k in set(stored) | set(definition) if stored.get(k) != definition.get(k))
+        raise presets.ConfigError(f"study '{args.study}' in {redact(args.storage)} exists with another "
+                                  f"{', '.join(changed)}: join it with the same preset, space and flags, or pick "
+                                  f"another --study")
+    return study
+
+
+def retry():
+    """Optuna's retry of a failed trial: a WAITING copy with its values, user attributes (the run folder) and reported
+    values, which a worker takes next and continues (see objective_for)."""
+    import optuna
+
+    return optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3, inherit_intermediate_values=True)
+
+
+def redact(url):
+    """A storage URL without its password."""
+    if "://" in url and "@" in url.split("://", 1)[1]:
+        scheme, rest = url.split("://", 1)
+        user, host = rest.rsplit("@", 1)
+        return f"{scheme}://{user.split(':')[0]}@{host}"
+    return url
+
+
+def make_pruner(args, definition):
+    import optuna
+
+    epochs = presets.resolve(definition["exp"], definition["flags"])["epochs"]
+    if args.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=args.prune_startup, n_warmup_steps=args.prune_warmup)
+    if args.pruner == "halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, args.prune_warmup))
+    if args.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, args.prune_warmup), max_resource=epochs)
+    return optuna.pruners.NopPruner()
+
+
+def counted(trials):
+    """The trials that run or ran: not surplus, and not a failed trial that a later one continues."""
+    continued = {continued_trial(t) for t in trials}
+    return [t for t in trials if not t.user_attrs.get("surplus") and t.number not in continued]
+
+
+def objective_for(study, args, definition, sweep_dir, space):
+    import optuna
+
+    def objective(trial):
+        objective.current = trial.number
+        trials = study.get_trials(deepcopy=False)
+        prior = continued_trial(next(t for t in trials if t.number == trial.number))  # a live Trial has no system_attrs
+        if prior is None:
+            before = sum(1 for t in counted(trials) if t.number != trial.number and
+                         (t.number < trial.number or continued_trial(t) is not None))
+            if before >= args.trials:
+                trial.set_user_attr("surplus", True)
+                raise Surplus(f"trial {trial.number}: the study already has its {args.trials} trials")
+        values = suggest(trial, space)
+        trial.set_user_attr("values", values)
+        settings = {**definition["flags"], **values, **args.local, "out_dir": sweep_dir}
+        if prior is None:
+            settings["name"] = f"trial_{trial.number:04d}"
+            trial.set_user_attr("run_dir", os.path.join(sweep_dir, settings["name"]))
+        else:
+            last = os.path.join(trial.user_attrs["run_dir"], "last.pth")
+            if os.path.isfile(last):
+                settings["resume"] = last
+            else:  # killed before its first checkpoint: it starts again (in a new folder beside the first)
+                settings["name"] = os.path.basename(trial.user_attrs["run_dir"])
+            print(f"trial {trial.number} continues trial {prior} "
+                  + (f"from {last}" if os.path.isfile(last) else "from the start (it had saved nothing)"))
+        cfg = presets.resolve(definition["exp"], settings)
+        trial.set_user_attr("seed", cfg["seed"])
+        print(f"trial {trial.number}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                    for k, v in values.items()), flush=True)
+        pruned = []
+
+        def judge(epoch, value):
+            if not math.isfinite(value):
+                pruned.append(f"pruned by the sweep at epoch {epoch}: {cfg['monitor']} is {value}")
+                return pruned[-1]
+            trial.report(value, epoch)
+            if trial.should_prune():
+                pruned.append(f"pruned by the sweep ({args.pruner}) at epoch {epoch}: {cfg['monitor']} {value:.4f}")
+                return pruned[-1]
+            return None
+
+        result = train.main(cfg, None, judge=judge)
+        trial.set_user_attr("run_dir", result.get("out_dir") or trial.user_attrs["run_dir"])
+        if "summary" not in result:
+            if result.get("exit_code"):
+                raise Interrupted(f"trial {trial.number} stopped on a signal after saving")
+        summary = result.get("summary") or runs.read_summary(result["out_dir"])
+        trial.set_user_attr("epochs_run", summary["epochs_run"])
+        trial.set_user_attr("wall_time_s", summary["wall_time_s"])
+        if pruned or (summary.get("early_stop") or "").startswith("pruned by the sweep"):
+            raise optuna.TrialPruned(pruned[-1] if pruned else summary["early_stop"])
+        return summary["best"]["value"]
+    return objective
+
+
+def work(args, study, definition, sweep_dir, space):
+    """One worker: trials one at a time until the study has --trials, continuing any whose worker died."""
+    import optuna
+
+    objective = objective_for(study, args, definition, sweep_dir, space)
+    waited = False
+    while True:
+        optuna.storages.fail_stale_trials(study)  # a dead worker's trial: failed, and queued to continue
+        trials = study.get_trials(deepcopy=False)
+        mine = counted(trials)
+        waiting = [t for t in mine if t.state == optuna.trial.TrialState.WAITING]
+        running = [t for t in mine if t.state == optuna.trial.TrialState.RUNNING]
+        if len(mine) >= args.trials and not waiting:
+            if not running:
+                break
+            if not waited:
+                print(f"the study has its {args.trials} trials; waiting for {len(running)} running on other "
+                      f"workers (to continue any whose worker dies)", flush=True)
+                waited = True
+            time.sleep(max(1, args.heartbeat))
+            continue
+        study.sampler = optuna.samplers.TPESampler(seed=args.seed * 100003 + len(trials))
+        try:
+            study.optimize(objective, n_trials=1, catch=(Surplus, errors.TrainingError, errors.DataError))
+        except Interrupted as e:
+            stopped = next(t for t in study.get_trials(deepcopy=False) if t.number == objective.current)
+            retry()(study, stopped)
+            raise errors.TrainingError(f"{e}; it continues when a worker of study '{args.study}' runs next") from None
+    done = counted(study.get_trials(deepcopy=False))
+    print(f"study '{args.study}': {len(done)} trials ({summarize_states(done)}); report: python sweep.py --report "
+          f"{sweep_dir}")
+
+
+def summarize_states(trials):
+    states = [t.state.name.lower() for t in trials]
+    return ", ".join(f"{states.count(s)} {s}" for s in sorted(set(states)))
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line
+
+def get_args_parser():
+    p = presets.settings_parser("Hyperparameter sweep on Optuna: trials are runs of the kit. Training flags apply to "
+                                "every trial, under the space's sampled values; --seed also seeds the sampler.")
+    g = p.add_argument_group("sweep")
+    g.add_argument("--space", default=None, help="YAML search space (needed to create a study; a worker joining "
+                                                 "one may leave it out)")
+    g.add_argument("--trials", type=int, default=None, help="the study's total number of trials over all workers")
+    g.add_argument("--study", default=None, help="study name (default: <exp>_<space file name>); also the sweep "
+                                                 "folder's name under --out_dir")
+    g.add_argument("--storage", default=None, help="database URL (postgresql://user@host/db, ...) shared by workers "
+                                                   "(default: sqlite in the sweep folder)")
+    g.add_argument("--pruner", default="median", choices=PRUNERS, help="stops unpromising trials at an evaluation")
+    g.add_argument("--prune_startup", type=int, default=2, help="median: trials that finish before any is pruned")
+    g.add_argument("--prune_warmup", type=int, default=0, help="median: epochs before a trial can be pruned; "
+                                                               "halving/hyperband: the minimum epochs")
+    g.add_argument("--heartbeat", type=int, default=30, help="seconds between a running trial's heartbeats")
+    g.add_argument("--grace", type=int, default=120, help="seconds without a heartbeat before a trial counts as its "
+                                                          "worker's death and is continued")
+    g.add_argument("--report", metavar="SWEEP_DIR", default=None, help="only write the sweep's report: table, "
+                                                                       "best_config.yaml, importances, plots")
+    return p
+
+
+SWEEP_FLAGS = ("space", "trials", "study", "storage", "pruner", "prune_startup", "prune_warmup", "heartbeat", "grace",
+               "report")
+LOCAL = ("data_root", "workers", "device", "progress", "report_page", "loader")  # each worker's own
+
+
+def main(args):
+    if args.report:
+        record = sweep_report.read_record(args.report)
+        args.study, args.storage, args.heartbeat, args.grace = record["study"], record["storage"], None, None
+        return sweep_report.report(args.report, open_study(args, None, create=False), record)
+    exp, config, flags, _ = presets.settings_from_args(argparse.Namespace(
+        **{k: v for k, v in vars(args).items() if k not in SWEEP_FLAGS}))
+    if config:
+        flags = {**presets.load_config_file(config), **flags}
+        exp = exp or flags.pop("exp", None)
+    flags = {presets.canonical(k, v)[0]: v for k, v in flags.items()}
+    if args.trials is None or args.trials < 1:
+        raise presets.ConfigError("--trials N (at least 1): the study's total number of trials")
+    for key in ("out_dir", "name", "resume"):
+        if key in flags and key != "out_dir":
+            raise presets.ConfigError(f"--{key}: a sweep names its trials' folders itself")
+    out_dir = flags.pop("out_dir", "sweeps")
+    args.local = {"progress": False, **{k: flags.pop(k) for k in LOCAL if k in flags}}
+    if args.space is None and (flags or exp):
+        raise presets.ConfigError("training flags and --exp define a study: give them with its --space (a worker "
+                                  "joining a study needs neither)")
+    if args.space is not None:
+        space = load_space(args.space)
+        exp = exp or presets.DEFAULT_EXP
+        presets.resolve(exp, {**flags, **args.local})  # the trials' settings, checked before anything is written
+        stem = os.path.splitext(os.path.basename(args.space))[0]
+        args.study = args.study or f"{exp}_{stem}"
+        definition = {"exp": exp, "flags": flags, "monitor": presets.resolve(exp, flags)["monitor"],
+                      "space": {k: [kind, values] for k, (kind, values) in space.items()}}
+    elif args.study is None:
+        raise presets.ConfigError("give --space FILE (a new study) or --study NAME (join one)")
+    sweep_dir = os.path.join(out_dir, args.study)
+    args.storage = args.storage or "sqlite:///" + os.path.abspath(os.path.join(sweep_dir, "study.db"))
+    if args.space is not None:
+        check_sweep_dir(sweep_dir, args, definition)
+    study = open_study(args, definition if args.space is not None else None, create=args.space is not None)
+    if args.space is None:
+        definition = study.user_attrs.get("kit_sweep")
+        if definition is None:
+            raise presets.ConfigError(f"study '{args.study}' was not made by sweep.py (no space recorded)")
+        space = {k: tuple(v) for k, v in definition["space"].items()}
+        check_sweep_dir(sweep_dir, args, definition)
+    seed = presets.resolve(definition["exp"], definition["flags"])["seed"]
+    args.seed = seed
+    have = len(counted(study.get_trials(deepcopy=False)))
+    print(f"study '{args.study}' ({redact(args.storage)}): {have} of {args.trials} trials so far; preset "
+          f"{definition['exp']}, {definition['monitor']} "
+          f"{'minimised' if metrics.minimized(definition['monitor']) else 'maximised'}, sampler TPE (seed {seed}), "
+          f"pruner {args.pruner}; trials in {sweep_dir}/")
+    work(args, study, definition, sweep_dir, space)
+    return 0
+
+
+def check_sweep_dir(sweep_dir, args, definition):
+    """The sweep folder records its study; a folder of another sweep is never taken over."""
+    path = os.path.join(sweep_dir, "sweep.json")
+    record = {"study": args.study, "storage": args.storage, "definition": definition}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+        if old.get("study") != args.study or old.get("definition") != definition:
+            raise presets.ConfigError(f"{sweep_dir} holds another sweep (study '{old.get('study')}' with its own "
+                                      f"space and flags): pick another --study or --out_dir")
+        return
+    if os.path.isdir(sweep_dir) and os.listdir(sweep_dir) and not os.path.isfile(os.path.join(sweep_dir,
+                                                                                               "study.db")):
+        raise presets.ConfigError(f"{sweep_dir} exists and is not a sweep folder: pick another --study or --out_dir")
+    os.makedirs(sweep_dir, exist_ok=True)
+    fileio.write_atomic(json.dumps(record, indent=1) + "\n", path)
+
+
+def cli(argv=None):
+    return errors.run_cli(main, get_args_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
