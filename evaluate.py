@@ -193,13 +193,14 @@ def evaluate_checkpoint(args):
     header = {"checkpoint": os.path.abspath(run.path), "split": args.split, "tta": args.tta, "arch": cfg["arch"],
               "img_size": cfg["img_size"], "eval_img_size": run.img_size, "amp": str(amp_dtype)}
     report, pics = report_page.evaluation_files(out_dir, (logits, labels, m), header, files, classes, run.path,
-                                                cfg["arch"], run.img_size, image_root)
+                                                cfg["arch"], run.img_size, image_root,
+                                                with_pictures=not args.no_report_page)
     written = "report.json, per_class.csv, confusion.png, wrong.png"
     if not args.no_report_page:
         summary = runs.read_summary(run.run_dir)
         title = f"{os.path.basename(os.path.normpath(run.run_dir))}: {os.path.basename(run.path)} on {args.split}"
         report_page.write_run_page(os.path.join(out_dir, "report.html"), run.run_dir, report, pics, summary,
-                                   title=title)
+                                   title=title, evaluation=True)
         written += ", report.html"
     print(f"{run.path} on {args.split} ({m['images']} images, tta={args.tta}): {metrics.describe(m)}")
     worst = sorted((i for i in range(len(classes)) if m["support"][i]), key=lambda i: m["recall"][i])[:10]

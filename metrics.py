@@ -124,4 +124,5 @@ def confusions(m, classes, pairs=15, per_class=3, cap=60):
     keep = torch.tensor(shown)
     return {"per_class": top, "pairs": pair_list,
             "matrix": {"classes": [classes[i] for i in shown], "counts": m["confusion"][keep][:, keep].tolist(),
+                       "row_totals": [m["support"][i] for i in shown], "shown": len(shown),
                        "of_classes": len(classes)}}

@@ -12,8 +12,10 @@ import runs
 import splits
 
 
-def plot_confusion(confusion, classes, path=None, title="confusion matrix (each row sums to 1)", dpi=110):
-    """Row-normalised confusion matrix, sized so that 101 class names stay legible; PNG bytes when path is None."""
+def plot_confusion(confusion, classes, path=None, title="confusion matrix (each row sums to 1)", dpi=110,
+                   row_totals=None):
+    """Row-normalised confusion matrix, sized so that 101 class names stay legible; PNG bytes when path is None.
+    row_totals: each row's image count when the matrix shows some classes only (a row's share of all its images)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -21,7 +23,8 @@ def plot_confusion(confusion, classes, path=None, title="confusion matrix (each 
 
     n = len(classes)
     confusion = torch.as_tensor(confusion)
-    rates = confusion.double() / confusion.sum(1, keepdim=True).clamp(min=1)
+    totals = confusion.sum(1, keepdim=True) if row_totals is None else torch.as_tensor(row_totals)[:, None]
+    rates = confusion.double() / totals.clamp(min=1)
     side = max(6.0, 0.16 * n + 2)
     fig, ax = plt.subplots(figsize=(side, side))
     im = ax.imshow(rates.numpy(), cmap="viridis", vmin=0, vmax=1, interpolation="nearest")

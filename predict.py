@@ -169,7 +169,7 @@ def write_gallery(path, results, thumbs, failures, source):
         body += "<p class=\"bad\">not readable as images: " + ", ".join(esc(f) for f in failures) + "</p>"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     return report_page.write(report_page.page(f"predictions of {os.path.basename(os.path.normpath(source))}",
-                                              [("predictions", f"{len(results)} images", body)],
+                                              [("predictions", "Predictions", body)],
                                               subtitle=esc(f"model: {source}")), path)
 
 

@@ -28,7 +28,7 @@ import runs
 import splits
 
 SECTIONS = {  # id -> heading, in page order
-    "what-ran": "What ran", "results": "Results of best.pth", "time-to-accuracy": "Time to accuracy",
+    "what-ran": "What ran", "results": "Results", "time-to-accuracy": "Time to accuracy",
     "curves": "Curves", "per-class": "Per class (worst first)", "confused-pairs": "Most confused pairs",
     "confusion-matrix": "Confusion matrix", "mistakes": "Misclassified images", "grad-cam": "Grad-CAM",
     "throughput": "Throughput"}
@@ -65,6 +65,11 @@ def num(value, fmt, *src, div=1):
 def quoted(text, *src):
     """A piece of text shown as its source holds it (e.g. summary.json's stop reason, figures inside)."""
     return f'<span class="t" data-src="{esc(json.dumps(list(src)))}">{esc(text)}</span>'
+
+
+def free(text):
+    """Text read from no file: derived from the settings (a train size) or said of the moment (a stop)."""
+    return f'<span class="free">{esc(text)}</span>'
 
 
 def data_uri(data, mime):
@@ -142,13 +147,13 @@ def what_ran(cfg, summary, rows, run_name, stopped):
     defaults = presets.DEFAULTS
     differing = [k for k in defaults if k in cfg and cfg[k] != defaults[k] and k not in ("data_root", "out_dir")]
     shown = ", ".join(f"{esc(k)}={num(cfg[k], 'g', 'config', k)}" if isinstance(cfg[k], (int, float)) and not
-                      isinstance(cfg[k], bool) else f"{esc(k)}={esc(str(cfg[k]))}" for k in differing)
+                      isinstance(cfg[k], bool) else f"{esc(k)}={quoted(str(cfg[k]), 'config', k)}" for k in differing)
     ran_on = cfg.get("ran_on") or {}
     init = f"weights {cfg['weights']}" if cfg.get("weights") else (
         "ImageNet (torchvision's weights)" if cfg.get("pretrained") else "random (from scratch)")
     epochs_run = summary["epochs_run"] if summary else (int(rows[-1]["epoch"]) if rows else 0)
     if stopped:
-        ended = esc(stopped)
+        ended = free(stopped)
     elif summary and summary.get("early_stop"):
         ended = "early stop: " + quoted(summary["early_stop"], "summary", "early_stop")
     else:
@@ -159,41 +164,50 @@ def what_ran(cfg, summary, rows, run_name, stopped):
              ("settings that differ from the defaults", shown or "none"), ("architecture", esc(cfg.get("arch", ""))),
              ("init", esc(init)), ("split", describe_split(cfg.get("split"))),
              ("world size", num(cfg["world_size"], "d", "config", "world_size") if "world_size" in cfg else "-"),
-             ("device, AMP", esc(f"{ran_on.get('device', cfg.get('device'))}, {ran_on.get('amp', cfg.get('amp'))}")),
-             ("kit version", esc(ran_on.get("kit", "unknown"))), ("wall time (min)", wall),
-             ("epochs run", f"{epochs_run} of {cfg.get('epochs')}"), ("how it ended", ended)]
+             ("device, AMP", (quoted(ran_on["device"], "config", "ran_on", "device") + ", "
+                              + quoted(ran_on["amp"], "config", "ran_on", "amp")) if ran_on else
+              esc(f"{cfg.get('device')}, {cfg.get('amp')} (as asked: this run predates the record of what ran)")),
+             ("kit version", quoted(ran_on["kit"], "config", "ran_on", "kit") if ran_on else "unknown"),
+             ("wall time (min)", wall),
+             ("epochs run", (num(epochs_run, "d", "summary", "epochs_run") if summary else
+                             num(epochs_run, "d", "metrics", len(rows) - 1, "epoch") if rows else "0")
+              + f" of {num(cfg['epochs'], 'd', 'config', 'epochs') if 'epochs' in cfg else '-'}"),
+             ("how it ended", ended)]
     return table(["", ""], [[f"<b>{k}</b>", v] for k, v in items])
 
 
 def describe_split(split):
-    """download.py's split identity in a line: how the lists were drawn and the start of each list's checksum."""
+    """download.py's split identity in a line: how the lists were drawn and each list's checksum."""
     if not isinstance(split, dict):
         return esc(str(split or "unknown"))
-    params = ", ".join(f"{k}={v}" for k, v in (split.get("params") or {}).items())
-    sums = ", ".join(f"{k} {str(v)[:10]}" for k, v in split.items() if k != "params" and v)
-    return esc(f"{params}; list checksums: {sums}")
+    params = ", ".join(f"{esc(k)}={quoted(str(v), 'config', 'split', 'params', k)}"
+                       for k, v in (split.get("params") or {}).items())
+    sums = ", ".join(f"{esc(k)} {quoted(str(v), 'config', 'split', k)}" for k, v in split.items()
+                     if k != "params" and v)
+    return f"{params}; list checksums: {sums}"
 
 
-def results(summary, report=None):
+def results(summary, report=None, evaluation=False):
     rows = []
     names = list(metrics.METRICS)
     for split, m in (summary or {}).get("splits", {}).items():
         rows.append([esc(split), *[num(m[n], ".4f", "summary", "splits", split, n) for n in names],
                      num(m["images"], "d", "summary", "splits", split, "images")])
-    if report is not None:
+    if report is not None and evaluation:
         label = f"{report['split']} (this evaluation{', flip TTA' if report.get('tta') == 'flip' else ''})"
         rows.append([esc(label), *[num(report[n], ".4f", "report", n) for n in names],
                      num(report["images"], "d", "report", "images")])
     if not rows:
         return '<p class="note">no evaluation of best.pth yet</p>'
-    note = ("<p class=\"note\">train: best.pth through the val transform; val: the best epoch's own evaluation"
+    note = ("<p class=\"note\">best.pth on train (through the val transform), val (the best epoch's own evaluation) "
+            "and test"
             + (f" (epoch {num(summary['best']['epoch'], 'd', 'summary', 'best', 'epoch')})" if summary else "")
             + "</p>")
     return table(["split", *[metrics.METRICS[n][0] for n in names], "images"], rows) + note
 
 
 def time_to_accuracy(summary, rows):
-    if summary is not None:
+    if summary is not None and "time_to_val_top1" in summary:  # older summaries lack it: from metrics.csv
         records = [[num(r["epoch"], "d", "summary", "time_to_val_top1", i, "epoch"),
                     num(r["wall_time_s"], ".1f", "summary", "time_to_val_top1", i, "wall_time_s", div=60),
                     num(r["val_top1"], ".4f", "summary", "time_to_val_top1", i, "val_top1")]
@@ -231,9 +245,10 @@ def confused_pairs(report):
 def confusion_matrix(report):
     matrix = report["confusion"]
     shown, total = len(matrix["classes"]), matrix["of_classes"]
-    png = plots.plot_confusion(matrix["counts"], matrix["classes"], dpi=80, title="confusion matrix (rows: true "
-                               "class, each row sums to 1)")
-    note = (f'<p class="note">the {shown} classes with the most mistakes (made or received) of '
+    png = plots.plot_confusion(matrix["counts"], matrix["classes"], dpi=80, row_totals=matrix.get("row_totals"),
+                               title="confusion matrix (rows: true class, each row's share of its images)")
+    note = (f'<p class="note">the {num(shown, "d", "report", "confusion", "shown")} classes with the most '
+            f'mistakes (made or received) of '
             f'{num(total, "d", "report", "confusion", "of_classes")}; rows and columns of the others are left out '
             f'(per_class.csv and evaluate.py\'s confusion.png hold them all)</p>' if shown < total else "")
     return note + f'<div class="wide"><img alt="confusion matrix" src="{data_uri(png, "image/png")}"></div>'
@@ -273,7 +288,7 @@ def grad_cams(report, pics):
 def throughput(rows, cfg):
     gpu = any(r.get("gpu_peak_mem_gib") is not None for r in rows)
     sizes = resolution.train_sizes(cfg)
-    body = [[num(r["epoch"], "d", "metrics", i, "epoch"), f"{sizes[int(r['epoch']) - 1]} px",
+    body = [[num(r["epoch"], "d", "metrics", i, "epoch"), free(f"{sizes[int(r['epoch']) - 1]} px"),
              num(r.get("train_images_per_s"), ".0f", "metrics", i, "train_images_per_s"),
              num(r.get("val_images_per_s"), ".0f", "metrics", i, "val_images_per_s")]
             + ([num(r.get("gpu_peak_mem_gib"), ".2f", "metrics", i, "gpu_peak_mem_gib")] if gpu else [])
@@ -282,12 +297,13 @@ def throughput(rows, cfg):
     return table(head, body, sortable=True) + ("" if gpu else '<p class="note">no GPU: no peak memory</p>')
 
 
-def run_sections(cfg, rows, summary, report, pics, curves_png, run_name, stopped=None):
+def run_sections(cfg, rows, summary, report, pics, curves_png, run_name, stopped=None, evaluation=False):
     """Every section of a run's (or an evaluation's) page; evaluation sections say why they are empty."""
-    missing = '<p class="note">not evaluated: ' + esc(stopped or "no best.pth to evaluate") + "</p>"
+    missing = '<p class="note">not evaluated: ' + free(stopped or "no best.pth to evaluate") + "</p>"
     curves = (f'<div class="wide"><img alt="training curves" src="{data_uri(curves_png, "image/png")}"></div>'
               if curves_png else '<p class="note">no epoch finished yet</p>')
-    return [("what-ran", what_ran(cfg, summary, rows, run_name, stopped)), ("results", results(summary, report)),
+    return [("what-ran", what_ran(cfg, summary, rows, run_name, stopped)),
+            ("results", results(summary, report, evaluation)),
             ("time-to-accuracy", time_to_accuracy(summary, rows)), ("curves", curves),
             ("per-class", per_class(report) if report else missing),
             ("confused-pairs", confused_pairs(report) if report else missing),
@@ -297,7 +313,7 @@ def run_sections(cfg, rows, summary, report, pics, curves_png, run_name, stopped
             ("throughput", throughput(rows, cfg) if rows else '<p class="note">no epoch finished yet</p>')]
 
 
-def write_run_page(path, run_dir, report=None, pics=None, summary=None, stopped=None, title=None):
+def write_run_page(path, run_dir, report=None, pics=None, summary=None, stopped=None, title=None, evaluation=False):
     """report.html of a run, or of one evaluation of a checkpoint (`report`: its report.json content), from what
     the run folder holds: config.json, metrics.csv, curves.png and `summary` (summary.json's content, passed in
     since the run's end writes summary.json last). A bare weights file (no run folder) gets the evaluation
@@ -309,23 +325,26 @@ def write_run_page(path, run_dir, report=None, pics=None, summary=None, stopped=
     curves = os.path.join(run_dir, "curves.png") if has_run else ""
     curves_png = open(curves, "rb").read() if os.path.isfile(curves) else None
     name = os.path.basename(os.path.normpath(run_dir)) if has_run else os.path.basename(report["checkpoint"])
-    sections = run_sections(cfg, rows, summary, report, pics or {}, curves_png, name, stopped)
+    sections = run_sections(cfg, rows, summary, report, pics or {}, curves_png, name, stopped, evaluation)
     if not has_run:
         sections = [s for s in sections if s[0] not in ("what-ran", "time-to-accuracy", "curves", "throughput")]
-    if summary:
+    if summary and not evaluation:
         subtitle = f"best val top-1 {num(summary['best']['val_top1'], '.4f', 'summary', 'best', 'val_top1')}"
     elif report is not None:
         subtitle = f"{esc(report['split'])} top-1 {num(report['top1'], '.4f', 'report', 'top1')}"
     else:
-        subtitle = esc(stopped or "")
+        subtitle = free(stopped or "")
     return write(page(title or f"{name}: run report", sections, subtitle=subtitle), path)
 
 
-def evaluation_files(out_dir, evaluation, header, files, classes, weights, arch, img_size, image_root):
+def evaluation_files(out_dir, evaluation, header, files, classes, weights, arch, img_size, image_root,
+                     with_pictures=True):
     """An evaluation's report.json (written into out_dir) and its pictures: ({report}, {pictures}).
     `evaluation`: engine.evaluate_weights' (logits, labels, figures); `weights`: the evaluated file (Grad-CAM)."""
     logits, labels, m = evaluation
     report = evaluation_report(logits, labels, m, files, classes, header)
     write(json.dumps(report, indent=1) + "\n", os.path.join(out_dir, "report.json"))
+    if not with_pictures:
+        return report, {}
     model = model_utils.load_trained(weights, len(classes), arch).eval() if report["most_confident_wrong"] else None
     return report, pictures(report, image_root, model, img_size, classes)

@@ -112,8 +112,10 @@ def read_run_config(run_dir, required=True):
 
 def read_summary(run_dir):
     """summary.json's content, or None: a run that has not finished (or bare weights, run_dir None)."""
+    if run_dir is None:
+        return None
     try:
-        with open(os.path.join(run_dir or "", "summary.json"), encoding="utf-8") as f:
+        with open(os.path.join(run_dir, "summary.json"), encoding="utf-8") as f:
             return json.load(f)
     except FileNotFoundError:
         return None

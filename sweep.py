@@ -26,6 +26,7 @@ import fileio
 import metrics
 import presets
 import runs
+import splits
 import sweep_report
 import train_caltech101 as train
 from sweep_report import continued_trial
@@ -37,6 +38,9 @@ PRUNERS = ("median", "halving", "hyperband", "none")
 
 class Interrupted(errors.KitError):
     """The trial's run stopped on a signal after saving: the worker stops; the trial is queued to continue."""
+
+
+TRIAL_ERRORS = (errors.ConfigError, errors.DataError, errors.ModelError, errors.TrainingError)  # one trial's: go on
 
 
 class Surplus(errors.KitError):
@@ -63,7 +67,9 @@ def load_space(path):
     space = {}
     for key, spec in data.items():
         where = f"{path}: {key}"
-        key, _ = presets.canonical(key, None, where=f"setting in {path}")
+        # `lr` (one LR for backbone and head) is the one shorthand a space takes: it is a number.
+        typed = "lr_backbone" if key == "lr" else presets.canonical(key, None, where=f"setting in {path}")[0]
+        key = "lr" if key == "lr" else typed
         if key in NOT_SWEPT:
             raise presets.ConfigError(f"{where}: {key} says where or how a run happens, not what it learns; give it "
                                       f"as a flag of sweep.py")
@@ -74,8 +80,10 @@ def load_space(path):
         if kind == "choice":
             if not isinstance(values, list) or not values:
                 raise presets.ConfigError(f"{where}: choice takes a non-empty list, got {values!r}")
-            values = [presets.check_type(key, presets.canonical(key, v)[1], where=path) for v in values]
+            values = [presets.check_type(typed, presets.canonical(typed, v)[1], where=path) for v in values]
         else:
+            if isinstance(values, list):  # YAML reads 1e-4 (no dot) as text
+                values = [number(v) for v in values]
             if not (isinstance(values, list) and len(values) == 2
                     and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
                 raise presets.ConfigError(f"{where}: {kind} takes [low, high], got {values!r}")
@@ -85,14 +93,23 @@ def load_space(path):
                 raise presets.ConfigError(f"{where}: bad range [{low}, {high}] for {kind} (low < high"
                                           + (", both > 0" if kind == "log_uniform" else "")
                                           + (", whole numbers" if kind == "int" else "") + ")")
-            default = presets.DEFAULTS[key]
+            default = presets.DEFAULTS[typed]
             if isinstance(default, bool) or not isinstance(default, (int, float)) or \
                     (kind != "int" and isinstance(default, int)):
                 raise presets.ConfigError(f"{where}: {key} takes {type(default).__name__} values, not a {kind} range"
                                           + ("; use int or choice" if isinstance(default, int) else ""))
-            presets.check_type(key, int(low) if kind == "int" else float(low), where=path)
+            presets.check_type(typed, int(low) if kind == "int" else float(low), where=path)
         space[key] = (kind, values)
     return space
+
+
+def number(value):
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def suggest(trial, space):
@@ -106,7 +123,7 @@ def suggest(trial, space):
         elif kind == "int":
             out[key] = trial.suggest_int(key, *map(int, values))
         else:
-            out[key] = values[trial.suggest_categorical(key, list(range(len(values))))]
+            out[key] = trial.suggest_categorical(key, list(values))
     return out
 
 
@@ -119,7 +136,7 @@ def open_study(args, definition, create):
     import optuna
     import sqlalchemy.exc
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is said in one line (objective_for)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     engine_kwargs = {"connect_args": {"timeout": 60}} if args.storage.startswith("sqlite") else \
         {"pool_pre_ping": True}
@@ -130,9 +147,11 @@ def open_study(args, definition, create):
         if create:
             study = optuna.create_study(study_name=args.study, storage=storage, load_if_exists=True,
                                         direction="minimize" if metrics.minimized(definition["monitor"])
-                                        else "maximize", pruner=make_pruner(args, definition))
+                                        else "maximize", pruner=make_pruner(definition))
         else:
             study = optuna.load_study(study_name=args.study, storage=storage)
+            if definition is not None:
+                study.pruner = make_pruner(definition)
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as e:
         reason = " ".join(str(e).split("\n")[0].split())[:200]
         raise presets.ConfigError(f"cannot use storage {redact(args.storage)}: {reason}") from None
@@ -166,16 +185,18 @@ def redact(url):
     return url
 
 
-def make_pruner(args, definition):
+def make_pruner(definition):
+    """The study's pruner, from its definition (every worker prunes alike)."""
     import optuna
 
+    name, startup, warmup = (definition["pruning"][k] for k in ("pruner", "prune_startup", "prune_warmup"))
     epochs = presets.resolve(definition["exp"], definition["flags"])["epochs"]
-    if args.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=args.prune_startup, n_warmup_steps=args.prune_warmup)
-    if args.pruner == "halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, args.prune_warmup))
-    if args.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=max(1, args.prune_warmup), max_resource=epochs)
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=startup, n_warmup_steps=warmup)
+    if name == "halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, warmup))
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, warmup), max_resource=epochs)
     return optuna.pruners.NopPruner()
 
 
@@ -197,22 +218,30 @@ def objective_for(study, args, definition, sweep_dir, space):
                          (t.number < trial.number or continued_trial(t) is not None))
             if before >= args.trials:
                 trial.set_user_attr("surplus", True)
+                print(f"trial {trial.number} not run: the study already has its {args.trials} trials (another "
+                      f"worker asked at the same moment)", flush=True)
                 raise Surplus(f"trial {trial.number}: the study already has its {args.trials} trials")
+        # Seeded by the trial's number (unique over all workers): one worker repeats, two never draw alike.
+        study.sampler = optuna.samplers.TPESampler(seed=args.seed * 100003 + trial.number, constant_liar=True)
         values = suggest(trial, space)
         trial.set_user_attr("values", values)
-        settings = {**definition["flags"], **values, **args.local, "out_dir": sweep_dir}
+        settings = {**definition["flags"], **presets.expand_shorthands(values), **args.local, "out_dir": sweep_dir}
         if prior is None:
             settings["name"] = f"trial_{trial.number:04d}"
             trial.set_user_attr("run_dir", os.path.join(sweep_dir, settings["name"]))
         else:
-            last = os.path.join(trial.user_attrs["run_dir"], "last.pth")
-            if os.path.isfile(last):
-                settings["resume"] = last
-            else:  # killed before its first checkpoint: it starts again (in a new folder beside the first)
-                settings["name"] = os.path.basename(trial.user_attrs["run_dir"])
+            # The newest folder of the trial's name with a last.pth (a continuation that restarted may have made
+            # trial_NNNN_2); none: it starts again beside the first.
+            settings["name"] = os.path.basename(trial.user_attrs["run_dir"])
+            last = runs.auto_resume_path(sweep_dir, settings["name"])
+            settings["resume"] = "auto"
             print(f"trial {trial.number} continues trial {prior} "
-                  + (f"from {last}" if os.path.isfile(last) else "from the start (it had saved nothing)"))
-        cfg = presets.resolve(definition["exp"], settings)
+                  + (f"from {last}" if last else "from the start (it had saved nothing)"), flush=True)
+        try:
+            cfg = presets.resolve(definition["exp"], settings)
+        except TRIAL_ERRORS as e:
+            print(f"trial {trial.number} failed: {e}", file=sys.stderr, flush=True)
+            raise
         trial.set_user_attr("seed", cfg["seed"])
         print(f"trial {trial.number}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                     for k, v in values.items()), flush=True)
@@ -228,11 +257,16 @@ def objective_for(study, args, definition, sweep_dir, space):
                 return pruned[-1]
             return None
 
-        result = train.main(cfg, None, judge=judge)
+        try:
+                result = train.main(cfg, None, judge=judge)
+        except TRIAL_ERRORS as e:
+            print(f"trial {trial.number} failed: {e}", file=sys.stderr, flush=True)
+            raise
         trial.set_user_attr("run_dir", result.get("out_dir") or trial.user_attrs["run_dir"])
         if "summary" not in result:
             if result.get("exit_code"):
                 raise Interrupted(f"trial {trial.number} stopped on a signal after saving")
+        objective.signalled = result.get("signalled", False)  # during the end-of-run work: finished, then stop
         summary = result.get("summary") or runs.read_summary(result["out_dir"])
         trial.set_user_attr("epochs_run", summary["epochs_run"])
         trial.set_user_attr("wall_time_s", summary["wall_time_s"])
@@ -263,13 +297,15 @@ def work(args, study, definition, sweep_dir, space):
                 waited = True
             time.sleep(max(1, args.heartbeat))
             continue
-        study.sampler = optuna.samplers.TPESampler(seed=args.seed * 100003 + len(trials))
         try:
-            study.optimize(objective, n_trials=1, catch=(Surplus, errors.TrainingError, errors.DataError))
+            study.optimize(objective, n_trials=1, catch=(Surplus, *TRIAL_ERRORS))
         except Interrupted as e:
-            stopped = next(t for t in study.get_trials(deepcopy=False) if t.number == objective.current)
-            retry()(study, stopped)
+            stopped = next(t for t in study.get_trials() if t.number == objective.current)
+            optuna.storages.RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)(study, stopped)
             raise errors.TrainingError(f"{e}; it continues when a worker of study '{args.study}' runs next") from None
+        if getattr(objective, "signalled", False):
+            raise errors.TrainingError(f"stopped on a signal after trial {objective.current} finished; the study goes "
+                                       f"on when a worker of study '{args.study}' runs next")
     done = counted(study.get_trials(deepcopy=False))
     print(f"study '{args.study}': {len(done)} trials ({summarize_states(done)}); report: python sweep.py --report "
           f"{sweep_dir}")
@@ -314,7 +350,9 @@ LOCAL = ("data_root", "workers", "device", "progress", "report_page", "loader") 
 def main(args):
     if args.report:
         record = sweep_report.read_record(args.report)
-        args.study, args.storage, args.heartbeat, args.grace = record["study"], record["storage"], None, None
+        # sweep.json keeps the URL without its password: --storage gives the whole URL where one is needed.
+        args.study, args.storage = record["study"], args.storage or record["storage"]
+        args.heartbeat = args.grace = None
         return sweep_report.report(args.report, open_study(args, None, create=False), record)
     exp, config, flags, _ = presets.settings_from_args(argparse.Namespace(
         **{k: v for k, v in vars(args).items() if k not in SWEEP_FLAGS}))
@@ -336,48 +374,80 @@ def main(args):
         space = load_space(args.space)
         exp = exp or presets.DEFAULT_EXP
         presets.resolve(exp, {**flags, **args.local})  # the trials' settings, checked before anything is written
+        for key, (kind, values) in space.items():  # every choice and both ends of every range, as a trial takes them
+            for value in (values if kind == "choice" else [int(v) if kind == "int" else float(v) for v in values]):
+                try:
+                    presets.resolve(exp, {**flags, **args.local, **presets.expand_shorthands({key: value})})
+                except presets.ConfigError as e:
+                    raise presets.ConfigError(f"{args.space}: {key}={value}: {e}") from None
         stem = os.path.splitext(os.path.basename(args.space))[0]
         args.study = args.study or f"{exp}_{stem}"
+        if args.heartbeat < 1 or args.grace < 2 * args.heartbeat:
+            raise presets.ConfigError(f"--heartbeat must be >= 1 s and --grace at least twice it (got "
+                                      f"{args.heartbeat} and {args.grace}): a shorter grace fails live trials")
         definition = {"exp": exp, "flags": flags, "monitor": presets.resolve(exp, flags)["monitor"],
-                      "space": {k: [kind, values] for k, (kind, values) in space.items()}}
+                      "space": {k: [kind, values] for k, (kind, values) in space.items()},
+                      "pruning": {k: getattr(args, k) for k in ("pruner", "prune_startup", "prune_warmup")},
+                      "heartbeat": [args.heartbeat, args.grace]}
     elif args.study is None:
         raise presets.ConfigError("give --space FILE (a new study) or --study NAME (join one)")
     sweep_dir = os.path.join(out_dir, args.study)
-    args.storage = args.storage or "sqlite:///" + os.path.abspath(os.path.join(sweep_dir, "study.db"))
+    default_storage = args.storage is None  # an SQLite file in the sweep folder
+    if default_storage:
+        args.storage = "sqlite:///" + os.path.abspath(os.path.join(sweep_dir, "study.db"))
     if args.space is not None:
-        check_sweep_dir(sweep_dir, args, definition)
+        check_sweep_dir(sweep_dir, args, definition, write=False)  # refuse another sweep's folder before anything
+        check_data(definition, args.local)
+    if default_storage:
+        os.makedirs(sweep_dir, exist_ok=True)
     study = open_study(args, definition if args.space is not None else None, create=args.space is not None)
     if args.space is None:
         definition = study.user_attrs.get("kit_sweep")
         if definition is None:
             raise presets.ConfigError(f"study '{args.study}' was not made by sweep.py (no space recorded)")
         space = {k: tuple(v) for k, v in definition["space"].items()}
-        check_sweep_dir(sweep_dir, args, definition)
+        args.heartbeat, args.grace = definition["heartbeat"]  # the study's: a shorter grace would fail live trials
+        check_data(definition, args.local)
+        study = open_study(args, definition, create=False)
+    check_sweep_dir(sweep_dir, args, definition)
     seed = presets.resolve(definition["exp"], definition["flags"])["seed"]
     args.seed = seed
     have = len(counted(study.get_trials(deepcopy=False)))
+    pruning = definition["pruning"]
     print(f"study '{args.study}' ({redact(args.storage)}): {have} of {args.trials} trials so far; preset "
           f"{definition['exp']}, {definition['monitor']} "
           f"{'minimised' if metrics.minimized(definition['monitor']) else 'maximised'}, sampler TPE (seed {seed}), "
-          f"pruner {args.pruner}; trials in {sweep_dir}/")
+          f"pruner {pruning['pruner']} (after {pruning['prune_startup']} trials, {pruning['prune_warmup']} warm-up "
+          f"epochs); heartbeat {definition['heartbeat'][0]} s, grace {definition['heartbeat'][1]} s; trials in "
+          f"{sweep_dir}/")
     work(args, study, definition, sweep_dir, space)
     return 0
 
 
-def check_sweep_dir(sweep_dir, args, definition):
-    """The sweep folder records its study; a folder of another sweep is never taken over."""
+def check_data(definition, local):
+    """This machine's data root, before the worker takes a trial (without data it would fail every trial)."""
+    splits.read_classes(presets.resolve(definition["exp"], {**definition["flags"], **local})["data_root"])
+
+
+def check_sweep_dir(sweep_dir, args, definition, write=True):
+    """The sweep folder records its study (sweep.json: name, storage URL without its password, definition); a folder
+    of another sweep is never taken over."""
     path = os.path.join(sweep_dir, "sweep.json")
-    record = {"study": args.study, "storage": args.storage, "definition": definition}
+    record = {"study": args.study, "storage": redact(args.storage), "definition": definition}
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             old = json.load(f)
-        if old.get("study") != args.study or old.get("definition") != definition:
-            raise presets.ConfigError(f"{sweep_dir} holds another sweep (study '{old.get('study')}' with its own "
-                                      f"space and flags): pick another --study or --out_dir")
+        if old.get("study") != args.study or old.get("definition") != definition or \
+                old.get("storage") != record["storage"]:
+            raise presets.ConfigError(f"{sweep_dir} holds another sweep (study '{old.get('study')}' in "
+                                      f"{old.get('storage')} with its own space and flags): pick another --study or "
+                                      f"--out_dir")
         return
     if os.path.isdir(sweep_dir) and os.listdir(sweep_dir) and not os.path.isfile(os.path.join(sweep_dir,
                                                                                                "study.db")):
         raise presets.ConfigError(f"{sweep_dir} exists and is not a sweep folder: pick another --study or --out_dir")
+    if not write:
+        return
     os.makedirs(sweep_dir, exist_ok=True)
     fileio.write_atomic(json.dumps(record, indent=1) + "\n", path)
 

@@ -34,9 +34,9 @@ def trial_rows(study):
         state = t.state.name.lower()
         if t.number in continued_by:
             state = f"continued by {continued_by[t.number]}"
-        value = t.value if t.value is not None else (
-            (max if study.direction.name == "MAXIMIZE" else min)(t.intermediate_values.values())
-            if t.intermediate_values else None)
+        best = max if study.direction.name == "MAXIMIZE" else min  # a pruned trial's best evaluation, too
+        value = t.value if t.state.name == "COMPLETE" else (best(t.intermediate_values.values())
+                                                          if t.intermediate_values else None)
         run_dir = t.user_attrs.get("run_dir")
         summary = runs.read_summary(run_dir) if run_dir and os.path.isdir(run_dir) else None
         rows.append({"trial": t.number, "state": state, "values": t.user_attrs.get("values", {}), "value": value,
@@ -96,6 +96,8 @@ def read_record(sweep_dir):
             return json.load(f)
     except FileNotFoundError:
         raise presets.ConfigError(f"{sweep_dir} is not a sweep folder (no sweep.json)") from None
+    except ValueError as e:
+        raise presets.ConfigError(f"{sweep_dir}/sweep.json is not valid JSON: {e}") from None
 
 
 def report(sweep_dir, study, record):
@@ -123,11 +125,15 @@ def report(sweep_dir, study, record):
         print("no trial has completed yet: no best_config.yaml")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Optuna's matplotlib plots are marked experimental
-        try:
-            importances = optuna.importance.get_param_importances(study)
-        except (RuntimeError, ValueError) as e:
-            importances, why = {}, str(e).split("\n")[0]
-            print(f"parameter importances: not computed ({why})")
+        complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+        importances = {}
+        if len(complete) < 2:
+            print("parameter importances: not computed (needs at least two complete trials)")
+        else:
+            try:
+                importances = optuna.importance.get_param_importances(study)
+            except (RuntimeError, ValueError) as e:
+                print(f"parameter importances: not computed ({str(e).splitlines()[0]})")
         fileio.write_atomic(json.dumps(importances, indent=1) + "\n", os.path.join(sweep_dir, "importances.json"))
         pictures = {}
         for name, plot in (("history", optuna.visualization.matplotlib.plot_optimization_history),

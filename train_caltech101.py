@@ -107,9 +107,12 @@ def main(cfg, explicit=None, judge=None):
         distributed.cleanup()
 
 
-def end_files(cfg):
-    """The files written after the last epoch, in order; summary.json last (the marker that they are complete)."""
-    return ("curves.png",) + (("report.json", "report.html") if cfg["report_page"] else ()) + ("summary.json",)
+def end_files(cfg, run_dir):
+    """The files written after the last epoch, in order; summary.json last (the marker that they are complete). A run
+    from before report pages (its config.json has no report_page) stays finished without them."""
+    recorded = (runs.read_run_config(run_dir, required=False) or {}).get("report_page", False)
+    return ("curves.png",) + (("report.json", "report.html") if cfg["report_page"] and recorded else ()) \
+        + ("summary.json",)
 
 
 def finished_run(cfg, ckpt, resume_path, device, amp_dtype, eval_batch):
@@ -120,7 +123,7 @@ def finished_run(cfg, ckpt, resume_path, device, amp_dtype, eval_batch):
     stopper.load_state_dict(ckpt["early_stopping"])
     ended = f"stopped early after epoch {ckpt['epoch']}" if stopper.reason else f"finished all {ckpt['epoch']} epochs"
     best = f"best {cfg['monitor']} {stopper.best:.4f} at epoch {stopper.best_epoch}"
-    missing = distributed.broadcast_object([name for name in end_files(cfg)  # rank 0's view decides for all
+    missing = distributed.broadcast_object([name for name in end_files(cfg, run_dir)  # rank 0's view decides
                                             if not os.path.isfile(os.path.join(run_dir, name))])
     log = print if distributed.is_main() else (lambda *a, **k: None)
     if not missing:
@@ -381,7 +384,7 @@ def train(cfg, device, amp_dtype, use_scaler, batch, eval_batch, resume_path, ck
             writer.close()
         last.wait()
     return {"best_top1": summary["best"]["val_top1"], "best_epoch": stopper.best_epoch, "rows": rows,
-            "out_dir": run_dir, "exit_code": 0, "summary": summary}
+            "out_dir": run_dir, "exit_code": 0, "summary": summary, "signalled": stop.requested}
 
 
 def evaluate_epoch(cfg, epoch, row, model, eval_model, ema, val_loader, num_classes, amp_dtype, stopper,

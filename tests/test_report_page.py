@@ -26,7 +26,7 @@ import splits
 import train_caltech101 as train
 from conftest import one_line_error, run_cli, stop_at, tiny_cfg
 
-DECIMAL = re.compile(r"(?<![\w.])\d+\.\d+(?![\w.])")
+NUMBER = re.compile(r"(?<![\w.-])\d+(?:\.\d+)?(?![\w.])")  # not in names: image_0001.jpg, top-1, layer4
 
 
 class Page(HTMLParser):
@@ -35,7 +35,7 @@ class Page(HTMLParser):
     def __init__(self, text):
         super().__init__()
         self.links, self.sections, self.figures, self.bare_numbers, self.scripts = [], [], [], [], 0
-        self.images, self.untagged_decimals, self.quotes = [], [], []
+        self.images, self.untagged_numbers, self.quotes = [], [], []
         self._stack, self._cell = [], None
         self.feed(text)
 
@@ -81,8 +81,10 @@ class Page(HTMLParser):
             self.figures[-1]["text"] += data
         elif self._stack and self._stack[-1][0] == "span" and "t" in (self._stack[-1][1].get("class") or ""):
             self.quotes[-1]["text"] += data
+        elif any(tag == "span" and "free" in (attrs.get("class") or "").split() for tag, attrs in self._stack):
+            pass  # derived from the settings or said of the moment (a stop): read from no file
         elif not (self._stack and self._stack[-1][0] in ("script", "style", "title")):
-            self.untagged_decimals += DECIMAL.findall(data)  # a figure outside a tagged span: unchecked
+            self.untagged_numbers += NUMBER.findall(data)  # a figure outside a tagged span: unchecked
         if self._cell is not None:
             self._cell["text"] += data
 
@@ -100,12 +102,12 @@ def sources(run_dir, report_dir=None):
 
 def check_figures(page, files):
     """Every tagged figure equals its source value to the digits shown; returns how many were checked."""
-    assert not page.untagged_decimals, page.untagged_decimals
+    assert not page.untagged_numbers, page.untagged_numbers
     for quote in page.quotes:
         value = files[quote["src"][0]]
         for key in quote["src"][1:]:
             value = value[key]
-        assert quote["text"] == value
+        assert quote["text"] == (value if isinstance(value, str) else str(value))
     for figure in page.figures:
         value = files[figure["src"][0]]
         for key in figure["src"][1:]:
@@ -215,9 +217,9 @@ def test_a_thousand_class_page_caps_its_matrix_and_stays_small(tmp_path):
     json.dump(report, open(tmp_path / "report.json", "w"))
     path = report_page.write_run_page(str(tmp_path / "report.html"), None, report)
     text = open(path, encoding="utf-8").read()
-    assert "the 60 classes with the most mistakes" in text and text.count("<tr>") > n
+    assert "classes with the most mistakes" in text and text.count("<tr>") > n
     assert os.path.getsize(path) < 3e6
-    check_figures(Page(text), {"report": report})
+    assert check_figures(Page(text), {"report": report}) > 3 * n  # support, recall, precision per class, the cap
 
 
 def test_a_signal_stop_leaves_a_page_of_what_exists(prepared_root, tmp_path, monkeypatch):

@@ -1,0 +1,244 @@
+"""sweep.py: workers sharing one study (SQLite, and a real PostgreSQL server where installed) run --trials in total
+with no trial run twice; pruning stops a trial that cannot learn; a SIGKILLed worker's trial continues from its
+last.pth to the weights of an uninterrupted trial; the best configuration reruns to its figure; one-line errors."""
+import json
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import optuna
+import pytest
+import torch
+
+import sweep
+import sweep_report
+import train_caltech101 as train
+from conftest import ROOT, one_line_error, run_cli
+
+SWEEP = os.path.join(ROOT, "sweep.py")
+TWO = "lr_backbone: {log_uniform: [1.0e-3, 1.0e-2]}\nweight_decay: {log_uniform: [1.0e-3, 1.0e-1]}\n"
+
+
+def flags(data_root, out_dir, space, *extra, trials=2, epochs=1):
+    return [SWEEP, "--exp", "cpu_smoke", "--space", str(space), "--trials", str(trials), "--out_dir", str(out_dir),
+            "--data_root", data_root, "--epochs", str(epochs), "--img_size", "32", "--img_size_start", "0",
+            "--batch_size", "4", "--eval_batch_size", "8", "--workers", "1", "--eval_every", "1", "--warmup_epochs",
+            "0.5", "--loader", "torch", "--report_page", "false", "--deterministic", "true", "--heartbeat", "1",
+            "--grace", "3", *extra]
+
+
+def space_file(tmp_path, text=TWO, name="space.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def start(cmd):
+    return subprocess.Popen([sys.executable, *cmd], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+
+def finish(proc, timeout=300):
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def study_of(url, name):
+    return optuna.load_study(study_name=name, storage=url)
+
+
+def two_workers_share(data_root, tmp_path, storage_flags, url):
+    space = space_file(tmp_path)
+    cmd = flags(data_root, tmp_path / "sw", space, "--study", "shared", *storage_flags, trials=4)
+    first = start(cmd)
+    # The second joins by name alone (no space, no training flags): it takes the study's definition and pruner.
+    joiner = [SWEEP, "--study", "shared", "--trials", "4", "--out_dir", str(tmp_path / "sw"), "--data_root", data_root,
+              "--workers", "1", "--loader", "torch", "--report_page", "false", *storage_flags]
+    deadline = time.time() + 60
+    while not (tmp_path / "sw" / "shared" / "sweep.json").is_file():  # the study exists once the folder records it
+        assert time.time() < deadline and first.poll() is None, first.communicate()[0][-3000:]
+        time.sleep(0.1)
+    logs = [finish(p) for p in [first, start(joiner)]]
+    assert "pruner median (after 2 trials, 0 warm-up epochs)" in logs[1]
+    study = study_of(url, "shared")
+    trials = study.get_trials()
+    ran = [t for t in trials if not t.user_attrs.get("surplus")]
+    assert len(ran) == 4 and {t.state.name for t in ran} <= {"COMPLETE", "PRUNED"}
+    numbers = [[int(m) for m in re.findall(r"^trial (\d+): ", log, re.M)] for log in logs]
+    assert sorted(numbers[0] + numbers[1]) == sorted(t.number for t in ran)  # each trial run once, by one worker
+    assert numbers[0] and numbers[1]  # both worked
+    assert len({tuple(sorted(t.params.items())) for t in ran}) == 4  # seeded by trial number: no two drew alike
+    for t in ran:  # each trial an ordinary run with the values the study holds
+        cfg = json.load(open(os.path.join(t.user_attrs["run_dir"], "config.json")))
+        assert cfg["lr_backbone"] == t.params["lr_backbone"] and cfg["name"] == f"trial_{t.number:04d}"
+        assert os.path.isfile(os.path.join(t.user_attrs["run_dir"], "best.pth"))
+    assert len([d for d in os.listdir(tmp_path / "sw" / "shared") if d.startswith("trial_")]) == 4
+
+
+def test_two_workers_share_one_sqlite_study(prepared_root, tmp_path):
+    two_workers_share(prepared_root, tmp_path, [], "sqlite:///" + str(tmp_path / "sw" / "shared" / "study.db"))
+
+
+@pytest.fixture
+def postgres():
+    """A throwaway PostgreSQL cluster on a free localhost port (its own folder under the system temp dir, which the
+    server's user can reach); its URL."""
+    initdb, pg_ctl, createdb = (shutil.which(n) for n in ("initdb", "pg_ctl", "createdb"))
+    if initdb is None or pg_ctl is None:
+        pytest.skip("PostgreSQL is not installed (no initdb / pg_ctl on PATH)")
+    as_user = []
+    folder = tempfile.mkdtemp(prefix="kit-pg-")
+    data = os.path.join(folder, "data")
+    if os.geteuid() == 0:  # the server refuses to run as root
+        try:
+            user = pwd.getpwnam("postgres")
+        except KeyError:
+            shutil.rmtree(folder)
+            pytest.skip("running as root and there is no 'postgres' user to run the server as")
+        os.chown(folder, user.pw_uid, user.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    try:
+        subprocess.run([*as_user, initdb, "-D", data, "-U", "kit", "--auth=trust"], check=True, capture_output=True)
+        subprocess.run([*as_user, pg_ctl, "-D", data, "-l", os.path.join(folder, "log"), "-w", "-o",
+                        f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start"], check=True,
+                       capture_output=True)
+        subprocess.run([*as_user, createdb, "-h", "127.0.0.1", "-p", str(port), "-U", "kit", "sweeps"], check=True,
+                       capture_output=True)
+        yield f"postgresql://kit@127.0.0.1:{port}/sweeps"
+    finally:
+        subprocess.run([*as_user, pg_ctl, "-D", data, "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_two_workers_share_one_postgresql_study(prepared_root, tmp_path, postgres):
+    two_workers_share(prepared_root, tmp_path, ["--storage", postgres], postgres)
+
+
+def test_a_trial_that_cannot_learn_is_pruned_and_the_best_config_reruns(prepared_root, tmp_path, capfd):
+    """Trial 0 (LR 0.001) runs its 4 epochs (val top-1 0.33, 0.42, 0.55, 0.91); trial 1 (LR 0: it cannot learn) is
+    pruned at its third evaluation, ending as an early stop does. (Optuna's median rule compares a trial's best
+    value so far, and the LR-0 model, whose BatchNorm statistics still move, scores 0.42 at epoch 1, then 0.24 and
+    0.36.) best_config.yaml reruns trial 0 to its val top-1 (deterministic mode)."""
+    space = space_file(tmp_path, "lr: {choice: [0.001, 0.0]}\n")
+    out = finish(start(flags(prepared_root, tmp_path / "sw", space, "--prune_startup", "1", "--seed", "2",
+                             trials=2, epochs=4)))
+    study = study_of("sqlite:///" + str(tmp_path / "sw" / "cpu_smoke_space" / "study.db"), "cpu_smoke_space")
+    good, bad = study.get_trials()
+    assert (good.user_attrs["values"], bad.user_attrs["values"]) == ({"lr": 0.001}, {"lr": 0.0}), out[-2000:]
+    assert good.state.name == "COMPLETE" and bad.state.name == "PRUNED"
+    summary = json.load(open(os.path.join(bad.user_attrs["run_dir"], "summary.json")))
+    assert summary["epochs_run"] == 3 and summary["early_stop"].startswith("pruned by the sweep (median) at epoch 3")
+    assert json.load(open(os.path.join(good.user_attrs["run_dir"], "summary.json")))["epochs_run"] == 4
+    torch.load(os.path.join(bad.user_attrs["run_dir"], "best.pth"), weights_only=True)  # a valid best.pth
+    assert json.load(open(os.path.join(bad.user_attrs["run_dir"], "config.json")))["lr_fc"] == 0.0
+
+    code, printed, err = run_cli(sweep.cli, ["--report", str(tmp_path / "sw" / "cpu_smoke_space")], capfd)
+    assert code == 0 and "| 0 | complete | 0.001 |" in printed and "| 1 | pruned | 0 |" in printed, printed + err
+    folder = tmp_path / "sw" / "cpu_smoke_space"
+    for name in ("trials.md", "best_config.yaml", "importances.json", "history.png", "sweep.html"):
+        assert (folder / name).is_file(), name
+    html = (folder / "sweep.html").read_text()
+    assert "http://" not in html and "https://" not in html and "src=\"data:image/png" in html
+    result = train.main(*rerun(folder / "best_config.yaml", prepared_root, tmp_path / "rerun"))
+    assert result["summary"]["best"]["val_top1"] == good.value
+
+
+def rerun(config, data_root, out_dir):
+    import presets
+
+    values = presets.load_config_file(str(config))
+    return presets.resolve(None, {"data_root": data_root, "out_dir": str(out_dir), "loader": "torch", "workers": 1,
+                                  "report_page": False}, config=values), None
+
+
+def wait_for_epochs(run_dir, epochs, proc):
+    deadline = time.time() + 120
+    while not (run_dir / "metrics.csv").is_file() or \
+            len((run_dir / "metrics.csv").read_text().splitlines()) < epochs + 1:
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+
+
+def test_a_stopped_then_killed_trial_continues_to_the_uninterrupted_weights(prepared_root, tmp_path):
+    """SIGTERM after epoch 1: the worker stops after the run saves and the trial is queued; the next worker
+    continues it and is SIGKILLed after epoch 3; a restarted worker finds the trial's heartbeat stale, continues the
+    continuation and ends with the weights of a trial that ran straight through."""
+    space = space_file(tmp_path)
+    finish(start(flags(prepared_root, tmp_path / "straight", space, trials=1, epochs=5)))
+    cmd = flags(prepared_root, tmp_path / "sw", space, trials=1, epochs=5)
+    run_dir = tmp_path / "sw" / "cpu_smoke_space" / "trial_0000"
+    worker = start(cmd)
+    wait_for_epochs(run_dir, 1, worker)
+    worker.send_signal(signal.SIGTERM)
+    out, _ = worker.communicate(timeout=120)
+    assert worker.returncode != 0 and "it continues when a worker of study 'cpu_smoke_space' runs next" in out, out
+    worker = start(cmd)
+    wait_for_epochs(run_dir, 3, worker)
+    worker.send_signal(signal.SIGKILL)
+    out, _ = worker.communicate()
+    assert "trial 1 continues trial 0 from " in out and not (run_dir / "summary.json").exists(), out[-2000:]
+    out = finish(start(cmd))
+    assert "trial 2 continues trial 1 from " in out and "resumed from " in out, out[-2000:]
+    study = study_of("sqlite:///" + str(tmp_path / "sw" / "cpu_smoke_space" / "study.db"), "cpu_smoke_space")
+    assert [t.state.name for t in study.get_trials()] == ["FAIL", "FAIL", "COMPLETE"]
+    code_rows = sweep_report.trial_rows(study)
+    assert [r["state"] for r in code_rows] == ["continued by 1", "continued by 2", "complete"]
+    straight = tmp_path / "straight" / "cpu_smoke_space" / "trial_0000"
+    a = torch.load(straight / "last.pth", map_location="cpu", weights_only=True)["model"]
+    b = torch.load(run_dir / "last.pth", map_location="cpu", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert study.get_trials()[2].value == json.load(open(straight / "summary.json"))["best"]["value"]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("learning_rate: {uniform: [0.1, 0.2]}\n", "unknown setting in"),
+    ("lr_fc: {uniform: [0.2, 0.1]}\n", "bad range [0.2, 0.1] for uniform"),
+    ("lr_fc: {log_uniform: [0.0, 0.1]}\n", "both > 0"),
+    ("lr_fc: {normal: [0.0, 0.1]}\n", "expected one of"),
+    ("epochs: {uniform: [2, 8]}\n", "use int or choice"),
+    ("trainable: {choice: [all, everything]}\n", "trainable"),
+    ("data_root: {choice: [a, b]}\n", "give it as a flag of sweep.py"),
+    ("[not, a, mapping]\n", "a space maps settings to distributions"),
+])
+def test_bad_space_files_are_one_line_errors(prepared_root, tmp_path, capfd, text, expected):
+    space = space_file(tmp_path, text)
+    code, out, err = run_cli(sweep.cli, flags(prepared_root, tmp_path / "sw", space)[1:], capfd)
+    one_line_error(code, err, expected)
+    assert not (tmp_path / "sw").exists()
+
+
+def test_storage_and_study_errors_are_one_line(prepared_root, tmp_path, capfd):
+    space = space_file(tmp_path)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code, out, err = run_cli(sweep.cli, flags(prepared_root, tmp_path / "sw", space, "--storage",
+                                              f"postgresql://kit:secret@127.0.0.1:{port}/none")[1:], capfd)
+    one_line_error(code, err, f"cannot use storage postgresql://kit@127.0.0.1:{port}/none")
+    assert "secret" not in err
+    db = "sqlite:///" + str(tmp_path / "shared.db")
+    code, out, err = run_cli(sweep.cli, flags(prepared_root, tmp_path / "a", space, "--storage", db, "--study", "s",
+                                              trials=1)[1:], capfd)
+    assert code == 0, err
+    other = space_file(tmp_path, "lr_fc: {log_uniform: [1.0e-3, 1.0e-2]}\n", "other.yaml")
+    code, out, err = run_cli(sweep.cli, flags(prepared_root, tmp_path / "b", other, "--storage", db, "--study", "s",
+                                              trials=1)[1:], capfd)
+    one_line_error(code, err, "study 's' in sqlite:///")
+    assert "exists with another space" in err
+    code, out, err = run_cli(sweep.cli, flags(prepared_root, tmp_path / "a", other, "--study", "s", trials=1)[1:],
+                             capfd)
+    one_line_error(code, err, "holds another sweep")
+    code, out, err = run_cli(sweep.cli, flags(str(tmp_path / "no_data"), tmp_path / "c", space, trials=1)[1:], capfd)
+    one_line_error(code, err, "no prepared dataset at")
+    assert not (tmp_path / "c").exists()
