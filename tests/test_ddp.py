@@ -30,7 +30,7 @@ def settings(data_root, out_dir, *extra, epochs=2, batch=8):
     return ["--exp", "cpu_smoke", "--data_root", data_root, "--out_dir", str(out_dir), "--img_size", "64",
             "--batch_size", str(batch), "--eval_batch_size", "8", "--workers", "1", "--epochs", str(epochs),
             "--eval_every", "1", "--warmup_epochs", "0.5", "--progress", "false", "--deterministic", "true",
-            "--log_every", "1", *extra]
+            "--log_every", "1", "--report_page", "false", *extra]
 
 
 def run(cmd, env=None, timeout=300):
@@ -62,6 +62,7 @@ def test_two_ranks_take_the_one_process_steps_and_evaluate_alike(prepared_root, 
     (root / "train.txt").write_text("\n".join(lines[:11]) + "\n")
     common = settings(str(root), tmp_path / "one", "--optimizer", "sgd", "--lr_backbone", "0.002", "--lr_fc",
                       "0.002", "--amp", "off", "--weights", os.path.join(trained_run["out_dir"], "best.pth"),
+                      "--report_page", "true",
                       "--img_size_start", "48", "--img_size_ramp", "1,2")  # a size change between the epochs
     env = {"KIT_TEST_BN_EVAL": "1"}
     run([sys.executable, DRIVER, *common], env)

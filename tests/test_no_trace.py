@@ -265,12 +265,12 @@ def test_runs_started_together_end_in_their_own_complete_folders(prepared_root, 
     cmd = [sys.executable, os.path.join(ROOT, "train_caltech101.py"),
            *tiny_argv(prepared_root, tmp_path, epochs=1)]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-             for _ in range(3)]
+             for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
     said = sorted(line.split("run folder ", 1)[1] for out, _ in outs for line in out.splitlines()
                   if line.startswith("run folder "))
-    assert said == sorted(str(tmp_path / n) for n in ("cpu_smoke", "cpu_smoke_2", "cpu_smoke_3"))
+    assert said == sorted(str(tmp_path / n) for n in ("cpu_smoke", "cpu_smoke_2"))
     for folder in said:
         assert {"config.json", "last.pth", "best.pth", "metrics.csv", "summary.json", "curves.png",
                 "run.claim"} <= set(os.listdir(folder))

@@ -55,36 +55,38 @@ def study_of(url, name):
     return optuna.load_study(study_name=name, storage=url)
 
 
-def two_workers_share(data_root, tmp_path, storage_flags, url):
+def two_workers_share(data_root, tmp_path, storage_flags, url, join_by_name):
+    """Two worker processes, one study of 3 trials: 3 run in all, each by one worker."""
     space = space_file(tmp_path)
-    cmd = flags(data_root, tmp_path / "sw", space, "--study", "shared", *storage_flags, trials=4)
+    cmd = flags(data_root, tmp_path / "sw", space, "--study", "shared", *storage_flags, trials=3)
     first = start(cmd)
-    # The second joins by name alone (no space, no training flags): it takes the study's definition and pruner.
-    joiner = [SWEEP, "--study", "shared", "--trials", "4", "--out_dir", str(tmp_path / "sw"), "--data_root", data_root,
-              "--workers", "1", "--loader", "torch", "--report_page", "false", *storage_flags]
-    deadline = time.time() + 60
-    while not (tmp_path / "sw" / "shared" / "sweep.json").is_file():  # the study exists once the folder records it
-        assert time.time() < deadline and first.poll() is None, first.communicate()[0][-3000:]
-        time.sleep(0.1)
-    logs = [finish(p) for p in [first, start(joiner)]]
+    if join_by_name:  # no space, no training flags: the second takes the study's definition and pruner
+        cmd = [SWEEP, "--study", "shared", "--trials", "3", "--out_dir", str(tmp_path / "sw"), "--data_root",
+               data_root, "--workers", "1", "--loader", "torch", "--report_page", "false", *storage_flags]
+        deadline = time.time() + 60
+        while not (tmp_path / "sw" / "shared" / "sweep.json").is_file():  # the study exists once recorded
+            assert time.time() < deadline and first.poll() is None, first.communicate()[0][-3000:]
+            time.sleep(0.1)
+    logs = [finish(p) for p in [first, start(cmd)]]  # else both start at once: the study made by either
     assert "pruner median (after 2 trials, 0 warm-up epochs)" in logs[1]
     study = study_of(url, "shared")
     trials = study.get_trials()
     ran = [t for t in trials if not t.user_attrs.get("surplus")]
-    assert len(ran) == 4 and {t.state.name for t in ran} <= {"COMPLETE", "PRUNED"}
+    assert len(ran) == 3 and {t.state.name for t in ran} <= {"COMPLETE", "PRUNED"}
     numbers = [[int(m) for m in re.findall(r"^trial (\d+): ", log, re.M)] for log in logs]
     assert sorted(numbers[0] + numbers[1]) == sorted(t.number for t in ran)  # each trial run once, by one worker
     assert numbers[0] and numbers[1]  # both worked
-    assert len({tuple(sorted(t.params.items())) for t in ran}) == 4  # seeded by trial number: no two drew alike
+    assert len({tuple(sorted(t.params.items())) for t in ran}) == 3  # seeded by trial number: no two drew alike
     for t in ran:  # each trial an ordinary run with the values the study holds
         cfg = json.load(open(os.path.join(t.user_attrs["run_dir"], "config.json")))
         assert cfg["lr_backbone"] == t.params["lr_backbone"] and cfg["name"] == f"trial_{t.number:04d}"
         assert os.path.isfile(os.path.join(t.user_attrs["run_dir"], "best.pth"))
-    assert len([d for d in os.listdir(tmp_path / "sw" / "shared") if d.startswith("trial_")]) == 4
+    assert len([d for d in os.listdir(tmp_path / "sw" / "shared") if d.startswith("trial_")]) == 3
 
 
 def test_two_workers_share_one_sqlite_study(prepared_root, tmp_path):
-    two_workers_share(prepared_root, tmp_path, [], "sqlite:///" + str(tmp_path / "sw" / "shared" / "study.db"))
+    two_workers_share(prepared_root, tmp_path, [], "sqlite:///" + str(tmp_path / "sw" / "shared" / "study.db"),
+                      join_by_name=False)
 
 
 @pytest.fixture
@@ -122,7 +124,7 @@ def postgres():
 
 
 def test_two_workers_share_one_postgresql_study(prepared_root, tmp_path, postgres):
-    two_workers_share(prepared_root, tmp_path, ["--storage", postgres], postgres)
+    two_workers_share(prepared_root, tmp_path, ["--storage", postgres], postgres, join_by_name=True)
 
 
 def test_a_trial_that_cannot_learn_is_pruned_and_the_best_config_reruns(prepared_root, tmp_path, capfd):
@@ -131,8 +133,9 @@ def test_a_trial_that_cannot_learn_is_pruned_and_the_best_config_reruns(prepared
     value so far, and the LR-0 model, whose BatchNorm statistics still move, scores 0.42 at epoch 1, then 0.24 and
     0.36.) best_config.yaml reruns trial 0 to its val top-1 (deterministic mode)."""
     space = space_file(tmp_path, "lr: {choice: [0.001, 0.0]}\n")
-    out = finish(start(flags(prepared_root, tmp_path / "sw", space, "--prune_startup", "1", "--seed", "2",
-                             trials=2, epochs=4)))
+    code, out, err = run_cli(sweep.cli, flags(prepared_root, tmp_path / "sw", space, "--prune_startup", "1", "--seed",
+                                              "2", trials=2, epochs=4)[1:], capfd)
+    assert code == 0, err[-2000:]
     study = study_of("sqlite:///" + str(tmp_path / "sw" / "cpu_smoke_space" / "study.db"), "cpu_smoke_space")
     good, bad = study.get_trials()
     assert (good.user_attrs["values"], bad.user_attrs["values"]) == ({"lr": 0.001}, {"lr": 0.0}), out[-2000:]
@@ -172,11 +175,11 @@ def wait_for_epochs(run_dir, epochs, proc):
 
 def test_a_stopped_then_killed_trial_continues_to_the_uninterrupted_weights(prepared_root, tmp_path):
     """SIGTERM after epoch 1: the worker stops after the run saves and the trial is queued; the next worker
-    continues it and is SIGKILLed after epoch 3; a restarted worker finds the trial's heartbeat stale, continues the
+    continues it and is SIGKILLed after epoch 2; a restarted worker finds the trial's heartbeat stale, continues the
     continuation and ends with the weights of a trial that ran straight through."""
     space = space_file(tmp_path)
-    finish(start(flags(prepared_root, tmp_path / "straight", space, trials=1, epochs=5)))
-    cmd = flags(prepared_root, tmp_path / "sw", space, trials=1, epochs=5)
+    assert sweep.cli(flags(prepared_root, tmp_path / "straight", space, trials=1, epochs=4)[1:]) == 0
+    cmd = flags(prepared_root, tmp_path / "sw", space, trials=1, epochs=4)
     run_dir = tmp_path / "sw" / "cpu_smoke_space" / "trial_0000"
     worker = start(cmd)
     wait_for_epochs(run_dir, 1, worker)
@@ -184,7 +187,7 @@ def test_a_stopped_then_killed_trial_continues_to_the_uninterrupted_weights(prep
     out, _ = worker.communicate(timeout=120)
     assert worker.returncode != 0 and "it continues when a worker of study 'cpu_smoke_space' runs next" in out, out
     worker = start(cmd)
-    wait_for_epochs(run_dir, 3, worker)
+    wait_for_epochs(run_dir, 2, worker)
     worker.send_signal(signal.SIGKILL)
     out, _ = worker.communicate()
     assert "trial 1 continues trial 0 from " in out and not (run_dir / "summary.json").exists(), out[-2000:]
