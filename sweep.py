@@ -253,12 +253,13 @@ def objective_for(study, args, definition, sweep_dir, space):
                 return pruned[-1]
             trial.report(value, epoch)
             if trial.should_prune():
-                pruned.append(f"pruned by the sweep ({args.pruner}) at epoch {epoch}: {cfg['monitor']} {value:.4f}")
+                pruned.append(f"pruned by the sweep ({definition['pruning']['pruner']}) at epoch {epoch}: "
+                              f"{cfg['monitor']} {value:.4f}")
                 return pruned[-1]
             return None
 
         try:
-                result = train.main(cfg, None, judge=judge)
+            result = train.main(cfg, None, judge=judge)
         except TRIAL_ERRORS as e:
             print(f"trial {trial.number} failed: {e}", file=sys.stderr, flush=True)
             raise
