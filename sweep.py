@@ -141,9 +141,20 @@ def open_study(args, definition, create):
     engine_kwargs = {"connect_args": {"timeout": 60}} if args.storage.startswith("sqlite") else \
         {"pool_pre_ping": True}
     try:
-        storage = optuna.storages.RDBStorage(
-            args.storage, engine_kwargs=engine_kwargs, heartbeat_interval=args.heartbeat, grace_period=args.grace,
-            heartbeat_stale_trial_callback=retry())
+        for attempt in range(10):
+            try:
+                storage = optuna.storages.RDBStorage(
+                    args.storage, engine_kwargs=engine_kwargs, heartbeat_interval=args.heartbeat,
+                    grace_period=args.grace, heartbeat_stale_trial_callback=retry())
+                break
+            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError) as e:
+                # Workers started together on a new database race to write its schema: the loser retries and
+                # finds it written. Any other error (a server that cannot be reached) is said at once.
+                racing = isinstance(e, sqlalchemy.exc.IntegrityError) or "already exists" in str(e) or \
+                    "locked" in str(e)
+                if not racing or attempt == 9:
+                    raise
+                time.sleep(0.5)
         if create:
             study = optuna.create_study(study_name=args.study, storage=storage, load_if_exists=True,
                                         direction="minimize" if metrics.minimized(definition["monitor"])

@@ -245,3 +245,17 @@ def test_storage_and_study_errors_are_one_line(prepared_root, tmp_path, capfd):
     code, out, err = run_cli(sweep.cli, flags(str(tmp_path / "no_data"), tmp_path / "c", space, trials=1)[1:], capfd)
     one_line_error(code, err, "no prepared dataset at")
     assert not (tmp_path / "c").exists()
+
+
+def test_workers_started_together_on_a_new_database_all_open_it(tmp_path):
+    """Four processes open one new SQLite study at once: they race to write the schema (IntegrityError, 'table
+    already exists'); each loser retries and joins (this failed once in CI before the retry)."""
+    code = (f"import sys; sys.path.insert(0, {ROOT!r}); import sweep, types\n"
+            f"a = types.SimpleNamespace(storage='sqlite:///{tmp_path}/s.db', heartbeat=1, grace=3, study='s')\n"
+            "sweep.open_study(a, {'exp': 'cpu_smoke', 'flags': {}, 'monitor': 'val_top1', 'space': {}, 'pruning': "
+            "{'pruner': 'median', 'prune_startup': 2, 'prune_warmup': 0}, 'heartbeat': [1, 3]}, create=True)\n"
+            "print('joined')")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(4)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 and out.strip().endswith("joined") for p, out in zip(procs, outs)), outs
