@@ -190,10 +190,8 @@ def evaluate_checkpoint(args):
     plots.plot_confusion(m["confusion"], classes, os.path.join(out_dir, "confusion.png"))
     image_root = splits.image_root(cfg["data_root"])
     plots.plot_wrong(logits, m["pred"], labels, files, image_root, classes, os.path.join(out_dir, "wrong.png"))
-    header = {"checkpoint": os.path.abspath(run.path), "split": args.split, "tta": args.tta, "arch": cfg["arch"],
-              "img_size": cfg["img_size"], "eval_img_size": run.img_size, "amp": str(amp_dtype)}
-    report, pics = report_page.evaluation_files(out_dir, (logits, labels, m), header, files, classes, run.path,
-                                                cfg["arch"], run.img_size, image_root,
+    report, pics = report_page.evaluation_files(out_dir, (logits, labels, m), run.path, args.split, args.tta, cfg,
+                                                run.img_size, amp_dtype, files, classes, image_root,
                                                 with_pictures=not args.no_report_page)
     written = "report.json, per_class.csv, confusion.png, wrong.png"
     if not args.no_report_page:

@@ -337,14 +337,18 @@ def write_run_page(path, run_dir, report=None, pics=None, summary=None, stopped=
     return write(page(title or f"{name}: run report", sections, subtitle=subtitle), path)
 
 
-def evaluation_files(out_dir, evaluation, header, files, classes, weights, arch, img_size, image_root,
+def evaluation_files(out_dir, evaluation, weights, split, tta, cfg, img_size, amp_dtype, files, classes, image_root,
                      with_pictures=True):
     """An evaluation's report.json (written into out_dir) and its pictures: ({report}, {pictures}).
-    `evaluation`: engine.evaluate_weights' (logits, labels, figures); `weights`: the evaluated file (Grad-CAM)."""
+    `evaluation`: engine.evaluate_weights' (logits, labels, figures) of `weights` (also Grad-CAM's) on `split` at
+    `img_size`, as the run's settings `cfg` say."""
+    header = {"checkpoint": os.path.abspath(weights), "split": split, "tta": tta, "arch": cfg["arch"],
+              "img_size": cfg["img_size"], "eval_img_size": img_size, "amp": str(amp_dtype)}
     logits, labels, m = evaluation
     report = evaluation_report(logits, labels, m, files, classes, header)
     write(json.dumps(report, indent=1) + "\n", os.path.join(out_dir, "report.json"))
     if not with_pictures:
         return report, {}
-    model = model_utils.load_trained(weights, len(classes), arch).eval() if report["most_confident_wrong"] else None
+    model = model_utils.load_trained(weights, len(classes), cfg["arch"]).eval() if report["most_confident_wrong"] \
+        else None
     return report, pictures(report, image_root, model, img_size, classes)

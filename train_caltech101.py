@@ -173,11 +173,9 @@ def write_report_page(cfg, run_dir, classes, best_path, evaluation, summary, amp
     """report.json and report.html of a finished run (rank 0); without best.pth, the page of what exists."""
     if evaluation is None:
         return report_page.write_run_page(os.path.join(run_dir, "report.html"), run_dir, summary=summary)
-    header = {"checkpoint": os.path.abspath(best_path), "split": "val", "tta": "none", "arch": cfg["arch"],
-              "img_size": cfg["img_size"], "eval_img_size": presets.eval_size(cfg), "amp": str(amp_dtype)}
     report, pics = report_page.evaluation_files(
-        run_dir, evaluation, header, splits.read_split(cfg["data_root"], "val")[0], classes, best_path, cfg["arch"],
-        presets.eval_size(cfg), splits.image_root(cfg["data_root"]))
+        run_dir, evaluation, best_path, "val", "none", cfg, presets.eval_size(cfg), amp_dtype,
+        splits.read_split(cfg["data_root"], "val")[0], classes, splits.image_root(cfg["data_root"]))
     return report_page.write_run_page(os.path.join(run_dir, "report.html"), run_dir, report, pics, summary)
 
 
