@@ -186,14 +186,16 @@ def read_training_checkpoint(path):
 
 def resume_settings(ckpt, cfg, explicit, path):
     """The settings of a resumed run: the checkpoint's, except where the command line asked otherwise; a
-    run-defining setting (presets.RUN_DEFINING) that differs is refused, any other is applied with a note.
-    `explicit`: the keys the user set (None: every key of cfg counts as set)."""
+    run-defining setting (presets.RUN_DEFINING) that differs is refused, any other is applied with a note; the run
+    folder (output settings) is last.pth's. `explicit`: the keys the user set (None: every key of cfg counts as set).
+    The loader is this machine's choice (every loader follows the run's one sampling plan)."""
     saved, notes = {**presets.DEFAULTS, **ckpt["config"]}, []  # settings added since the file was written: defaults
     merged = dict(saved)
     for key in presets.DEFAULTS:
-        if key in ("resume", "out_dir", "name") or cfg.get(key) == saved.get(key):  # the run folder is last.pth's
+        if presets.SETTINGS[key].kind in (presets.OUTPUT, presets.LAUNCH) or cfg.get(key) == saved.get(key):
             continue
-        if key == "loader" and cfg[key] == "auto":  # any loader fits `auto`: the run's own goes on
+        if key == "loader":  # this machine's choice; train_caltech101.main says when it is not the run's own
+            merged[key] = cfg[key]
             continue
         if explicit is not None and key not in explicit:
             continue  # not asked for: the run's own value

@@ -13,6 +13,7 @@ decode, resize the shorter side to img_size*256/224, centre crop, normalise. The
 batches done), so resuming is exact.
 """
 import collections
+import functools
 import os
 import sys
 
@@ -234,6 +235,7 @@ def epoch_batches(pipe, steps, image_root, files):
         raise decode_error(e, [[os.path.join(image_root, files[i]) for i in b] for b in pipe.source.recent]) from None
 
 
+@functools.lru_cache(maxsize=None)  # once per device and process: every loader build asks
 def decodes_a_jpeg(device):
     """(ok, what happened): a tiny JPEG through DALI's decoder on the device (nvJPEG, device='mixed', on a GPU):
     what doctor.py asks before a run would."""

@@ -104,14 +104,20 @@ class TorchLoader(splits.PlanPosition):
 LOADERS = {"dali": dali_loader.DaliLoader, "torch": TorchLoader}
 
 
-def choose_loader(loader, device):
-    """(loader name, why) for a --loader setting on a device: auto is DALI where it imports and runs there (CUDA or
-    the CPU's operators), else the torch loader; an explicit dali that cannot run is a DataError."""
+def choose_loader(loader, device, prefer=None):
+    """(loader name, why) for a --loader setting on a device: auto is DALI where it imports and decodes a JPEG there
+    (CUDA or the CPU's operators: doctor.py's check), else the torch loader; `prefer` (a resumed run's own loader)
+    wins where it runs. An explicit dali that cannot run is a DataError."""
     if loader == "auto":
+        if prefer == "torch":
+            return "torch", "the run being resumed used it"
         if not dali_loader.HAVE_DALI:
             return "torch", f"DALI is not installed here ({dali_loader.INSTALL})"
         if device.type not in ("cuda", "cpu"):
             return "torch", f"DALI does not run on {device.type}"
+        decodes, what = dali_loader.decodes_a_jpeg(device)
+        if not decodes:
+            return "torch", f"DALI {dali_loader.VERSION} is installed but cannot decode here ({what})"
         return "dali", f"DALI {dali_loader.VERSION} runs on {device.type}"
     if loader == "dali" and dali_loader.HAVE_DALI and device.type not in ("cuda", "cpu"):
         raise splits.DataError(f"--loader dali: DALI does not run on {device.type}; use --loader torch (or auto)")

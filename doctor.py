@@ -25,6 +25,7 @@ import splits
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 MIN_FREE_GIB = 2.0  # a run folder holds checkpoints of 45-135 MB each; extracted Caltech-101 is about 130 MB
+MIN_PYTHON = (3, 10)  # torch 2.14's wheels (the README's Install says the same)
 # GPUs with the hardware JPEG decoder DALI's hw_decoder_load feeds (A100, A30, H100 and their kin), by name.
 HW_DECODER_GPUS = ("A100", "A30", "A800", "H100", "H200", "H800", "GH200")
 AMP_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "off"}
@@ -79,7 +80,9 @@ def data_rows(data_root):
 
 def checks(data_root):
     """Every row of the table: (what, status, detail)."""
-    rows = [("python", OK if sys.version_info >= (3, 9) else FAIL, f"{platform.python_version()} ({sys.executable})"),
+    rows = [("python", OK if sys.version_info >= MIN_PYTHON else FAIL,
+             f"{platform.python_version()} ({sys.executable})" + ("" if sys.version_info >= MIN_PYTHON else
+                                                                  f"; the kit needs {MIN_PYTHON[0]}.{MIN_PYTHON[1]}+")),
             ("torch", OK, f"{torch.__version__}, " + (f"built for CUDA {torch.version.cuda}" if torch.version.cuda
                                                        else "CPU-only build"))]
     driver = driver_version()

@@ -287,7 +287,8 @@ def main(args):
     if "train_per_class_range" in meta:  # a split prepared before this summary existed has none
         (few_name, fewest), (most_name, most) = meta["train_per_class_range"].values()
         ratio = most / max(fewest, 1)
-        print(f"train images per class: smallest {fewest} ({few_name}), largest {most} ({most_name}), ratio "
+        print(f"train images per class: {fewest} each" if fewest == most else
+              f"train images per class: smallest {fewest} ({few_name}), largest {most} ({most_name}), ratio "
               f"{ratio:.1f}")
         if ratio > IMBALANCE_WARN_RATIO:
             print(f"warning: the train split is imbalanced (ratio {ratio:.1f} > {IMBALANCE_WARN_RATIO}): consider "

@@ -41,11 +41,6 @@ def write_per_class(m, classes, path):
         writer.writerows(rows)
 
 
-COMPARED = ("arch", "img_size", "eval_img_size", "pretrained", "weights", "trainable", "freeze_epochs", "lr_backbone",
-            "lr_fc", "layer_decay", "stage_lrs", "weight_decay", "epochs", "batch_size", "mixup_alpha", "cutmix_alpha",
-            "ema_decay", "label_smoothing", "data_root")
-
-
 def run_row(run_dir):
     """One run's figures: from summary.json (best epoch; train/val/test of best.pth) and metrics.csv."""
     if not os.path.isdir(run_dir) or not os.path.isfile(os.path.join(run_dir, "metrics.csv")):
@@ -81,7 +76,7 @@ def compare_table(run_dirs):
         if run_dir not in found:
             print(f"note: skipped {run_dir}: not a training run folder (no metrics.csv)", file=sys.stderr)
     runs = [run_row(d) for d in found]
-    differing = [k for k in COMPARED if len({json.dumps(r["cfg"].get(k)) for r in runs}) > 1]
+    differing = [k for k in presets.COMPARED if len({json.dumps(r["cfg"].get(k)) for r in runs}) > 1]
 
     def fmt(m, key):
         return f"{m[key]:.4f}" if m and m.get(key) is not None else "-"

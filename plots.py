@@ -2,6 +2,7 @@
 
     plots.plot_curves("checkpoints/cpu_smoke")          # -> checkpoints/cpu_smoke/curves.png
 """
+import functools
 import io
 import math
 import os
@@ -12,12 +13,23 @@ import runs
 import splits
 
 
+def plain_text(plot):
+    """Draw with every label as plain text: class names and run folders are never mathtext (matplotlib would parse
+    'a$\\foo$' as TeX and fail), in every plot of the kit."""
+    @functools.wraps(plot)
+    def drawn_as_text(*args, **kwargs):
+        import matplotlib
+        matplotlib.use("Agg")
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return plot(*args, **kwargs)
+    return drawn_as_text
+
+
+@plain_text
 def plot_confusion(confusion, classes, path=None, title="confusion matrix (each row sums to 1)", dpi=110,
                    row_totals=None):
     """Row-normalised confusion matrix, sized so that 101 class names stay legible; PNG bytes when path is None.
     row_totals: each row's image count when the matrix shows some classes only (a row's share of all its images)."""
-    import matplotlib
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import torch
 
@@ -47,11 +59,10 @@ def plot_confusion(confusion, classes, path=None, title="confusion matrix (each 
     return path
 
 
+@plain_text
 def plot_wrong(logits, pred, labels, files, image_root, classes, path, count=16):
     """A grid of the most confidently wrong images with their true and predicted labels (`pred`: split_metrics'
     top-1, so the grid and the figures count the same mistakes); returns their list."""
-    import matplotlib
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     listed = metrics.most_confident_wrong(logits, pred, labels, files, classes, count)
@@ -72,10 +83,9 @@ def plot_wrong(logits, pred, labels, files, image_root, classes, path, count=16)
     return listed
 
 
+@plain_text
 def plot_curves(run_dir, path=None):
     """curves.png: train/val loss, accuracies and the LR of every parameter group, per epoch."""
-    import matplotlib
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = runs.read_metrics(run_dir)
@@ -112,10 +122,9 @@ def plot_curves(run_dir, path=None):
     return path
 
 
+@plain_text
 def plot_compare(run_dirs):
     """PNG bytes: the runs' val top-1 and val loss overlaid, against epoch and against wall time."""
-    import matplotlib
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
@@ -138,10 +147,9 @@ def plot_compare(run_dirs):
     return png.getvalue()
 
 
+@plain_text
 def plot_lr_find(records, suggestions, head_lr, path):
     """lr_find.png: loss (raw and smoothed) against the head's LR, log scale, the suggestions marked."""
-    import matplotlib
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     lrs = [r[0] * head_lr for r in records]

@@ -20,6 +20,7 @@ Preprocessing is the val transform of the run: shorter side to img_size*256/224,
 names come from the run folder, so a copied run folder predicts without its data root.
 """
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -145,11 +146,18 @@ def expand_inputs(inputs):
     return files, skipped
 
 
+OVERLAY_NAME_BYTES = 160  # file systems allow 255 bytes a name; room for a counter and the suffix
+
+
 def overlay_path(out_dir, path, method, target, used):
     """<folder>__<file>_<method>_<target class>.png: readable, unique for Caltech-style trees and per target; a
-    repeat gets a counter."""
+    repeat gets a counter. A name longer than OVERLAY_NAME_BYTES (long class or file names) keeps its start and
+    ends in a digest of the whole, so it stays a valid file name and unique."""
     parent = os.path.basename(os.path.dirname(os.path.abspath(path)))
     stem = f"{parent}__{os.path.splitext(os.path.basename(path))[0]}_{method}_{target}"
+    if len(stem.encode("utf-8")) > OVERLAY_NAME_BYTES:
+        digest = hashlib.sha1(stem.encode("utf-8")).hexdigest()[:12]
+        stem = stem.encode("utf-8")[:OVERLAY_NAME_BYTES - 13].decode("utf-8", "ignore") + "~" + digest
     used[stem] = used.get(stem, 0) + 1
     return os.path.join(out_dir, stem + (f"_{used[stem]}" if used[stem] > 1 else "") + ".png")
 

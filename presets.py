@@ -19,6 +19,7 @@ import copy
 import json
 import os
 import sys
+import typing
 
 import errors
 import metrics
@@ -27,89 +28,132 @@ import resolution
 
 DEFAULT_EXP = "r18_pretrain_main"  # run 3 of the report, the kit's default
 
-# key: (default, meaning). The meaning is the flag's --help text.
+
+class Setting(typing.NamedTuple):
+    """One setting's whole record: everything the kit needs to know about it is here, and every list of settings of
+    one kind (what a resume checks, what a sweep worker keeps to itself, what --compare shows, ...) is derived from
+    these records."""
+    kind: str  # one of KINDS
+    default: object
+    meaning: str  # the flag's --help text and docs/settings.md's
+    sweep: bool  # a space file may sample it
+    compare: bool  # --compare shows it when runs differ in it
+    expected: str  # what a setting whose default is None takes (its type error says it)
+
+
+# What kind of setting each is: how resume, sweeps, --compare and config.json treat it.
+KINDS = {
+    "run": "defines the run: a resume refuses another value; shared by a sweep's workers; swept; compared",
+    "control": "how a run is watched, saved and stopped: may change on resume (said in a note); shared by a sweep's "
+               "workers",
+    "machine": "how this machine runs it: may change on resume (said in a note) and differ between sweep workers",
+    "output": "where the run is written: a resume keeps its folder; a sweep names its trials' folders",
+    "launch": "how a process is launched: never recorded in config.json, ignored in a config file",
+}
+RUN, CONTROL, MACHINE, OUTPUT, LAUNCH = KINDS
+
+
+def S(kind, default, meaning, sweep=None, compare=None, expected="text or null"):
+    """A Setting; by default exactly the run-defining settings are swept and compared."""
+    return Setting(kind, default, meaning, kind == RUN if sweep is None else sweep,
+                   kind == RUN if compare is None else compare, expected)
+
+
+# key: its record. The meaning is the flag's --help text.
 SETTINGS = {
     # data
-    "data_root": ("data/Caltech101", "prepared data root (download.py writes classes.txt, train.txt, val.txt)"),
-    "loader": ("auto", "auto | dali | torch (torchvision/PIL); auto: DALI where it is installed and runs on the "
-                       "device, else torch"),
-    "img_size": (224, "train crop and val centre crop, pixels"),
-    "eval_img_size": (0, "val/test centre crop, pixels, also predict's and export's (0: img_size); the shorter "
-                         "side is resized to 256/224 of it"),
-    "img_size_start": (0, "progressive resizing: train crop size of the first epochs, pixels (0: off, img_size "
-                          "throughout)"),
-    "img_size_ramp": (None, "progressive resizing 'A,B': the train size rises from img_size_start after epoch A to "
-                            "img_size at epoch B (1-based) in img_size_step steps (default with a start: 0.25 and "
-                            "0.75 of the epochs)"),
-    "img_size_step": (16, "progressive resizing: train sizes are multiples of this many pixels"),
-    "crop_scale_min": (0.08, "RandomResizedCrop: smallest crop, as a fraction of the image area"),
-    "workers": (8, "DALI threads or DataLoader worker processes (per rank)"),
-    "cache": (False, "decode every image once into uint8 on the device; crops, flips and normalisation there"),
-    "class_balance": ("none", "none | loss (inverse-frequency class weights in the loss) | sampler (each epoch "
-                              "draws the train split with replacement, every class equally likely): imbalanced data"),
-    "drop_last": (False, "train: leave out the short last step of each epoch"),
-    "hw_decoder_load": (0.65, "share of JPEGs for the A100/H100 hardware decoder (DALI on a GPU; 0-1)"),
+    "data_root": S(MACHINE, "data/Caltech101", "prepared data root (download.py writes classes.txt, train.txt, "
+                                               "val.txt)", compare=True),
+    "loader": S(MACHINE, "auto", "auto | dali | torch (torchvision/PIL); auto: DALI where it is installed and decodes "
+                                 "on the device, else torch. Every loader follows one sampling plan, so a run may "
+                                 "resume with another"),
+    "img_size": S(RUN, 224, "train crop and val centre crop, pixels"),
+    "eval_img_size": S(RUN, 0, "val/test centre crop, pixels, also predict's and export's (0: img_size); the shorter "
+                               "side is resized to 256/224 of it"),
+    "img_size_start": S(RUN, 0, "progressive resizing: train crop size of the first epochs, pixels (0: off, img_size "
+                                "throughout)"),
+    "img_size_ramp": S(RUN, None, "progressive resizing 'A,B': the train size rises from img_size_start after epoch A "
+                                  "to img_size at epoch B (1-based) in img_size_step steps (default with a start: 0.25 "
+                                  "and 0.75 of the epochs)", expected="two epochs 'A,B' or null"),
+    "img_size_step": S(RUN, 16, "progressive resizing: train sizes are multiples of this many pixels"),
+    "crop_scale_min": S(RUN, 0.08, "RandomResizedCrop: smallest crop, as a fraction of the image area"),
+    "workers": S(MACHINE, 8, "DALI threads or DataLoader worker processes (per rank)"),
+    "cache": S(RUN, False, "decode every image once into uint8 on the device; crops, flips and normalisation there"),
+    "class_balance": S(RUN, "none", "none | loss (inverse-frequency class weights in the loss) | sampler (each epoch "
+                                    "draws the train split with replacement, every class equally likely): "
+                                    "imbalanced data"),
+    "drop_last": S(RUN, False, "train: leave out the short last step of each epoch"),
+    "hw_decoder_load": S(MACHINE, 0.65, "share of JPEGs for the A100/H100 hardware decoder (DALI on a GPU; 0-1)"),
     # model
-    "arch": ("resnet18", "resnet18 | resnet34 | resnet50 | resnet101"),
-    "pretrained": (True, "start from torchvision's ImageNet weights (false: random init; --scratch)"),
-    "weights": (None, "path to a local state dict to start from instead (offline use); a mismatched fc is dropped"),
-    "trainable": ("all", "what trains: all | layer4+head | head (with freeze_epochs > 0: only for those epochs)"),
-    "freeze_epochs": (0, "gradual unfreezing: train only `trainable` for this many epochs, then everything (0: off)"),
-    "frozen_bn": ("eval", "BatchNorm in frozen parts: eval (running statistics fixed) | train"),
-    "sync_bn": (False, "SyncBatchNorm across ranks under torchrun (needs CUDA)"),
+    "arch": S(RUN, "resnet18", "resnet18 | resnet34 | resnet50 | resnet101"),
+    "pretrained": S(RUN, True, "start from torchvision's ImageNet weights (false: random init; --scratch)"),
+    "weights": S(RUN, None, "path to a local state dict to start from instead (offline use); a mismatched fc is "
+                            "dropped", sweep=False, expected="a path or null"),
+    "trainable": S(RUN, "all", "what trains: all | layer4+head | head (with freeze_epochs > 0: only for those "
+                               "epochs)"),
+    "freeze_epochs": S(RUN, 0, "gradual unfreezing: train only `trainable` for this many epochs, then everything "
+                               "(0: off)"),
+    "frozen_bn": S(RUN, "eval", "BatchNorm in frozen parts: eval (running statistics fixed) | train"),
+    "sync_bn": S(RUN, False, "SyncBatchNorm across ranks under torchrun (needs CUDA)"),
     # optimisation
-    "epochs": (200, "passes over the train split"),
-    "batch_size": (128, "global batch: images per optimizer step, summed over all ranks"),
-    "eval_batch_size": (256, "global images per evaluation step (independent of the training batch)"),
-    "optimizer": ("adamw", "adamw | sgd (nesterov)"),
-    "lr_backbone": (2e-4, "peak LR of every non-head parameter (of layer4, with layer_decay)"),
-    "lr_fc": (5e-3, "peak LR of the classification head"),
-    "layer_decay": (0.0, "layer-wise LR: stage k below layer4 gets lr_backbone * layer_decay**k (0: off)"),
-    "stage_lrs": (None, "peak LRs from the head down: head,layer4,layer3,layer2,layer1,stem (a shorter list: "
-                        "its last LR for the rest); overrides lr_fc/lr_backbone/layer_decay"),
-    "weight_decay": (1e-4, "decoupled (AdamW) or L2 (SGD) decay; never on BatchNorm or bias parameters"),
-    "momentum": (0.9, "SGD momentum, or AdamW beta1"),
-    "warmup_epochs": (5.0, "linear warmup from 0 to the peak LRs, in epochs (fractions allowed)"),
-    "schedule": ("cosine", "cosine | linear | constant: decay after warmup, down to min_lr_ratio * peak"),
-    "min_lr_ratio": (0.0, "final LR as a fraction of the peak"),
-    "grad_clip": (0.0, "max global gradient norm (0: off)"),
-    "label_smoothing": (0.0, "label smoothing, folded into the soft targets"),
-    "mixup_alpha": (0.4, "Beta(alpha, alpha) for MixUp; 0 disables MixUp"),
-    "cutmix_alpha": (1.0, "Beta(alpha, alpha) for CutMix; 0 disables CutMix"),
-    "mix_switch_prob": (0.5, "with both alphas > 0: probability that a batch uses CutMix rather than MixUp"),
-    "ema_decay": (0.0, "EMA of the weights (and BatchNorm statistics) per update: 0 off, e.g. 0.998"),
-    "ema_every": (1, "update the EMA every N optimizer steps (decay applied as decay**N)"),
-    "ema_warmup": (True, "EMA decay ramps as min(decay, (1 + n) / (10 + n)) over its first updates"),
+    "epochs": S(RUN, 200, "passes over the train split"),
+    "batch_size": S(RUN, 128, "global batch: images per optimizer step, summed over all ranks"),
+    "eval_batch_size": S(MACHINE, 256, "global images per evaluation step (independent of the training batch)"),
+    "optimizer": S(RUN, "adamw", "adamw | sgd (nesterov)"),
+    "lr_backbone": S(RUN, 2e-4, "peak LR of every non-head parameter (of layer4, with layer_decay)"),
+    "lr_fc": S(RUN, 5e-3, "peak LR of the classification head"),
+    "layer_decay": S(RUN, 0.0, "layer-wise LR: stage k below layer4 gets lr_backbone * layer_decay**k (0: off)"),
+    "stage_lrs": S(RUN, None, "peak LRs from the head down: head,layer4,layer3,layer2,layer1,stem (a shorter list: "
+                              "its last LR for the rest); overrides lr_fc/lr_backbone/layer_decay",
+                   expected="LRs from the head down: a list or comma-separated numbers, or null"),
+    "weight_decay": S(RUN, 1e-4, "decoupled (AdamW) or L2 (SGD) decay; never on BatchNorm or bias parameters"),
+    "momentum": S(RUN, 0.9, "SGD momentum, or AdamW beta1"),
+    "warmup_epochs": S(RUN, 5.0, "linear warmup from 0 to the peak LRs, in epochs (fractions allowed)"),
+    "schedule": S(RUN, "cosine", "cosine | linear | constant: decay after warmup, down to min_lr_ratio * peak"),
+    "min_lr_ratio": S(RUN, 0.0, "final LR as a fraction of the peak"),
+    "grad_clip": S(RUN, 0.0, "max global gradient norm (0: off)"),
+    "label_smoothing": S(RUN, 0.0, "label smoothing, folded into the soft targets"),
+    "mixup_alpha": S(RUN, 0.4, "Beta(alpha, alpha) for MixUp; 0 disables MixUp"),
+    "cutmix_alpha": S(RUN, 1.0, "Beta(alpha, alpha) for CutMix; 0 disables CutMix"),
+    "mix_switch_prob": S(RUN, 0.5, "with both alphas > 0: probability that a batch uses CutMix rather than MixUp"),
+    "ema_decay": S(RUN, 0.0, "EMA of the weights (and BatchNorm statistics) per update: 0 off, e.g. 0.998"),
+    "ema_every": S(RUN, 1, "update the EMA every N optimizer steps (decay applied as decay**N)"),
+    "ema_warmup": S(RUN, True, "EMA decay ramps as min(decay, (1 + n) / (10 + n)) over its first updates"),
     # evaluation and stopping
-    "eval_every": (1, "evaluate on val every N epochs (and always after the last)"),
-    "monitor": ("val_top1", f"{' | '.join(metrics.MONITORS)}: chooses best.pth and early stopping"),
-    "early_stop_patience": (0, "stop after this many evaluations without improvement of `monitor` (0: off)"),
-    "min_delta": (0.0, "an improvement must beat the best `monitor` value by more than this"),
+    "eval_every": S(CONTROL, 1, "evaluate on val every N epochs (and always after the last)"),
+    # A sweep optimises the monitor in one direction: sampling it would rank trials by different metrics.
+    "monitor": S(RUN, "val_top1", f"{' | '.join(metrics.MONITORS)}: chooses best.pth and early stopping",
+                 sweep=False),
+    "early_stop_patience": S(CONTROL, 0, "stop after this many evaluations without improvement of `monitor` (0: "
+                                         "off)"),
+    "min_delta": S(CONTROL, 0.0, "an improvement must beat the best `monitor` value by more than this"),
     # run
-    "device": ("auto", "auto | cpu | cuda | cuda:N | mps (auto: CUDA, else Apple's MPS, else the CPU; under torchrun "
-                       "each rank's cuda:LOCAL_RANK)"),
-    "amp": ("auto", "auto | bf16 | fp16 | off (auto: bf16 on Ampere+ GPUs or CPUs with bf16, fp16 on older GPUs)"),
-    "channels_last": (True, "NHWC memory layout for model and inputs"),
-    "compile": (False, "torch.compile the model (static shapes: the short last train step is dropped)"),
-    "compile_mode": ("default", "default | reduce-overhead (CUDA graphs) | max-autotune"),
-    "seed": (0, "data order, crops, flips, init and MixUp draws"),
-    "log_every": (10, "steps between progress refreshes (each reads the loss from the device)"),
-    "progress": (True, "show a progress bar (only when stderr is a terminal: a redirected log keeps one line per "
-                       "epoch)"),
-    "report_page": (True, "write report.html (one self-contained page of the run) at its end and on a stop"),
-    "out_dir": ("checkpoints", "runs go to out_dir/<name>/ (a folder holding a run: out_dir/<name>_2, ...)"),
-    "name": (None, "run folder name (default: the preset name)"),
-    "resume": (None, "a last.pth, or 'auto' for the run folder's own (a fresh start if there is none yet)"),
-    "save_every_steps": (0, "also write last.pth every N steps inside an epoch (0: only at epoch ends)"),
-    "keep_checkpoints": (0, "also keep the newest N epoch-end checkpoints as epoch_XXX.pth beside last.pth (0: only "
-                            "last.pth); --resume takes any of them"),
-    "save_interval_s": (0.0, "write last.pth at most every N seconds (0: every epoch; always at the end and on "
-                             "a signal)"),
-    "max_bad_steps": (10, "stop after this many non-finite losses in a row (their updates are skipped)"),
-    "deterministic": (False, "deterministic kernels (bit-identical reruns and resumes; slower on GPU)"),
+    "device": S(MACHINE, "auto", "auto | cpu | cuda | cuda:N | mps (auto: CUDA, else Apple's MPS, else the CPU; under "
+                                 "torchrun each rank's cuda:LOCAL_RANK)"),
+    "amp": S(MACHINE, "auto", "auto | bf16 | fp16 | off (auto: bf16 on Ampere+ GPUs or CPUs with bf16, fp16 on older "
+                              "GPUs)"),
+    "channels_last": S(MACHINE, True, "NHWC memory layout for model and inputs"),
+    "compile": S(MACHINE, False, "torch.compile the model (static shapes: the short last train step is dropped)"),
+    "compile_mode": S(MACHINE, "default", "default | reduce-overhead (CUDA graphs) | max-autotune"),
+    "seed": S(RUN, 0, "data order, crops, flips, init and MixUp draws"),
+    "log_every": S(MACHINE, 10, "steps between progress refreshes (each reads the loss from the device)"),
+    "progress": S(MACHINE, True, "show a progress bar (only when stderr is a terminal: a redirected log keeps one line "
+                                 "per epoch)"),
+    "report_page": S(MACHINE, True, "write report.html (one self-contained page of the run) at its end and on a stop"),
+    "out_dir": S(OUTPUT, "checkpoints", "runs go to out_dir/<name>/ (a folder holding a run: out_dir/<name>_2, ...)"),
+    "name": S(OUTPUT, None, "run folder name (default: the preset name)", expected="a folder name or null"),
+    "resume": S(LAUNCH, None, "a last.pth, or 'auto' for the run folder's own (a fresh start if there is none yet)",
+                expected="a last.pth, auto or null"),
+    "save_every_steps": S(CONTROL, 0, "also write last.pth every N steps inside an epoch (0: only at epoch ends)"),
+    "keep_checkpoints": S(CONTROL, 0, "also keep the newest N epoch-end checkpoints as epoch_XXX.pth beside last.pth "
+                                      "(0: only last.pth); --resume takes any of them"),
+    "save_interval_s": S(CONTROL, 0.0, "write last.pth at most every N seconds (0: every epoch; always at the end and "
+                                       "on a signal)"),
+    "max_bad_steps": S(CONTROL, 10, "stop after this many non-finite losses in a row (their updates are skipped)"),
+    "deterministic": S(MACHINE, False, "deterministic kernels (bit-identical reruns and resumes; slower on GPU)"),
 }
-DEFAULTS = {key: default for key, (default, _) in SETTINGS.items()}
-HELP = {key: meaning for key, (_, meaning) in SETTINGS.items()}
+DEFAULTS = {key: s.default for key, s in SETTINGS.items()}
+HELP = {key: s.meaning for key, s in SETTINGS.items()}
 
 # The allowed values of the settings that have a list. Architectures, trainable parts and monitored metrics come
 # from their homes; loader and schedule names are registered here (data_utils.LOADERS and engine.SCHEDULES import
@@ -133,22 +177,20 @@ SHORTHANDS = {  # the first of the freeze shorthands given decides, as in the tr
     "unfreeze_last": ("= --trainable layer4+head", lambda v: {"trainable": "layer4+head"} if v else {}),
     "freeze_backbone": ("= --trainable head", lambda v: {"trainable": "head"} if v else {}),
 }
-# What a setting whose default is None takes, for its error message.
-EXPECTED = {"img_size_ramp": "two epochs 'A,B' or null", "weights": "a path or null",
-            "name": "a folder name or null", "resume": "a last.pth, auto or null",
-            "stage_lrs": "LRs from the head down: a list or comma-separated numbers, or null"}
-# Settings a resumed run keeps from its checkpoint: a command line that asks for another value is refused, since
-# the run would become another run. Any other setting (workers, device, amp, eval cadence, data_root when the split
-# is the same, ...) may change on resume; the change is printed.
-RUN_DEFINING = ("loader", "img_size", "eval_img_size", "img_size_start", "img_size_ramp", "img_size_step",
-                "crop_scale_min", "cache", "class_balance", "drop_last", "arch", "pretrained", "weights", "trainable",
-                "freeze_epochs", "frozen_bn", "sync_bn", "epochs", "batch_size", "optimizer",
-                "lr_backbone", "lr_fc", "layer_decay", "stage_lrs", "weight_decay", "momentum", "warmup_epochs",
-                "schedule", "min_lr_ratio", "grad_clip", "label_smoothing", "mixup_alpha", "cutmix_alpha",
-                "mix_switch_prob", "ema_decay", "ema_every", "ema_warmup", "monitor", "seed")
-# How a process is launched, not what the run is: never written into a run's config.json, ignored when read from a
-# config file (a shared config.json must rerun its run, not continue whatever run has that name elsewhere).
-LAUNCH_KEYS = ("resume",)
+def of_kind(*kinds):
+    """The settings of these kinds, in SETTINGS' order."""
+    return tuple(key for key, s in SETTINGS.items() if s.kind in kinds)
+
+
+# Derived from the records, never listed by hand. A resume refuses a change of RUN_DEFINING (the run would become
+# another run) and applies any other with a note; PER_MACHINE settings are each sweep worker's own; LAUNCH_KEYS are
+# never written into config.json and are ignored when read from a config file (a shared config.json must rerun its
+# run, not continue whatever run has that name elsewhere).
+RUN_DEFINING = of_kind(RUN)
+PER_MACHINE = of_kind(MACHINE)
+LAUNCH_KEYS = of_kind(LAUNCH)
+SWEEPABLE = tuple(key for key, s in SETTINGS.items() if s.sweep)
+COMPARED = tuple(sorted((key for key, s in SETTINGS.items() if s.compare), key=lambda k: SETTINGS[k].kind != RUN))
 RECORD_KEYS = ("exp", "split", "world_size", "ran_on")  # written into config.json by a run; accepted back from it
 
 _finetune = dict(pretrained=True, epochs=240, batch_size=96, lr_backbone=2e-4, lr_fc=4e-3, weight_decay=5e-5,
@@ -209,6 +251,12 @@ def canonical(key, value, where="setting"):
     return key, value
 
 
+def given_settings(values):
+    """{setting: value} of what a config file or the command line gave: our names and values, without the record
+    keys a run's config.json carries (exp, split, world_size, ran_on)."""
+    return dict(canonical(k, v) for k, v in values.items() if k not in RECORD_KEYS)
+
+
 def expand_shorthands(values):
     """{setting: value} with SHORTHANDS (lr, scratch, gpu, freeze_backbone, ...) replaced by the settings they mean;
     a setting given itself wins over a shorthand's."""
@@ -238,7 +286,7 @@ def check_type(key, value, where):
     else:
         ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
     if not ok:
-        wanted = EXPECTED.get(key, "text or null") if default is None else kind.__name__
+        wanted = SETTINGS[key].expected if default is None else kind.__name__
         raise ConfigError(f"{where}: {key}={value!r} is not a valid value (expected {wanted})")
     return float(value) if kind is float else value
 
@@ -393,6 +441,34 @@ def resolve(exp=None, overrides=None, config=None):
     validate(cfg)
     cfg["exp"] = exp
     return cfg
+
+
+def settings_markdown():
+    """docs/settings.md: every setting with its kind, default and meaning, the kinds, the presets and the other
+    kits' names, generated from SETTINGS (tests/test_presets.py fails when the file is out of date). Regenerate:
+        python -c "import presets; print(presets.settings_markdown(), end='')" > docs/settings.md"""
+    def cell(text):
+        return str(text).replace("|", "\\|")
+
+    lines = ["# Settings", "", "Generated from `presets.SETTINGS` (do not edit by hand). Every setting is a flag "
+             "(`--name VALUE`, also `--name-with-hyphens`) and a config-file key. Merge order: defaults, the preset "
+             "(`--exp`), a config file (`--config FILE`, YAML or JSON), explicit flags.", "", "## Kinds", "",
+             "| kind | what it means |", "|---|---|"]
+    lines += [f"| {kind} | {meaning} |" for kind, meaning in KINDS.items()]
+    lines += ["", "## Every setting", "", "| setting | kind | default | meaning |", "|---|---|---|---|"]
+    for key, s in SETTINGS.items():
+        extra = [f"choices: {', '.join(map(str, CHOICES[key]))}"] if key in CHOICES else []
+        extra += [f"also {', '.join(FLAG_ALIASES[key])}"] if key in FLAG_ALIASES else []
+        extra += ["not sampled by sweeps"] if s.kind == RUN and not s.sweep else []
+        lines.append(f"| `{key}` | {s.kind} | `{json.dumps(s.default)}` | {cell(s.meaning)}"
+                     + (f" ({'; '.join(extra)})" if extra else "") + " |")
+    lines += ["", "## Shorthands of other kits", "", "| flag | means |", "|---|---|"]
+    lines += [f"| `--{key}` | {cell(meaning)} |" for key, (meaning, _) in SHORTHANDS.items()]
+    lines += ["", "## Presets", "", "What each one is: the comment above it in `presets.PRESETS`.", "",
+              "| preset | settings over the defaults |", "|---|---|"]
+    lines += [f"| `{name}` | " + ", ".join(f"{k}={v}" for k, v in values.items()) + " |"
+              for name, values in PRESETS.items()]
+    return "\n".join(lines) + "\n"
 
 
 def differing_keys(cfg, exp=None):

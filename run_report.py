@@ -89,6 +89,16 @@ def describe(cfg, log, device, amp_dtype, use_scaler, train_loader, val_loader, 
     log(f"data: {len(model_utils.unwrap(model).fc.weight)} classes, {train_loader.num_images * world} train "
         f"({train_loader.num_images} per rank) / {val_loader.plan.num_images} val images; train crops "
         f"{cfg['img_size']} px, val centre crops {presets.eval_size(cfg)} px")
+    plan = train_loader.plan
+    left_out = plan.num_images - int(plan.sizes.sum())
+    if left_out:
+        log(f"each epoch leaves out {left_out} of its {plan.num_images} train draws: the short last step "
+            + ("(drop_last)" if cfg["drop_last"] else "would give a rank fewer than 2 images, which BatchNorm cannot "
+                                                      "train on"))
+    if plan.class_shares is not None and np.ptp(plan.class_shares) > 1e-3:
+        log(f"note: --class_balance sampler with --cache on {world} ranks: each rank draws from the images it holds, "
+            f"which give the classes shares of {plan.class_shares.min():.3f} to {plan.class_shares.max():.3f} "
+            f"instead of {1 / len(plan.class_shares):.3f} each")
     sizes = resolution.train_sizes(cfg)
     if len(set(sizes)) > 1:
         share = sum(size ** 2 for size in sizes) / (cfg["img_size"] ** 2 * len(sizes))
@@ -116,8 +126,9 @@ def describe_balance(cfg, log, labels, classes, class_weights):
     """The train split's images per class, and what --class_balance does about it."""
     counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(classes))
     fewest, most = int(counts.argmin()), int(counts.argmax())
-    line = (f"train images per class: {counts[fewest]} ({classes[fewest]}) to {counts[most]} ({classes[most]}), "
-            f"ratio {counts[most] / max(counts[fewest], 1):.1f}")
+    line = f"train images per class: {counts[most]} each" if counts[fewest] == counts[most] else \
+        (f"train images per class: {counts[fewest]} ({classes[fewest]}) to {counts[most]} ({classes[most]}), ratio "
+         f"{counts[most] / max(counts[fewest], 1):.1f}")
     if class_weights is not None:
         present = class_weights[torch.as_tensor(counts) > 0]
         line += f"; class_balance loss: weights {present.min():.3g} to {present.max():.3g}"

@@ -312,12 +312,14 @@ def step_sizes(num_images, global_batch, world, drop_last):
     """Images per rank in each step of an epoch, shape (steps, world).
 
     Full steps give every rank global_batch / world images. The last, short step of r images gives rank k
-    r // world + (k < r % world) of them, unless that would leave a rank with none (r < world): then it is left
-    out, so every rank always takes the same number of steps. drop_last leaves out any short step.
+    r // world + (k < r % world) of them, unless that would leave a rank with fewer than two (r < 2 * world): then
+    it is left out, so every rank always takes the same number of steps, and BatchNorm never trains on a single
+    image (at small sizes its last stage is 1x1: one value per channel, which it refuses). drop_last leaves out
+    any short step.
     """
     full, rest = divmod(num_images, global_batch)
     sizes = [[global_batch // world] * world] * full
-    if rest and not drop_last and rest >= world:
+    if rest and not drop_last and rest >= 2 * world:
         sizes.append([rest // world + (k < rest % world) for k in range(world)])
     return np.array(sizes, dtype=np.int64).reshape(-1, world)
 
@@ -326,6 +328,31 @@ def next_position(epoch, batches_done, steps):
     """The stream position after one more batch: a loader's state always names the next batch it will give, so a
     checkpoint taken after the last step of an epoch resumes at the next epoch."""
     return (epoch + 1, 0) if batches_done + 1 >= steps else (epoch, batches_done + 1)
+
+
+def shard_probabilities(labels, world, iterations=500):
+    """Balanced draws when rank k may only draw from its own shard (images k, k + world, ...), one draw per position
+    of the shard: (per-image probabilities within each shard, the expected share of each class overall).
+
+    Normalising 1 / count per shard would favour a class that happens to sit in a shard with few images of the
+    others. Instead the expected draws form a shards x classes table whose row sums are the shards' positions and
+    whose column sums are equal (N / K each), on the cells where a shard holds the class: found by alternately
+    scaling rows and columns (Sinkhorn-Knopp). Within a cell, draws are uniform over its images. When the shards
+    cannot give every class an equal share (too few images of some classes in some shards), the table comes as
+    close as they allow and class_shares says how close."""
+    classes = np.unique(labels)
+    shard = np.arange(len(labels)) % world
+    held = np.zeros((world, labels.max() + 1))
+    np.add.at(held, (shard, labels), 1)
+    held = held[:, classes]
+    positions = np.bincount(shard, minlength=world).astype(float)
+    table = held.copy()
+    for _ in range(iterations):
+        table *= (len(labels) / len(classes) / np.maximum(table.sum(0), 1e-300))[None, :]
+        table *= (positions / np.maximum(table.sum(1), 1e-300))[:, None]
+    column = np.searchsorted(classes, labels)
+    probs = table[shard, column] / held[shard, column] / positions[shard]
+    return probs, table.sum(0) / len(labels)
 
 
 class PlanPosition(abc.ABC):
@@ -373,12 +400,15 @@ class SamplePlan:
         self.rank, self.world, self.fixed_shard = rank, world, fixed_shard
         self.crop_scale = crop_scale
         self.out_sizes = tuple(out_sizes) if out_sizes else None
-        # --class_balance sampler: each image drawn with probability 1 / (classes * its class's count)
-        self.probs = None
+        # --class_balance sampler: each image drawn with probability 1 / (classes * its class's count); the
+        # device cache's fixed shards draw by shard (see shard_probabilities).
+        self.probs, self.class_shares = None, None
         if balance_labels is not None:
             labels = np.asarray(balance_labels, dtype=np.int64)
             counts = np.bincount(labels)
             self.probs = 1.0 / (np.count_nonzero(counts) * counts[labels])
+            if fixed_shard and world > 1:
+                self.probs, self.class_shares = shard_probabilities(labels, world)
         self.heights, self.widths = sizes if sizes is not None else (None, None)
         if train:
             if sizes is None:
@@ -411,7 +441,7 @@ class SamplePlan:
         order = np.empty(self.num_images, dtype=np.int64)
         for shard in range(self.world):
             pool = np.arange(shard, self.num_images, self.world)
-            order[pool] = rng.choice(pool, size=len(pool), p=self.probs[pool] / self.probs[pool].sum())
+            order[pool] = rng.choice(pool, size=len(pool), p=self.probs[pool])
         return order
 
     def epoch(self, epoch, start_step=0):

@@ -19,6 +19,7 @@ import math
 import os
 import sys
 import time
+import traceback
 import warnings
 
 import errors
@@ -32,7 +33,7 @@ import train_caltech101 as train
 from sweep_report import continued_trial
 
 KINDS = ("log_uniform", "uniform", "int", "choice")
-NOT_SWEPT = ("data_root", "out_dir", "name", "resume", "device", "workers", "progress", "report_page")
+DEFAULT_STORAGE = "study.db"  # sweep.json's name for the SQLite file in the sweep folder (which may move)
 PRUNERS = ("median", "halving", "hyperband", "none")
 
 
@@ -41,6 +42,11 @@ class Interrupted(errors.KitError):
 
 
 TRIAL_ERRORS = (errors.ConfigError, errors.DataError, errors.ModelError, errors.TrainingError)  # one trial's: go on
+
+
+class TrialCrashed(errors.KitError):
+    """A trial that raised something other than the kit's errors (its traceback is printed): the trial fails, the
+    worker takes the next one."""
 
 
 class Surplus(errors.KitError):
@@ -70,9 +76,8 @@ def load_space(path):
         # `lr` (one LR for backbone and head) is the one shorthand a space takes: it is a number.
         typed = "lr_backbone" if key == "lr" else presets.canonical(key, None, where=f"setting in {path}")[0]
         key = "lr" if key == "lr" else typed
-        if key in NOT_SWEPT:
-            raise presets.ConfigError(f"{where}: {key} says where or how a run happens, not what it learns; give it "
-                                      f"as a flag of sweep.py")
+        if key not in presets.SWEEPABLE and key != "lr":
+            raise presets.ConfigError(f"{where}: {not_sweepable(key)}")
         if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in KINDS:
             raise presets.ConfigError(f"{where}: expected one of {', '.join(f'{{{k}: ...}}' for k in KINDS)}, got "
                                       f"{spec!r}")
@@ -101,6 +106,19 @@ def load_space(path):
             presets.check_type(typed, int(low) if kind == "int" else float(low), where=path)
         space[key] = (kind, values)
     return space
+
+
+def not_sweepable(key):
+    """Why a setting cannot be in a space (it can be a flag of sweep.py, the same for every trial)."""
+    if key == "monitor":
+        return ("monitor decides what the study optimises and in which direction: trials monitored by different "
+                "metrics cannot be ranked; give it as a flag (--monitor)")
+    kind = presets.SETTINGS[key].kind
+    if kind == presets.RUN:
+        return f"{key} is not sampled (a file path, not a value to search); give it as a flag of sweep.py"
+    what = {presets.CONTROL: "how a run is watched, saved and stopped", presets.MACHINE: "how a machine runs it",
+            presets.OUTPUT: "where a run is written", presets.LAUNCH: "how a process is launched"}[kind]
+    return f"{key} says {what}, not what a run learns; give it as a flag of sweep.py"
 
 
 def number(value):
@@ -236,7 +254,7 @@ def objective_for(study, args, definition, sweep_dir, space):
         study.sampler = optuna.samplers.TPESampler(seed=args.seed * 100003 + trial.number, constant_liar=True)
         values = suggest(trial, space)
         trial.set_user_attr("values", values)
-        settings = {**definition["flags"], **presets.expand_shorthands(values), **args.local, "out_dir": sweep_dir}
+        settings = {**sweep_report.trial_settings(definition["flags"], values), **args.local, "out_dir": sweep_dir}
         if prior is None:
             settings["name"] = f"trial_{trial.number:04d}"
             trial.set_user_attr("run_dir", os.path.join(sweep_dir, settings["name"]))
@@ -254,6 +272,7 @@ def objective_for(study, args, definition, sweep_dir, space):
             print(f"trial {trial.number} failed: {e}", file=sys.stderr, flush=True)
             raise
         trial.set_user_attr("seed", cfg["seed"])
+        trial.set_user_attr("data_root", os.path.abspath(cfg["data_root"]))  # for best_config.yaml
         print(f"trial {trial.number}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                     for k, v in values.items()), flush=True)
         pruned = []
@@ -274,6 +293,10 @@ def objective_for(study, args, definition, sweep_dir, space):
         except TRIAL_ERRORS as e:
             print(f"trial {trial.number} failed: {e}", file=sys.stderr, flush=True)
             raise
+        except Exception as e:  # noqa: BLE001 -- a bug or a library's error ends this trial, never the worker
+            traceback.print_exc()
+            print(f"trial {trial.number} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            raise TrialCrashed(f"trial {trial.number}: {type(e).__name__}: {e}") from None
         trial.set_user_attr("run_dir", result.get("out_dir") or trial.user_attrs["run_dir"])
         if "summary" not in result:
             if result.get("exit_code"):
@@ -310,7 +333,7 @@ def work(args, study, definition, sweep_dir, space):
             time.sleep(max(1, args.heartbeat))
             continue
         try:
-            study.optimize(objective, n_trials=1, catch=(Surplus, *TRIAL_ERRORS))
+            study.optimize(objective, n_trials=1, catch=(Surplus, TrialCrashed, *TRIAL_ERRORS))
         except Interrupted as e:
             stopped = next(t for t in study.get_trials() if t.number == objective.current)
             optuna.storages.RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)(study, stopped)
@@ -356,35 +379,42 @@ def get_args_parser():
 
 SWEEP_FLAGS = ("space", "trials", "study", "storage", "pruner", "prune_startup", "prune_warmup", "heartbeat", "grace",
                "report")
-LOCAL = ("data_root", "workers", "device", "progress", "report_page", "loader")  # each worker's own
 
 
 def main(args):
     if args.report:
         record = sweep_report.read_record(args.report)
         # sweep.json keeps the URL without its password: --storage gives the whole URL where one is needed.
-        args.study, args.storage = record["study"], args.storage or record["storage"]
+        args.study, args.storage = record["study"], args.storage or storage_url(args.report, record["storage"])
         args.heartbeat = args.grace = None
         return sweep_report.report(args.report, open_study(args, None, create=False), record)
     exp, config, flags, _ = presets.settings_from_args(argparse.Namespace(
         **{k: v for k, v in vars(args).items() if k not in SWEEP_FLAGS}))
-    if config:
-        flags = {**presets.load_config_file(config), **flags}
-        exp = exp or flags.pop("exp", None)
-    flags = {presets.canonical(k, v)[0]: v for k, v in flags.items()}
+    for key in ("name", "resume"):
+        if key in flags:
+            raise presets.ConfigError(f"--{key}: a sweep names its trials' folders itself")
+    command_line = presets.given_settings(flags)
+    flags = dict(command_line)
+    if config:  # as training reads it (a run's config.json included); its run folder is not the sweep's
+        file_values = presets.load_config_file(config)
+        exp = exp or file_values.get("exp")
+        flags = {**{k: v for k, v in presets.given_settings(file_values).items()
+                    if presets.SETTINGS[k].kind != presets.OUTPUT}, **flags}
     if args.trials is None or args.trials < 1:
         raise presets.ConfigError("--trials N (at least 1): the study's total number of trials")
-    for key in ("out_dir", "name", "resume"):
-        if key in flags and key != "out_dir":
-            raise presets.ConfigError(f"--{key}: a sweep names its trials' folders itself")
     out_dir = flags.pop("out_dir", "sweeps")
-    args.local = {"progress": False, **{k: flags.pop(k) for k in LOCAL if k in flags}}
+    args.local = {"progress": False, **{k: flags.pop(k) for k in presets.PER_MACHINE if k in flags}}
     if args.space is None and (flags or exp):
         raise presets.ConfigError("training flags and --exp define a study: give them with its --space (a worker "
                                   "joining a study needs neither)")
     if args.space is not None:
         space = load_space(args.space)
         exp = exp or presets.DEFAULT_EXP
+        for key in space:  # a flag the sampled value would silently override (a config file's values are a base)
+            given = sorted(set(command_line) & set(presets.expand_shorthands({key: 1.0}) if key == "lr" else {key}))
+            if given:
+                raise presets.ConfigError(f"{args.space} samples {key}, and {', '.join('--' + k for k in given)} "
+                                          f"sets it for every trial: give one or the other")
         presets.resolve(exp, {**flags, **args.local})  # the trials' settings, checked before anything is written
         for key, (kind, values) in space.items():  # every choice and both ends of every range, as a trial takes them
             for value in (values if kind == "choice" else [int(v) if kind == "int" else float(v) for v in values]):
@@ -406,7 +436,7 @@ def main(args):
     sweep_dir = os.path.join(out_dir, args.study)
     default_storage = args.storage is None  # an SQLite file in the sweep folder
     if default_storage:
-        args.storage = "sqlite:///" + os.path.abspath(os.path.join(sweep_dir, "study.db"))
+        args.storage = storage_url(sweep_dir, DEFAULT_STORAGE)
     if args.space is not None:
         check_sweep_dir(sweep_dir, args, definition, write=False)  # refuse another sweep's folder before anything
         check_data(definition, args.local)
@@ -445,12 +475,15 @@ def check_sweep_dir(sweep_dir, args, definition, write=True):
     """The sweep folder records its study (sweep.json: name, storage URL without its password, definition); a folder
     of another sweep is never taken over."""
     path = os.path.join(sweep_dir, "sweep.json")
-    record = {"study": args.study, "storage": redact(args.storage), "definition": definition}
+    default = args.storage == storage_url(sweep_dir, DEFAULT_STORAGE)
+    record = {"study": args.study, "storage": DEFAULT_STORAGE if default else redact(args.storage),
+              "definition": definition}
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             old = json.load(f)
+        old_storage = old.get("storage") and redact(storage_url(sweep_dir, old["storage"]))
         if old.get("study") != args.study or old.get("definition") != definition or \
-                old.get("storage") != record["storage"]:
+                old_storage != redact(args.storage):
             raise presets.ConfigError(f"{sweep_dir} holds another sweep (study '{old.get('study')}' in "
                                       f"{old.get('storage')} with its own space and flags): pick another --study or "
                                       f"--out_dir")
@@ -462,6 +495,22 @@ def check_sweep_dir(sweep_dir, args, definition, write=True):
         return
     os.makedirs(sweep_dir, exist_ok=True)
     fileio.write_atomic(json.dumps(record, indent=1) + "\n", path)
+
+
+def storage_url(sweep_dir, stored):
+    """The study's database URL from sweep.json's `storage`: the SQLite file in this sweep folder, wherever the
+    folder now is (DEFAULT_STORAGE, or an older record's absolute path to a study.db in a folder of this name), or
+    the URL recorded."""
+    local = "sqlite:///" + os.path.abspath(os.path.join(sweep_dir, DEFAULT_STORAGE))
+    if stored == DEFAULT_STORAGE:
+        return local
+    if stored.startswith("sqlite:///"):
+        old = stored[len("sqlite:///"):]
+        here = os.path.abspath(sweep_dir)
+        if os.path.basename(old) == DEFAULT_STORAGE and \
+                os.path.basename(os.path.dirname(old)) == os.path.basename(here):
+            return local
+    return stored
 
 
 def cli(argv=None):

@@ -24,6 +24,22 @@ def continued_trial(trial):
     return history[-1] if history else None
 
 
+def trial_settings(flags, values):
+    """A trial's settings (before each worker's own): the study's flags with the sampled values (shorthands such as
+    `lr` expanded). What a trial runs and what best_config.yaml holds both come from here."""
+    return {**flags, **presets.expand_shorthands(values)}
+
+
+def own_progress(trial, run_dir):
+    """(epochs, wall time in s) a trial that another one continued had reached: its last evaluation's epoch and the
+    run's wall time there (the run folder's later rows are its continuation's)."""
+    if not trial.intermediate_values:
+        return None, None
+    epoch = max(trial.intermediate_values)
+    rows = runs.read_metrics(run_dir) if run_dir and os.path.isfile(os.path.join(run_dir, "metrics.csv")) else []
+    return epoch, next((r.get("wall_time_s") for r in rows if r["epoch"] == epoch), None)
+
+
 def trial_rows(study):
     """One row per trial that ran: number, state, sampled values, best monitored value, epochs, wall time, seed and
     folder (a failed trial that another one continued says so)."""
@@ -38,11 +54,15 @@ def trial_rows(study):
         value = t.value if t.state.name == "COMPLETE" else (best(t.intermediate_values.values())
                                                           if t.intermediate_values else None)
         run_dir = t.user_attrs.get("run_dir")
-        summary = runs.read_summary(run_dir) if run_dir and os.path.isdir(run_dir) else None
+        if t.number in continued_by:  # the run folder's summary is its continuation's
+            epochs_run, wall_time_s = own_progress(t, run_dir)
+        else:
+            summary = runs.read_summary(run_dir) if run_dir and os.path.isdir(run_dir) else None
+            epochs_run = (summary or {}).get("epochs_run", t.user_attrs.get("epochs_run"))
+            wall_time_s = (summary or {}).get("wall_time_s", t.user_attrs.get("wall_time_s"))
         rows.append({"trial": t.number, "state": state, "values": t.user_attrs.get("values", {}), "value": value,
-                     "epochs_run": (summary or {}).get("epochs_run", t.user_attrs.get("epochs_run")),
-                     "wall_time_s": (summary or {}).get("wall_time_s", t.user_attrs.get("wall_time_s")),
-                     "seed": t.user_attrs.get("seed"), "run_dir": run_dir})
+                     "epochs_run": epochs_run, "wall_time_s": wall_time_s, "seed": t.user_attrs.get("seed"),
+                     "run_dir": run_dir})
     return rows
 
 
@@ -63,16 +83,19 @@ def fmt(value):
 
 
 def best_config(study, definition):
-    """The best complete trial's settings: preset, the sweep's flags, its sampled values and seed ({} when no trial
-    completed)."""
+    """The best complete trial's settings, which resolve to exactly its config.json's: preset, the sweep's flags with
+    its sampled values, its seed, and the data root it trained on ({} when no trial completed)."""
     import optuna
 
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
         return None, {}
     best = study.best_trial
-    return best, {"exp": definition["exp"], **definition["flags"], **best.user_attrs.get("values", {}),
-                  "seed": best.user_attrs.get("seed")}
+    data_root = best.user_attrs.get("data_root")
+    if data_root is None:  # a trial of an older kit: its run folder's record, where this machine can read it
+        data_root = (runs.read_run_config(best.user_attrs.get("run_dir") or "", required=False) or {}).get("data_root")
+    return best, {"exp": definition["exp"], **trial_settings(definition["flags"], best.user_attrs.get("values", {})),
+                  "seed": best.user_attrs.get("seed"), **({"data_root": data_root} if data_root else {})}
 
 
 def figure_png(axes_or_fig):
@@ -117,6 +140,8 @@ def report(sweep_dir, study, record):
 
         text = (f"# the best trial ({best.number}, {definition['monitor']} {best.value:.4f}) of study "
                 f"'{record['study']}': python train_caltech101.py --config best_config.yaml\n"
+                + ("# data_root: the data the trial was swept on (by the worker that ran it); point it at your copy\n"
+                   if "data_root" in config else "# data_root: not recorded by this trial; give --data_root\n")
                 + yaml.safe_dump(config, sort_keys=False))
         fileio.write_atomic(text, os.path.join(sweep_dir, "best_config.yaml"))
         print(f"best: trial {best.number}, {definition['monitor']} {best.value:.4f}; its settings: "

@@ -91,14 +91,20 @@ def main(cfg, explicit=None, judge=None):
         cfg, notes = checkpoint.resume_settings(ckpt, cfg, explicit, resume_path)
         device = devices.resolve_device(cfg["device"], local_rank if world > 1 else None)
     amp_dtype, use_scaler = devices.resolve_amp(cfg["amp"], device)
-    loader, why = data_utils.choose_loader(cfg["loader"], device)
-    if cfg["loader"] == "auto" and rank == 0:
+    ran_with = ckpt["config"].get("loader") if ckpt is not None else None  # a resumed run's own loader
+    loader, why = data_utils.choose_loader(cfg["loader"], device, prefer=ran_with)
+    finished = ckpt is not None and checkpoint.is_finished(ckpt)
+    if cfg["loader"] == "auto" and rank == 0 and not finished:
         print(f"loader auto: {loader}, since {why}")
+    if ran_with not in (None, "auto", loader) and rank == 0 and not finished:
+        print(f"note (resume): this run was trained with the {ran_with} loader and continues with {loader}: the same "
+              f"images, crops and flips (every loader follows the run's sampling plan), decoded and resized by "
+              f"another library, so not bit-identical to a run that kept {ran_with}")
     cfg = {**cfg, "loader": loader}  # config.json and last.pth record the loader that ran
     batch, eval_batch = check_world(cfg, world, device)
     distributed.init(device)
     try:
-        if ckpt is not None and checkpoint.is_finished(ckpt):
+        if finished:
             return finished_run(cfg, ckpt, resume_path, device, amp_dtype, eval_batch)
         if judge is not None and world > 1:
             raise presets.ConfigError("a judged run (a sweep's trial) runs in one process, not under torchrun")
@@ -420,8 +426,7 @@ def run(exp, config, overrides, show_model):
     """Resolve the settings (defaults < preset < config file < flags) and train, or print the model."""
     file_values = presets.load_config_file(config) if config else {}
     cfg = presets.resolve(exp, overrides, config=file_values)
-    explicit = {presets.canonical(k, v)[0] for k, v in {**file_values, **overrides}.items()
-                if k not in presets.RECORD_KEYS}
+    explicit = set(presets.given_settings({**file_values, **overrides}))
     if show_model:
         return run_report.print_model(cfg, len(splits.read_classes(cfg["data_root"]))
                            if os.path.isfile(os.path.join(cfg["data_root"], "classes.txt")) else 101)["exit_code"]

@@ -2,6 +2,7 @@
 method (their default), and folders and classes with spaces and non-ASCII names through every step."""
 import json
 import multiprocessing
+import shutil
 
 import numpy as np
 import torch
@@ -13,7 +14,7 @@ import export
 import predict
 import splits
 import train_caltech101 as train
-from conftest import make_image, one_line_error, run_cli, tiny_argv
+from conftest import make_image, one_line_error, run_cli, stopped_run, tiny_argv, tiny_cfg
 
 
 def test_without_dali_auto_trains_with_the_torch_loader_and_says_why(prepared_root, tmp_path, monkeypatch, capfd):
@@ -91,3 +92,21 @@ def test_spaces_and_non_ascii_names_through_every_step(tmp_path, capfd):
     assert code == 0, err
     spec = json.load(open(run_dir / "export" / "preprocess.json", encoding="utf-8"))
     assert spec["classes"] == sorted(colours)
+
+
+def test_a_dali_run_resumes_on_a_machine_without_dali(prepared_root, tmp_path, monkeypatch, capfd):
+    """The loader is how a machine reads images, not what the run is: a run stopped in epoch 2 with DALI resumes
+    where DALI is missing, with --loader torch and with --loader auto, saying so in one line, and finishes."""
+    stopped = stopped_run(tiny_cfg(prepared_root, tmp_path / "runs", loader="dali", epochs=2), 4, monkeypatch)
+    assert stopped["exit_code"] != 0
+    monkeypatch.setattr(dali_loader, "HAVE_DALI", False)
+    for asked in ("torch", "auto"):
+        run = tmp_path / asked
+        shutil.copytree(stopped["out_dir"], run)
+        argv = tiny_argv(prepared_root, tmp_path / "runs", "--resume", str(run / "last.pth"), "--loader", asked)
+        code, out, err = run_cli(train.cli, argv, capfd)
+        assert code == 0, err
+        assert "note (resume): this run was trained with the dali loader and continues with torch: the same images" \
+            in out
+        assert json.load(open(run / "summary.json"))["epochs_run"] == 2
+        assert json.load(open(run / "config.json"))["loader"] == "torch"

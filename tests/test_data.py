@@ -84,8 +84,8 @@ def test_loaders_draw_the_same_order_crops_and_flips(prepared_root):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_ranks_split_an_epoch_as_the_plan_says(prepared_root, kind):
-    files, labels = splits.read_split(prepared_root, "train")  # 12 images; 2 ranks x 5: steps of 5+5, 1+1
-    parts = [build(prepared_root, "train", kind, rank=r, world=2) for r in (0, 1)]
+    files, labels = splits.read_split(prepared_root, "train")  # 12 images; 2 ranks x 4: steps of 4+4, 2+2
+    parts = [build(prepared_root, "train", kind, rank=r, world=2, batch_size=4) for r in (0, 1)]
     assert len(parts[0]) == len(parts[1]) == 2
     seen = []
     for ld in parts:

@@ -49,7 +49,7 @@ def rows(run_dir):
 
 
 def test_two_ranks_take_the_one_process_steps_and_evaluate_alike(prepared_root, trained_run, tmp_path):
-    """11 train images, global batch 8: a full step (4 + 4), then a short one (2 + 1), whose loss the ranks weight
+    """11 train images, global batch 6: a full step (3 + 3), then a short one (3 + 2), whose loss the ranks weight
     by their share, at 48 px in epoch 1 and 64 px in epoch 2 (progressive resizing: both ranks change size together).
     BatchNorm runs in eval mode (ddp_driver.py) so a step does not depend on how its batch is split,
     starting from trained weights (--weights) so that eval-mode BatchNorm normalises; every layer trains; SGD, fp32.
@@ -63,11 +63,12 @@ def test_two_ranks_take_the_one_process_steps_and_evaluate_alike(prepared_root, 
     common = settings(str(root), tmp_path / "one", "--optimizer", "sgd", "--lr_backbone", "0.002", "--lr_fc",
                       "0.002", "--amp", "off", "--weights", os.path.join(trained_run["out_dir"], "best.pth"),
                       "--report_page", "true",
-                      "--img_size_start", "48", "--img_size_ramp", "1,2")  # a size change between the epochs
+                      "--img_size_start", "48", "--img_size_ramp", "1,2",  # a size change between the epochs
+                      batch=6)
     env = {"KIT_TEST_BN_EVAL": "1"}
     run([sys.executable, DRIVER, *common], env)
-    two = run([*TORCHRUN, DRIVER, *settings(str(root), tmp_path / "two", *common[common.index("--optimizer"):])],
-              env)
+    two = run([*TORCHRUN, DRIVER, *settings(str(root), tmp_path / "two", *common[common.index("--optimizer"):],
+                                            batch=6)], env)
     one_dir, two_dir = str(tmp_path / "one" / "cpu_smoke"), str(tmp_path / "two" / "cpu_smoke")
     a, b = load(os.path.join(one_dir, "last.pth"))["model"], load(os.path.join(two_dir, "last.pth"))["model"]
     assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-6
@@ -75,7 +76,7 @@ def test_two_ranks_take_the_one_process_steps_and_evaluate_alike(prepared_root, 
     assert json.load(open(os.path.join(two_dir, "config.json")))["world_size"] == 2
     # Only rank 0 writes and prints: one run folder, one line per epoch.
     assert sorted(os.listdir(tmp_path / "two")) == ["cpu_smoke"]
-    assert two.stdout.count("epoch 1/2:") == 1 and two.stdout.count("processes: world size 2, per-rank batch 4") == 1
+    assert two.stdout.count("epoch 1/2:") == 1 and two.stdout.count("processes: world size 2, per-rank batch 3") == 1
     assert "progressive resizing: train crops 48 px epoch 1, 64 px epoch 2" in two.stdout
     # Every val image counted once, in fp32: the same figures as one process (the loss to float noise).
     for r1, r2 in zip(rows(one_dir), rows(two_dir)):

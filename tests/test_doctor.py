@@ -6,6 +6,7 @@ import types
 import torch
 
 import dali_loader
+import data_utils
 import devices
 import doctor
 from conftest import run_cli
@@ -62,7 +63,7 @@ def test_gpus_with_their_amp_and_hardware_decoder(prepared_root, monkeypatch, ca
     decoded = []
     monkeypatch.setattr(dali_loader, "decodes_a_jpeg", lambda device: decoded.append(device) or (True, "decoded"))
     code, rows, _ = table(capfd, "--data_root", prepared_root)
-    assert code == 0 and decoded == [torch.device("cuda", 0)]  # the mixed decoder on the GPU auto picks
+    assert code == 0 and set(decoded) == {torch.device("cuda", 0)}  # the mixed decoder on the GPU auto picks
     assert rows["NVIDIA driver"] == ("ok", "550.54.15; torch sees 2 GPU(s)")
     assert rows["GPU 0"] == ("ok", "NVIDIA A100-SXM4-40GB, 40.0 GiB, compute capability 8.0; --amp auto: bf16; "
                                    "hardware JPEG decoder: yes")
@@ -76,6 +77,10 @@ def test_missing_or_broken_pieces(prepared_root, monkeypatch, capfd):
     monkeypatch.setattr(dali_loader, "decodes_a_jpeg", lambda device: (False, "the cpu decoder failed: boom"))
     code, rows, _ = table(capfd, "--data_root", prepared_root)
     assert code == 1 and rows["DALI"] == ("FAIL", f"{dali_loader.VERSION}; the cpu decoder failed: boom")
+    # --loader auto picks what the DALI row says works: the torch loader, in doctor and in training alike.
+    assert rows["--loader auto"] == ("ok", f"torch, since DALI {dali_loader.VERSION} is installed but cannot decode "
+                                           f"here (the cpu decoder failed: boom)")
+    assert data_utils.choose_loader("auto", torch.device("cpu"))[0] == "torch"
     monkeypatch.setattr(dali_loader, "HAVE_DALI", False)
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails
     code, rows, _ = table(capfd, "--data_root", prepared_root)

@@ -15,6 +15,7 @@ import engine
 import evaluate
 import gradcam
 import model_utils
+import plots
 import predict
 import presets
 import report_page
@@ -103,10 +104,13 @@ def test_comparison_table(trained_run, prepared_root, tmp_path, capfd):
 
     with Image.open(plot_curves(trained_run["out_dir"], str(tmp_path / "c.png"))) as img:
         assert img.width > 800
-    second = train.main(tiny_cfg(prepared_root, tmp_path, epochs=1, img_size=48))
+    second = train.main(tiny_cfg(prepared_root, tmp_path, epochs=1, img_size=48, img_size_start=32,
+                                 class_balance="loss"))
     table = evaluate.compare_runs([trained_run["out_dir"], second["out_dir"]]).splitlines()
     head = [c.strip() for c in table[0].strip("|").split("|")]
-    assert head[:4] == ["run", "preset", "img_size", "epochs"]  # the settings that differ, by name
+    # the settings that differ, by name (every run-defining one, progressive resizing and class balance included)
+    assert head[:6] == ["run", "preset", "img_size", "img_size_start", "class_balance", "epochs"]
+    assert head[6] == "data_root"
     first = [c.strip() for c in table[2].strip("|").split("|")]
     summary = trained_run["summary"]
     assert first[0] == os.path.normpath(trained_run["out_dir"]) and first[2] == "32"
@@ -322,3 +326,37 @@ def test_real_run_folder_classes_are_the_data_roots(real_root, tmp_path):
     cfg_split = splits.split_identity(real_root)
     assert cfg_split["train"] and cfg_split["params"]["train_per_class"] == 30
     assert len(splits.read_classes(real_root)) == 101 and cfg["data_root"] == real_root
+
+
+def test_class_names_are_drawn_as_text_never_as_maths(tmp_path):
+    """A class named 'a$\\foo$' (mathtext matplotlib cannot parse) in the confusion matrix and the mistakes plot."""
+    names = ["a$\\foo$", "b$x^$"]
+    png = plots.plot_confusion(torch.eye(2, dtype=torch.long), names)
+    assert png.startswith(b"\x89PNG")
+    rng = np.random.default_rng(0)
+    make_image(CLASS_COLOURS["alpha"], rng).save(tmp_path / "one.jpg")
+    logits = torch.tensor([[0.2, 0.8]])
+    listed = plots.plot_wrong(logits, logits.argmax(1), torch.tensor([0]), ["one.jpg"], str(tmp_path), names,
+                              str(tmp_path / "wrong.png"))
+    assert [(w["true"], w["predicted"]) for w in listed] == [tuple(names)]
+    assert (tmp_path / "wrong.png").stat().st_size > 0
+
+
+def test_gradcam_overlays_of_long_names_are_valid_unique_files(trained_run, tmp_path, capfd):
+    """Classes of 200 characters and an image of an 80-character name: every overlay's name fits a file system
+    (at most 255 bytes), and the two targets' overlays are two files."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run["out_dir"], run)
+    long_names = ["é" * 150 + "x" * 50, "é" * 150 + "y" * 50, "charlie"]
+    (run / "classes.txt").write_text("\n".join(long_names) + "\n", encoding="utf-8")
+    image = tmp_path / ("n" * 80 + ".jpg")
+    make_image(CLASS_COLOURS["alpha"], np.random.default_rng(0)).save(image)
+    made = []
+    for target in long_names[:2]:
+        code, _, err = run_cli(predict.cli, [str(image), "--checkpoint", str(run), "--gradcam", "--target", target,
+                                             "--out_dir", str(tmp_path / "cams"), "--json", str(tmp_path / "p.json")],
+                               capfd)
+        assert code == 0, err
+        made.append(json.load(open(tmp_path / "p.json"))["results"][0]["gradcam"])
+    assert made[0] != made[1] and all(os.path.isfile(p) for p in made)
+    assert all(len(os.path.basename(p).encode("utf-8")) <= 255 for p in made)

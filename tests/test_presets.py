@@ -40,9 +40,18 @@ def test_default_preset_is_run_3_and_deeper_resnets_exist():
     assert smoke["pretrained"] is False and smoke["img_size"] < 224 and smoke["device"] == "cpu"
 
 
-def test_every_setting_has_a_meaning():
+def test_every_setting_has_a_meaning_and_a_kind():
     assert set(presets.HELP) == set(presets.DEFAULTS)
     assert all(len(text) > 10 for text in presets.HELP.values())
+    assert all(isinstance(s, presets.Setting) and s.kind in presets.KINDS for s in presets.SETTINGS.values())
+    # Every list of settings of one kind is derived from the records, so none can forget a setting.
+    kinds = {kind: presets.of_kind(kind) for kind in presets.KINDS}
+    assert sorted(k for keys in kinds.values() for k in keys) == sorted(presets.SETTINGS)
+    assert presets.RUN_DEFINING == kinds["run"] and presets.PER_MACHINE == kinds["machine"]
+    assert presets.LAUNCH_KEYS == ("resume",) and "loader" in presets.PER_MACHINE  # a machine's choice, not the run's
+    assert "monitor" in presets.RUN_DEFINING and "monitor" not in presets.SWEEPABLE
+    assert set(presets.COMPARED) == set(kinds["run"]) | {"data_root"}
+    assert all(presets.SETTINGS[k].expected != "text or null" for k in presets.DEFAULTS if presets.DEFAULTS[k] is None)
 
 
 def test_merge_order_defaults_then_preset_then_config_then_flags(tmp_path):
@@ -169,3 +178,13 @@ def test_help_is_one_entry_per_setting_with_its_meaning(capsys):
         assert flag in out, flag
     for name in presets.PRESETS:
         assert name in out
+
+
+def test_the_settings_page_is_generated_from_the_records():
+    """docs/settings.md is presets.settings_markdown() exactly: a setting added or changed without regenerating the
+    page fails here."""
+    with open(os.path.join(ROOT, "docs", "settings.md"), encoding="utf-8") as f:
+        page = f.read()
+    assert page == presets.settings_markdown(), ("docs/settings.md is out of date: python -c \"import presets; "
+                                                 "print(presets.settings_markdown(), end='')\" > docs/settings.md")
+    assert all(f"| `{key}` | {s.kind} |" in page for key, s in presets.SETTINGS.items())

@@ -153,16 +153,39 @@ def test_a_trial_that_cannot_learn_is_pruned_and_the_best_config_reruns(prepared
         assert (folder / name).is_file(), name
     html = (folder / "sweep.html").read_text()
     assert "http://" not in html and "https://" not in html and "src=\"data:image/png" in html
-    result = train.main(*rerun(folder / "best_config.yaml", prepared_root, tmp_path / "rerun"))
+    best = best_config_is_the_trial(folder, good)
+    assert best["data_root"] == os.path.abspath(prepared_root)  # said, so it never silently trains on other data
+    result = train.main(*rerun(folder / "best_config.yaml", tmp_path / "rerun"))
     assert result["summary"]["best"]["val_top1"] == good.value
 
+    # A sweep folder moved elsewhere reports from its own database (sweep.json names it relative to the folder).
+    assert json.load(open(folder / "sweep.json"))["storage"] == "study.db"
+    moved = tmp_path / "moved"
+    shutil.copytree(folder, moved)
+    shutil.rmtree(tmp_path / "sw")
+    code, again, err = run_cli(sweep.cli, ["--report", str(moved)], capfd)
+    assert code == 0 and again.splitlines()[:4] == printed.splitlines()[:4], again + err
 
-def rerun(config, data_root, out_dir):
+
+def best_config_is_the_trial(folder, trial):
+    """best_config.yaml resolves to exactly the trial's config.json in every setting that defines, watches or
+    stops a run, and in its data root; returns its values."""
+    import presets
+
+    values = presets.load_config_file(str(folder / "best_config.yaml"))
+    cfg = presets.resolve(None, config=values)
+    ran = json.load(open(os.path.join(trial.user_attrs["run_dir"], "config.json")))
+    keys = [*presets.of_kind(presets.RUN, presets.CONTROL), "data_root"]
+    assert {k: cfg[k] for k in keys} == {k: ran[k] for k in keys}
+    return values
+
+
+def rerun(config, out_dir):
     import presets
 
     values = presets.load_config_file(str(config))
-    return presets.resolve(None, {"data_root": data_root, "out_dir": str(out_dir), "loader": "torch", "workers": 1,
-                                  "report_page": False}, config=values), None
+    return presets.resolve(None, {"out_dir": str(out_dir), "loader": "torch", "workers": 1, "report_page": False},
+                           config=values), None
 
 
 def wait_for_epochs(run_dir, epochs, proc):
@@ -197,6 +220,11 @@ def test_a_stopped_then_killed_trial_continues_to_the_uninterrupted_weights(prep
     assert [t.state.name for t in study.get_trials()] == ["FAIL", "FAIL", "COMPLETE"]
     code_rows = sweep_report.trial_rows(study)
     assert [r["state"] for r in code_rows] == ["continued by 1", "continued by 2", "complete"]
+    # A continued trial's row shows how far it got itself, not its continuation's whole run.
+    assert [r["epochs_run"] for r in code_rows] == [max(t.intermediate_values) for t in study.get_trials()[:2]] + [4]
+    assert code_rows[0]["epochs_run"] < 4 and code_rows[0]["wall_time_s"] < code_rows[2]["wall_time_s"]
+    assert sweep.cli(["--report", str(tmp_path / "sw" / "cpu_smoke_space")]) == 0
+    best_config_is_the_trial(tmp_path / "sw" / "cpu_smoke_space", study.get_trials()[2])
     straight = tmp_path / "straight" / "cpu_smoke_space" / "trial_0000"
     a = torch.load(straight / "last.pth", map_location="cpu", weights_only=True)["model"]
     b = torch.load(run_dir / "last.pth", map_location="cpu", weights_only=True)["model"]
@@ -212,6 +240,8 @@ def test_a_stopped_then_killed_trial_continues_to_the_uninterrupted_weights(prep
     ("epochs: {uniform: [2, 8]}\n", "use int or choice"),
     ("trainable: {choice: [all, everything]}\n", "trainable"),
     ("data_root: {choice: [a, b]}\n", "give it as a flag of sweep.py"),
+    ("monitor: {choice: [val_loss]}\n", "monitor decides what the study optimises and in which direction"),
+    ("eval_every: {choice: [1, 2]}\n", "how a run is watched, saved and stopped"),
     ("[not, a, mapping]\n", "a space maps settings to distributions"),
 ])
 def test_bad_space_files_are_one_line_errors(prepared_root, tmp_path, capfd, text, expected):
@@ -259,3 +289,51 @@ def test_workers_started_together_on_a_new_database_all_open_it(tmp_path):
              for _ in range(4)]
     outs = [p.communicate(timeout=120)[0] for p in procs]
     assert all(p.returncode == 0 and out.strip().endswith("joined") for p, out in zip(procs, outs)), outs
+
+
+def test_a_flag_that_a_sampled_shorthand_would_override_is_refused(prepared_root, tmp_path, capfd):
+    """`lr` in the space sets lr_fc and lr_backbone for each trial: --lr_fc beside it is one of the two, said."""
+    space = space_file(tmp_path, "lr: {log_uniform: [1.0e-4, 1.0e-3]}\n")
+    code, out, err = run_cli(sweep.cli, flags(prepared_root, tmp_path / "sw", space, "--lr_fc", "0.05")[1:], capfd)
+    one_line_error(code, err, "samples lr, and --lr_fc sets it for every trial: give one or the other")
+    assert not (tmp_path / "sw").exists()
+
+
+def test_a_trial_that_crashes_fails_and_the_worker_goes_on(prepared_root, tmp_path, capfd, monkeypatch):
+    """Any error inside a trial (here a library's RuntimeError in the first trial) fails that trial with its reason;
+    the worker runs the next one, and the study ends with its trials."""
+    real, calls = train.main, []
+
+    def crashes_first(cfg, explicit=None, judge=None):
+        calls.append(cfg["name"])
+        if len(calls) == 1:
+            raise RuntimeError("boom in a library")
+        return real(cfg, explicit, judge=judge)
+
+    monkeypatch.setattr(train, "main", crashes_first)
+    space = space_file(tmp_path, "lr: {log_uniform: [1.0e-4, 1.0e-3]}\n")
+    code, out, err = run_cli(sweep.cli, flags(prepared_root, tmp_path / "sw", space, trials=2)[1:], capfd)
+    assert code == 0, err[-2000:]
+    study = study_of("sqlite:///" + str(tmp_path / "sw" / "cpu_smoke_space" / "study.db"), "cpu_smoke_space")
+    assert [t.state.name for t in study.get_trials()] == ["FAIL", "COMPLETE"], out + err
+    assert "trial 0 failed: RuntimeError: boom in a library" in err
+
+
+def test_a_run_config_file_defines_a_sweep_as_it_defines_a_run(trained_run, prepared_root, tmp_path, capfd):
+    """A run's config.json (with its record keys split, world_size, ran_on and exp) beside --exp: the trial
+    trains the file's settings under the space's values (`lr` beats the file's lr_fc and lr_backbone) and the
+    flags; best_config.yaml resolves to the trial's settings."""
+    space = space_file(tmp_path, "lr: {choice: [0.0007]}\n")
+    config = os.path.join(trained_run["out_dir"], "config.json")
+    code, out, err = run_cli(sweep.cli, flags(prepared_root, tmp_path / "sw", space, "--config", config, trials=1)[1:],
+                             capfd)
+    assert code == 0, err[-2000:]
+    ran = json.load(open(tmp_path / "sw" / "cpu_smoke_space" / "trial_0000" / "config.json"))
+    source = json.load(open(config))
+    assert ran["lr_fc"] == ran["lr_backbone"] == 0.0007 != source["lr_fc"]  # the space's value beats the file
+    assert ran["epochs"] == 1 != source["epochs"]  # a flag beats the file
+    same = ("crop_scale_min", "label_smoothing", "seed", "warmup_epochs", "weight_decay")
+    assert {k: ran[k] for k in same} == {k: source[k] for k in same}
+    assert sweep.cli(["--report", str(tmp_path / "sw" / "cpu_smoke_space")]) == 0
+    study = study_of("sqlite:///" + str(tmp_path / "sw" / "cpu_smoke_space" / "study.db"), "cpu_smoke_space")
+    best_config_is_the_trial(tmp_path / "sw" / "cpu_smoke_space", study.get_trials()[0])

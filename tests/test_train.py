@@ -327,3 +327,12 @@ def test_help_lists_settings_with_meanings(capfd):
     assert code == 0 and "--lr_backbone" in out and "(default: 0.0002)" in out
     for name in presets.PRESETS:
         assert name in out
+
+
+def test_a_last_step_of_one_image_is_left_out_at_small_sizes(prepared_root, tmp_path, capfd):
+    """12 train images in batches of 11 at 32 px: the last step would hold one image, and ResNet's last stage is
+    1x1 there, which BatchNorm refuses to train on (one value per channel). The step is left out and said."""
+    code, out, err = run_cli(train.cli, tiny_argv(prepared_root, tmp_path, "--batch_size", "11", epochs=1), capfd)
+    assert code == 0, err
+    assert "each epoch leaves out 1 of its 12 train draws" in out
+    assert "1 steps/epoch" in out
