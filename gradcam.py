@@ -1,31 +1,39 @@
-"""Grad-CAM and Grad-CAM++ heatmaps for the kit's ResNets, in plain torch with hooks.
+"""Grad-CAM and Grad-CAM++ heatmaps for the kit's models, in plain torch with hooks.
 
     python predict.py photo.jpg --checkpoint checkpoints/cpu_smoke --gradcam          # overlays next to results
     python predict.py photo.jpg --checkpoint ... --gradcam --target airplanes --cam_method gradcam++
 
     import gradcam
-    heat = gradcam.class_activation_map(model, batch, class_idx, layer="layer4")     # (N, H, W) in [0, 1]
+    heat = gradcam.class_activation_map(model, batch, class_idx)   # (N, H, W) in [0, 1]; layer=None: the default
     gradcam.save_overlay(pil_image, heat[0], "overlay.png")
 
 Grad-CAM (Selvaraju et al. 2017) weights each feature map of `layer` by the spatial mean of the class score's
 gradient; Grad-CAM++ (Chattopadhay et al. 2018) weights by the positive gradients with per-position
 coefficients built from the second and third powers of the gradient (the exponential-score closed form).
+The layers each architecture offers (its stages' spatial maps) and its default are archs.py's.
 """
 import torch
 import torch.nn.functional as F
 
+import archs
 import splits
 
-LAYERS = ("conv1", "layer1", "layer2", "layer3", "layer4")  # ResNet layers with a spatial feature map
+
+def layers(model):
+    """The layer names Grad-CAM takes for this model (its architecture's stages with a spatial map)."""
+    return tuple(archs.anatomy_of(model).cam_layers)
 
 
-def class_activation_map(model, images, class_idx, layer="layer4", method="gradcam"):
-    """Heatmaps (N, H, W) at the input resolution, each scaled to [0, 1], for class_idx (int or (N,) tensor)."""
+def class_activation_map(model, images, class_idx, layer=None, method="gradcam"):
+    """Heatmaps (N, H, W) at the input resolution, each scaled to [0, 1], for class_idx (int or (N,) tensor).
+    `layer`: one of layers(model) (None: the architecture's default, its last spatial map)."""
     if method not in ("gradcam", "gradcam++"):
         raise ValueError(f"unknown CAM method '{method}': choose gradcam or gradcam++")
-    module = dict(model.named_modules()).get(layer)
-    if module is None:
-        raise ValueError(f"model has no layer '{layer}'; choose from {', '.join(LAYERS)}")
+    anatomy = archs.anatomy_of(model)
+    layer = layer or anatomy.cam_default
+    if layer not in anatomy.cam_layers:
+        raise ValueError(f"model has no layer '{layer}'; choose from {', '.join(anatomy.cam_layers)}")
+    module = model.get_submodule(anatomy.cam_layers[layer])
     captured = {}
     handle = module.register_forward_hook(lambda m, inp, out: captured.update(features=out))
     was_training = model.training
@@ -37,7 +45,7 @@ def class_activation_map(model, images, class_idx, layer="layer4", method="gradc
             features = captured["features"]
             if features.dim() != 4:
                 raise ValueError(f"layer '{layer}' has no spatial map (output {tuple(features.shape)}); choose from "
-                                 f"{', '.join(LAYERS)}")
+                                 f"{', '.join(anatomy.cam_layers)}")
             idx = torch.as_tensor(class_idx, device=logits.device).expand(logits.shape[0])
             score = logits.gather(1, idx.view(-1, 1)).sum()
             grads = torch.autograd.grad(score, features)[0].float()
@@ -89,7 +97,7 @@ def overlay(image, heat, box=None, alpha=0.45):
     return Image.fromarray((blended * 255).round().astype(np.uint8))
 
 
-def explain(model, image, img_size, class_idx, method="gradcam", layer="layer4"):
+def explain(model, image, img_size, class_idx, method="gradcam", layer=None):
     """A PIL image: `class_idx`'s heatmap over a PIL image, computed on the view the run's val transform gives the
     model (shorter side to img_size*256/224, centre crop) and placed where that crop sits in the image."""
     x = splits.val_transform(img_size)(image.convert("RGB"))[None].to(next(model.parameters()).device)

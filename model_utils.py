@@ -1,4 +1,5 @@
-"""ResNet construction, weight loading and parameter groups for the Caltech-101 kit.
+"""Model construction, weight loading, freezing and parameter groups for the Caltech-101 kit (each architecture's
+anatomy, its head, stages and Grad-CAM layers, is archs.py's).
 
     import torch, model_utils
     model = model_utils.get_model(num_classes=101, pretrained=False)
@@ -16,10 +17,10 @@ import torch
 import torch.nn as nn
 import torchvision
 
+import archs
 import errors
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
-HEAD_PREFIX = "fc."
+ARCHS = tuple(archs.ANATOMIES)
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP and torch.compile wrappers
 
 
@@ -74,7 +75,7 @@ def load_trained(path, num_classes, arch="resnet18"):
     requires the checkpoint to be a model of exactly this architecture and class count.
     """
     state = load_state_dict_file(path)
-    head = state.get(HEAD_PREFIX + "weight")
+    head = state.get(archs.ANATOMIES[arch].classifier + ".weight") if arch in archs.ANATOMIES else None
     if head is not None and head.shape[0] != num_classes:
         raise ModelError(f"{path} has a {head.shape[0]}-class head but this model has {num_classes} classes"
                          + (" (ImageNet weights? pass them as --weights to initialise a run)"
@@ -112,35 +113,32 @@ def hub_checkpoint_path(arch):
 
 
 def get_model(num_classes=101, pretrained=False, arch="resnet18", weights=None, quiet=False):
-    """A torchvision ResNet with a fresh `fc` for num_classes (`weights`: a local state dict to start from)."""
+    """A torchvision model with a fresh classifier for num_classes (`weights`: a local state dict to start from;
+    its classifier is dropped when its class count differs)."""
     if arch not in ARCHS:
         raise ModelError(f"unknown arch '{arch}'; choose from {', '.join(ARCHS)}")
-    builder = getattr(torchvision.models, arch)
+    classifier = archs.ANATOMIES[arch].classifier + "."
     if weights is not None:
-        model = builder(weights=None)
+        model = archs.build(arch, num_classes)
         state = load_state_dict_file(weights)
-        head = {k for k in state if k.startswith(HEAD_PREFIX)}
-        if head and state[HEAD_PREFIX + "weight"].shape[0] != num_classes:
+        head = {k for k in state if k.startswith(classifier)}
+        if head and state[classifier + "weight"].shape[0] != num_classes:
             if not quiet:
-                    print(f"{weights}: dropping its {state[HEAD_PREFIX + 'weight'].shape[0]}-class head "
+                print(f"{weights}: dropping its {state[classifier + 'weight'].shape[0]}-class head "
                       f"(this run has {num_classes} classes)")
             state = {k: v for k, v in state.items() if k not in head}
-        model.fc = nn.Linear(model.fc.in_features, num_classes)
         missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected or [k for k in missing if not k.startswith(HEAD_PREFIX)]:
+        if unexpected or [k for k in missing if not k.startswith(classifier)]:
             raise ModelError(f"{weights} does not fit {arch}: {len(missing)} missing keys (e.g. "
                              f"{missing[:1]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:1]})")
         return model
-    if pretrained:
-        try:
-            model = builder(weights=imagenet_weights(arch))
-        except OSError as e:  # URLError is an OSError: no network, DNS, HTTP failure
-            raise ModelError(f"cannot get the ImageNet weights of {arch} ({e}); offline, pass --weights PATH or "
-                             f"place the file at {hub_checkpoint_path(arch)}") from None
-    else:
-        model = builder(weights=None)
-    model.fc = nn.Linear(model.fc.in_features, num_classes)
-    return model
+    if not pretrained:
+        return archs.build(arch, num_classes)
+    try:
+        return archs.build(arch, num_classes, weights=imagenet_weights(arch))
+    except OSError as e:  # URLError is an OSError: no network, DNS, HTTP failure
+        raise ModelError(f"cannot get the ImageNet weights of {arch} ({e}); offline, pass --weights PATH or "
+                         f"place the file at {hub_checkpoint_path(arch)}") from None
 
 
 def memory_format(channels_last):
@@ -161,29 +159,27 @@ def export_state_dict(model):
     return {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
 
 
-STAGES = ("head", "layer4", "layer3", "layer2", "layer1", "stem")  # from the head down, as LR lists are written
-
-
-def stage_of(name):
-    """The stage a parameter belongs to, for every torchvision ResNet depth: stem (conv1, bn1), layer1-4, head."""
-    first = name.split(".", 1)[0]
-    return "head" if first == "fc" else first if first.startswith("layer") else "stem"
-
-
-# --trainable: what trains -> the parameter-name prefixes that do (None: everything); and the old --freeze values.
-TRAINABLE = {"all": None, "layer4+head": ("layer4.", HEAD_PREFIX), "head": (HEAD_PREFIX,)}
+# --trainable: what trains (all | the last stage and the head | the head); and the old --freeze values.
+TRAINABLE = ("all", "layer4+head", "head")
 TRAINABLE_ALIASES = {"none": "all", "layer4": "layer4+head"}
 
 
-def trainable_prefixes(trainable):
-    """Parameter-name prefixes that train (None: everything)."""
-    return TRAINABLE[TRAINABLE_ALIASES.get(trainable, trainable)]
+def stage_of(model, name):
+    """The stage (archs.Anatomy.stages) a parameter or module of `model` belongs to."""
+    return archs.anatomy_of(unwrap(model)).stage_of(name)
+
+
+def trains(model, trainable):
+    """name -> whether that parameter (or module) of `model` trains under --trainable."""
+    anatomy = archs.anatomy_of(unwrap(model))
+    stages = anatomy.trainable_stages(TRAINABLE_ALIASES.get(trainable, trainable))
+    return lambda name: stages is None or anatomy.stage_of(name) in stages
 
 
 def apply_freeze(model, trainable):
-    prefixes = trainable_prefixes(trainable)
+    training = trains(model, trainable)
     for name, param in unwrap(model).named_parameters():
-        param.requires_grad_(prefixes is None or name.startswith(prefixes))
+        param.requires_grad_(training(name))
 
 
 def set_train_mode(model, trainable, frozen_bn="eval"):
@@ -191,39 +187,41 @@ def set_train_mode(model, trainable, frozen_bn="eval"):
     stay fixed (frozen_bn="train" lets them follow the new data while their weights stay fixed)."""
     model = unwrap(model)
     model.train()
-    prefixes = trainable_prefixes(trainable)
-    if prefixes is None or frozen_bn == "train":
+    if TRAINABLE_ALIASES.get(trainable, trainable) == "all" or frozen_bn == "train":
         return
+    training = trains(model, trainable)
     for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not (name + ".").startswith(prefixes):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not training(name):
             module.eval()
 
 
-def stage_peak_lrs(lr_backbone, lr_fc, layer_decay=0.0, stage_lrs=None):
-    """{stage: peak LR}. stage_lrs (from the head down; a shorter list's last LR goes to every stage below it)
-    wins; else layer_decay D gives layer4 lr_backbone and each stage below one more factor D, the way timm scales
-    layers; else the backbone shares lr_backbone. The head gets lr_fc."""
+def stage_peak_lrs(lr_backbone, lr_fc, layer_decay=0.0, stage_lrs=None, stages=archs.RESNET.stages):
+    """{stage: peak LR} over `stages` (from the head down). stage_lrs (from the head down; a shorter list's last
+    LR goes to every stage below it) wins; else layer_decay D gives the last stage lr_backbone and each stage below
+    one more factor D, the way timm scales layers; else the backbone shares lr_backbone. The head gets lr_fc."""
     if stage_lrs:
-        return {stage: stage_lrs[min(i, len(stage_lrs) - 1)] for i, stage in enumerate(STAGES)}
+        return {stage: stage_lrs[min(i, len(stage_lrs) - 1)] for i, stage in enumerate(stages)}
     lrs = {"head": lr_fc}
-    for k, stage in enumerate(STAGES[1:]):
+    for k, stage in enumerate(stages[1:]):
         lrs[stage] = lr_backbone * (layer_decay ** k if layer_decay else 1.0)
     return lrs
 
 
 def param_groups(model, lr_backbone, lr_fc, weight_decay, layer_decay=0.0, stage_lrs=None, per_stage=None,
                  include_frozen=False):
-    """Optimizer groups: one per stage (stem, layer1-4, head) and decay kind, with no weight decay on BatchNorm and
-    bias (1-D) parameters. Each carries a 'name', its 'stage' and its peak 'lr'. With the plain backbone/head LR
-    (no layer_decay or stage_lrs, per_stage False) the backbone stages share two groups. Frozen parameters are left
-    out unless include_frozen (gradual unfreezing: they join at 0 LR and start learning when unfrozen)."""
-    lrs = stage_peak_lrs(lr_backbone, lr_fc, layer_decay, stage_lrs)
+    """Optimizer groups: one per stage (the architecture's six: stem, four stages, head) and decay kind, with no
+    weight decay on BatchNorm and bias (1-D) parameters. Each carries a 'name', its 'stage' and its peak 'lr'. With
+    the plain backbone/head LR (no layer_decay or stage_lrs, per_stage False) the backbone stages share two groups.
+    Frozen parameters are left out unless include_frozen (gradual unfreezing: they join at 0 LR and start learning
+    when unfrozen)."""
+    anatomy = archs.anatomy_of(unwrap(model))
+    lrs = stage_peak_lrs(lr_backbone, lr_fc, layer_decay, stage_lrs, anatomy.stages)
     per_stage = bool(layer_decay or stage_lrs) if per_stage is None else per_stage
     groups = {}
     for name, param in unwrap(model).named_parameters():
         if not (param.requires_grad or include_frozen):
             continue
-        stage = stage_of(name)
+        stage = anatomy.stage_of(name)
         part = stage if per_stage or stage == "head" else "backbone"
         decay = param.ndim > 1
         key = f"{part}_{'decay' if decay else 'no_decay'}"
@@ -231,5 +229,5 @@ def param_groups(model, lr_backbone, lr_fc, weight_decay, layer_decay=0.0, stage
             groups[key] = {"name": key, "stage": part, "params": [], "lr": lrs[stage],
                            "weight_decay": weight_decay if decay else 0.0}
         groups[key]["params"].append(param)
-    order = {stage: i for i, stage in enumerate(("stem", "layer1", "layer2", "layer3", "layer4", "backbone", "head"))}
+    order = {stage: i for i, stage in enumerate((*anatomy.stages[:0:-1], "backbone", "head"))}
     return sorted(groups.values(), key=lambda g: (order[g["stage"]], g["name"]))

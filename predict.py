@@ -73,7 +73,7 @@ class Predictor:
         return [[(self.classes[i], p) for p, i in zip(ps.tolist(), idx.tolist())]
                 for ps, idx in zip(top.values, top.indices)]
 
-    def heatmap(self, image, out_path, target=None, method="gradcam", layer="layer4"):
+    def heatmap(self, image, out_path, target=None, method="gradcam", layer=None):
         """Save a Grad-CAM overlay for `target` (a class name; default: the predicted class)."""
         pil = self.load(image)
         if target is None:
@@ -199,7 +199,8 @@ def get_args_parser():
     p.add_argument("--gradcam", action="store_true", help="write a heatmap overlay PNG per image")
     p.add_argument("--cam_method", default="gradcam", choices=("gradcam", "gradcam++"))
     p.add_argument("--target", default=None, help="class name to explain (default: the predicted class)")
-    p.add_argument("--layer", default="layer4", help="layer whose activations Grad-CAM uses (conv1, layer1-4)")
+    p.add_argument("--layer", default=None, help="layer whose activations Grad-CAM uses (ResNets: conv1, layer1-4; "
+                                                 "default: the architecture's last spatial map, layer4 for ResNets)")
     p.add_argument("--out_dir", default="gradcam", help="where --gradcam overlays go")
     p.add_argument("--html", default=None, metavar="PATH", help="also write one self-contained page: a gallery of "
                                                                "the images with their top-k (and overlays)")
@@ -212,9 +213,6 @@ def main(args):
             raise errors.ConfigError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.random < 0:
         raise errors.ConfigError(f"--random must be >= 0, got {args.random}")
-    if args.gradcam and args.layer not in gradcam.LAYERS:
-        raise errors.ConfigError(f"--layer {args.layer}: Grad-CAM needs a layer with a spatial map: "
-                                  f"{', '.join(gradcam.LAYERS)}")
     if bool(args.checkpoint) == bool(args.onnx):
         raise errors.ConfigError("give --checkpoint (a run or weights) or --onnx (an exported model), one of them")
     if args.onnx and args.gradcam:
@@ -224,6 +222,9 @@ def main(args):
     else:
         predictor = Predictor(args.checkpoint, device=args.device, data_root=args.data_root, arch=args.arch,
                               img_size=args.img_size, classes=args.classes)
+    if args.gradcam and args.layer is not None and args.layer not in gradcam.layers(predictor.model):
+        raise errors.ConfigError(f"--layer {args.layer}: Grad-CAM needs a layer with a spatial map: "
+                                 f"{', '.join(gradcam.layers(predictor.model))}")
     if args.gradcam and args.target is not None and args.target not in predictor.classes:
         raise errors.ConfigError(f"unknown --target class '{args.target}'; see classes.txt")
     files, skipped = expand_inputs(args.inputs)

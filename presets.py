@@ -85,12 +85,13 @@ SETTINGS = {
     "drop_last": S(RUN, False, "train: leave out the short last step of each epoch"),
     "hw_decoder_load": S(MACHINE, 0.65, "share of JPEGs for the A100/H100 hardware decoder (DALI on a GPU; 0-1)"),
     # model
-    "arch": S(RUN, "resnet18", "resnet18 | resnet34 | resnet50 | resnet101"),
+    "arch": S(RUN, "resnet18", "a torchvision ResNet (resnet18 | resnet34 | resnet50 | resnet101) or "
+                               "mobilenet_v3_large; each one's head, stages and Grad-CAM layers: archs.py"),
     "pretrained": S(RUN, True, "start from torchvision's ImageNet weights (false: random init; --scratch)"),
     "weights": S(RUN, None, "path to a local state dict to start from instead (offline use); a mismatched fc is "
                             "dropped", sweep=False, expected="a path or null"),
-    "trainable": S(RUN, "all", "what trains: all | layer4+head | head (with freeze_epochs > 0: only for those "
-                               "epochs)"),
+    "trainable": S(RUN, "all", "what trains: all | layer4+head (the last stage and the head) | head (with "
+                               "freeze_epochs > 0: only for those epochs)"),
     "freeze_epochs": S(RUN, 0, "gradual unfreezing: train only `trainable` for this many epochs, then everything "
                                "(0: off)"),
     "frozen_bn": S(RUN, "eval", "BatchNorm in frozen parts: eval (running statistics fixed) | train"),
@@ -102,9 +103,11 @@ SETTINGS = {
     "optimizer": S(RUN, "adamw", "adamw | sgd (nesterov)"),
     "lr_backbone": S(RUN, 2e-4, "peak LR of every non-head parameter (of layer4, with layer_decay)"),
     "lr_fc": S(RUN, 5e-3, "peak LR of the classification head"),
-    "layer_decay": S(RUN, 0.0, "layer-wise LR: stage k below layer4 gets lr_backbone * layer_decay**k (0: off)"),
-    "stage_lrs": S(RUN, None, "peak LRs from the head down: head,layer4,layer3,layer2,layer1,stem (a shorter list: "
-                              "its last LR for the rest); overrides lr_fc/lr_backbone/layer_decay",
+    "layer_decay": S(RUN, 0.0, "layer-wise LR: stage k below the last (layer4 in a ResNet) gets lr_backbone * "
+                               "layer_decay**k (0: off)"),
+    "stage_lrs": S(RUN, None, "peak LRs from the head down: head,layer4,layer3,layer2,layer1,stem in a ResNet (the "
+                              "architecture's six stages, archs.py; a shorter list: its last LR for the rest); "
+                              "overrides lr_fc/lr_backbone/layer_decay",
                    expected="LRs from the head down: a list or comma-separated numbers, or null"),
     "weight_decay": S(RUN, 1e-4, "decoupled (AdamW) or L2 (SGD) decay; never on BatchNorm or bias parameters"),
     "momentum": S(RUN, 0.9, "SGD momentum, or AdamW beta1"),

@@ -281,8 +281,9 @@ def grad_cams(report, pics):
         for uri, what in ((pred_uri, f"for predicted {w['predicted']}"), (true_uri, f"for true {w['true']}")):
             figures.append(f'<figure><img alt="Grad-CAM {esc(what)}" src="{uri}"><figcaption>{esc(w["file"])}<br>'
                            f'{esc(what)}</figcaption></figure>')
-    return ('<p class="note">where the evidence for each class lies in the centre crop the model saw (layer4 '
-            'Grad-CAM, red: most)</p><div class="gallery">' + "".join(figures) + "</div>")
+    return ('<p class="note">where the evidence for each class lies in the centre crop the model saw (Grad-CAM of '
+            'the last spatial map, layer4 in a ResNet; red: most)</p><div class="gallery">' + "".join(figures)
+            + "</div>")
 
 
 def throughput(rows, cfg):

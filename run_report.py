@@ -12,6 +12,7 @@ import time
 import numpy as np
 import torch
 
+import archs
 import devices
 import distributed
 import metrics
@@ -24,12 +25,15 @@ def print_model(cfg, num_classes):
     base = model_utils.torchvision.models.get_model(cfg["arch"], weights=None)
     adapted = model_utils.get_model(num_classes, pretrained=False, arch=cfg["arch"])
     model_utils.apply_freeze(adapted, cfg["trainable"])
+    anatomy = archs.anatomy_of(adapted)
     print(f"base model ({cfg['arch']}, ImageNet-shaped):\n{base}\n")
     print(f"adapted model ({num_classes} classes):\n{adapted}\n")
-    print(f"the head: fc {base.fc.in_features} -> {base.fc.out_features} replaced by fc "
-          f"{adapted.fc.in_features} -> {adapted.fc.out_features}")
-    trains = sorted({model_utils.stage_of(n) for n, p in adapted.named_parameters() if p.requires_grad},
-                    key=model_utils.STAGES.index)
+    old, new = anatomy.head_linear(base), anatomy.head_linear(adapted)
+    print(f"the head: {anatomy.classifier} {old.in_features} -> {old.out_features} replaced by {anatomy.classifier} "
+          f"{new.in_features} -> {new.out_features}" + (f" (the head is all of {anatomy.head}, trained at lr_fc)"
+                                                        if anatomy.head != anatomy.classifier else ""))
+    trains = sorted({anatomy.stage_of(n) for n, p in adapted.named_parameters() if p.requires_grad},
+                    key=anatomy.stages.index)
     count = sum(p.numel() for p in adapted.parameters())
     trainable = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
     print(f"trainable={cfg['trainable']}: {', '.join(trains)} train; {trainable:,} of {count:,} parameters "
@@ -86,7 +90,8 @@ def describe(cfg, log, device, amp_dtype, use_scaler, train_loader, val_loader, 
         + (f" ({cfg['compile_mode']}; {len(set(resolution.train_sizes(cfg))) + 1} graphs: one per train size and one "
            f"for evaluation; the short last train step is dropped for static shapes)" if cfg["compile"] else ""))
     log(f"processes: world size {world}, per-rank batch {batch}, global batch {batch * world}")
-    log(f"data: {len(model_utils.unwrap(model).fc.weight)} classes, {train_loader.num_images * world} train "
+    classes = archs.anatomy_of(model_utils.unwrap(model)).head_linear(model_utils.unwrap(model)).out_features
+    log(f"data: {classes} classes, {train_loader.num_images * world} train "
         f"({train_loader.num_images} per rank) / {val_loader.plan.num_images} val images; train crops "
         f"{cfg['img_size']} px, val centre crops {presets.eval_size(cfg)} px")
     plan = train_loader.plan
