@@ -257,7 +257,7 @@ def bench_infer(args, device):
     kit's bf16 channels_last), at batch 1 and 64, over the same real val images."""
     import onnxruntime
 
-    import export
+    import exporter
 
     files, _ = split_subset(args.data_root, "val", 64)
     root = splits.image_root(args.data_root)
@@ -269,7 +269,7 @@ def bench_infer(args, device):
     kit.load_state_dict(model.state_dict())
     amp_dtype, _ = devices.resolve_amp(args.amp, torch.device("cpu"))
     with tempfile.TemporaryDirectory() as folder:
-        path = export.write_onnx(model, args.img_size, os.path.join(folder, "model.onnx"))
+        path = exporter.write_onnx(model, args.img_size, os.path.join(folder, "model.onnx"))
         session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
 
     def rate(fn, batch):
@@ -368,9 +368,9 @@ def bench_recipes(args, device):
     """Recipe A (the baseline) then recipe B, each a whole training run from its own flags (train_caltech101's);
     --data_root fills in a recipe's data unless it names its own. Device and precision are the recipes'."""
     import runs
-    import train_caltech101
+    import training
 
-    parser = train_caltech101.get_args_parser()
+    parser = presets.settings_parser("a training recipe")
     seconds, names = [], []
     with tempfile.TemporaryDirectory() as out_dir:
         for k, flags in enumerate(args.recipes):
@@ -379,7 +379,7 @@ def bench_recipes(args, device):
                          "progress": False}
             cfg = presets.resolve(exp, overrides, config=config)
             print(f"recipe {'AB'[k]}: {flags}", flush=True)
-            result = train_caltech101.main(cfg)
+            result = training.main(cfg)
             records = metrics.time_to_reach(runs.read_metrics(result["out_dir"]))
             print(f"recipe {'AB'[k]}: {metrics.describe_time_to_reach(records)}", flush=True)
             reached = [r["wall_time_s"] for r in records if r["val_top1"] >= args.target]
@@ -429,11 +429,11 @@ def main(args):
     wanted = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in wanted if s not in SECTIONS + BY_NAME]
     if unknown:
-        raise presets.ConfigError(f"unknown section(s) {', '.join(unknown)}; choose from "
+        raise errors.ConfigError(f"unknown section(s) {', '.join(unknown)}; choose from "
                                   f"{', '.join(SECTIONS + BY_NAME)}")
     for name in ("img_size", "batch_size", "eval_batch_size", "workers", "steps", "rounds"):
         if getattr(args, name) < 1:
-            raise presets.ConfigError(f"--{name} must be at least 1, got {getattr(args, name)}")
+            raise errors.ConfigError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPU cores"

@@ -27,20 +27,19 @@ import errors
 import fileio
 import model_utils
 import presets
-from errors import TrainingError
 
 # ---------------------------------------------------------------------------------------------
 # writing
 
 def save_atomic(obj, path):
-    """torch.save written whole or not at all (fileio.replacing); a full disk is a one-line TrainingError."""
+    """torch.save written whole or not at all (fileio.replacing); a full disk is a one-line errors.TrainingError."""
     try:
         with fileio.replacing(path) as f:
             torch.save(obj, f)
     except OSError as e:
         reason = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-        raise TrainingError(f"cannot write {path}: {reason}; the previous checkpoint is intact (free space, then "
-                            f"--resume auto)") from None
+        raise errors.TrainingError(f"cannot write {path}: {reason}; the previous checkpoint is intact (free space, "
+                                   f"then --resume auto)") from None
     except RuntimeError as e:
         if isinstance(e.__context__, KeyboardInterrupt):  # torch's zip writer reports a Ctrl-C mid-write so
             raise KeyboardInterrupt from None
@@ -61,7 +60,7 @@ def cpu_copy(obj):
 class BackgroundWriter:
     """Writes checkpoints from a host snapshot in a background thread, so training goes on during the disk write
     (about 140 MB for ResNet-18 with AdamW state). One write in flight; each is still save_atomic's temp file,
-    fsync and rename. A failed write surfaces as its TrainingError at the next submit() or wait()."""
+    fsync and rename. A failed write surfaces as its errors.TrainingError at the next submit() or wait()."""
 
     def __init__(self):
         self.thread, self.error = None, None
@@ -180,7 +179,7 @@ def stopped(signum, cfg, next_epoch, next_step, last_path, main_rank=True):
 def read_training_checkpoint(path):
     ckpt = model_utils.safe_load(path)
     if not isinstance(ckpt, dict) or "optimizer" not in ckpt or "next_epoch" not in ckpt or "config" not in ckpt:
-        raise presets.ConfigError(f"--resume {path}: not a last.pth training checkpoint of this kit")
+        raise errors.ConfigError(f"--resume {path}: not a last.pth training checkpoint of this kit")
     return ckpt
 
 
@@ -194,13 +193,13 @@ def resume_settings(ckpt, cfg, explicit, path):
     for key in presets.DEFAULTS:
         if presets.SETTINGS[key].kind in (presets.OUTPUT, presets.LAUNCH) or cfg.get(key) == saved.get(key):
             continue
-        if key == "loader":  # this machine's choice; train_caltech101.main says when it is not the run's own
+        if key == "loader":  # this machine's choice; training.main says when it is not the run's own
             merged[key] = cfg[key]
             continue
         if explicit is not None and key not in explicit:
             continue  # not asked for: the run's own value
         if key in presets.RUN_DEFINING:
-            raise presets.ConfigError(
+            raise errors.ConfigError(
                 f"--resume {path}: {key} was {saved.get(key)!r} in this run, the command asks {cfg.get(key)!r}; a "
                 f"resumed run keeps the settings that define it (to change it, start a new run with --weights)")
         merged[key] = cfg[key]

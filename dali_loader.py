@@ -20,8 +20,8 @@ import sys
 import numpy as np
 import torch
 
+import errors
 import splits
-from splits import DataError
 
 try:
     import nvidia.dali
@@ -46,8 +46,8 @@ def dali_device_id(device):
 
 def check_workers(workers):
     if workers < 1:
-        raise DataError(f"--workers {workers}: the DALI loader needs at least 1 thread (use --workers 1 or more, or "
-                        f"--loader torch, where 0 loads in the main process)")
+        raise errors.DataError(f"--workers {workers}: the DALI loader needs at least 1 thread (use --workers 1 or "
+                               f"more, or --loader torch, where 0 loads in the main process)")
 
 
 class EncodedFiles:
@@ -148,11 +148,11 @@ def decode_error(err, recent_files):
         for path in batch:
             try:
                 splits.load_rgb(path)
-            except DataError as e:
-                return DataError(f"{e}; re-run download.py (it re-checks every image) or remove it from the split "
-                                 f"lists")
+            except errors.DataError as e:
+                return errors.DataError(f"{e}; re-run download.py (it re-checks every image) or remove it from the "
+                                        f"split lists")
     text = str(err).strip()
-    return DataError(f"the DALI pipeline failed: {text.splitlines()[-1] if text else repr(err)}")
+    return errors.DataError(f"the DALI pipeline failed: {text.splitlines()[-1] if text else repr(err)}")
 
 
 class DaliLoader(splits.PlanPosition):
@@ -165,7 +165,7 @@ class DaliLoader(splits.PlanPosition):
     def __init__(self, image_root, files, labels, plan, img_size, device, dtype=torch.float32, workers=2,
                  channels_last=True, hw_decoder_load=HW_DECODER_LOAD):
         if not HAVE_DALI:
-            raise DataError(f"DALI is not installed ({INSTALL}): use --loader torch or auto")
+            raise errors.DataError(f"DALI is not installed ({INSTALL}): use --loader torch or auto")
         check_workers(workers)
         self.image_root, self.files, self.labels, self.plan = image_root, files, labels, plan
         self.img_size, self.device, self.dtype, self.workers = img_size, device, dtype, workers
@@ -273,7 +273,7 @@ def release_unused_memory():
 
 class QuietDecoderErrors:
     """Drops the lines DALI's image decoders write to stderr themselves when a file does not decode ("[ERROR]
-    [libjpeg_turbo_decoder] ..."): the loader then raises one DataError naming the file, and a user error stays
+    [libjpeg_turbo_decoder] ..."): the loader then raises one errors.DataError naming the file, and a user error stays
     one line. Everything else written to stderr passes through unchanged and in order. The decoders write from
     DALI's own threads, so this filters file descriptor 2 through a pipe for as long as it is active."""
 

@@ -19,6 +19,7 @@ import torch
 
 import cache_loader
 import dali_loader
+import errors
 import presets
 import resolution
 import splits
@@ -95,8 +96,8 @@ class TorchLoader(splits.PlanPosition):
             for images, labels in self.loader:
                 self.epoch, self.batches_done = splits.next_position(self.epoch, self.batches_done, self.plan.steps)
                 yield splits.to_model_input(images, labels, self.device, self.dtype, self.channels_last)
-        except splits.DataError as e:  # from a worker, its message carries the worker's traceback: keep the last line
-            raise splits.DataError(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
+        except errors.DataError as e:  # from a worker, its message carries the worker's traceback: keep the last line
+            raise errors.DataError(str(e).strip().splitlines()[-1].split("errors.DataError: ", 1)[-1]) from None
 
 
 # name -> loader class (a splits.PlanPosition). presets.CHOICES["loader"] lists the names and "auto"; a test keeps
@@ -107,7 +108,7 @@ LOADERS = {"dali": dali_loader.DaliLoader, "torch": TorchLoader}
 def choose_loader(loader, device, prefer=None):
     """(loader name, why) for a --loader setting on a device: auto is DALI where it imports and decodes a JPEG there
     (CUDA or the CPU's operators: doctor.py's check), else the torch loader; `prefer` (a resumed run's own loader)
-    wins where it runs. An explicit dali that cannot run is a DataError."""
+    wins where it runs. An explicit dali that cannot run is a errors.DataError."""
     if loader == "auto":
         if prefer == "torch":
             return "torch", "the run being resumed used it"
@@ -120,7 +121,7 @@ def choose_loader(loader, device, prefer=None):
             return "torch", f"DALI {dali_loader.VERSION} is installed but cannot decode here ({what})"
         return "dali", f"DALI {dali_loader.VERSION} runs on {device.type}"
     if loader == "dali" and dali_loader.HAVE_DALI and device.type not in ("cuda", "cpu"):
-        raise splits.DataError(f"--loader dali: DALI does not run on {device.type}; use --loader torch (or auto)")
+        raise errors.DataError(f"--loader dali: DALI does not run on {device.type}; use --loader torch (or auto)")
     return loader, "asked for"
 
 
@@ -148,7 +149,7 @@ def loader_over(root, files, labels, img_size, batch_size, device, dtype=torch.f
     """build_loader over a list of files under `root` (paths relative to it) instead of a split."""
     loader = choose_loader(loader, device)[0]
     if loader not in LOADERS:
-        raise splits.DataError(f"unknown loader '{loader}': choose one of auto, {', '.join(LOADERS)}")
+        raise errors.DataError(f"unknown loader '{loader}': choose one of auto, {', '.join(LOADERS)}")
     # Every header read (and over-limit images refused) before any decoder sees the files: DALI decodes them
     # itself; train crops need the sizes too.
     sizes = splits.image_sizes(root, files)
@@ -158,7 +159,7 @@ def loader_over(root, files, labels, img_size, batch_size, device, dtype=torch.f
                              out_sizes=out_sizes if train else None, balance_labels=labels if balanced and train
                              else None)
     if plan.num_local == 0 or plan.steps == 0:
-        raise splits.DataError(f"{what} ({len(files)} images) is too small for {world} rank(s) with "
+        raise errors.DataError(f"{what} ({len(files)} images) is too small for {world} rank(s) with "
                                f"{batch_size} images each per step")
     common = dict(device=device, dtype=dtype, workers=workers, channels_last=channels_last)
     if cache:

@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-import presets
+import errors
 
 
 def nvidia_gpu_present():
@@ -47,21 +47,21 @@ def resolve_device(name, local_rank=None):
         return torch.device("cpu")
     if name == "mps":
         if not mps_available():
-            raise presets.ConfigError(f"device=mps but torch {torch.__version__} has no usable MPS backend here (it "
+            raise errors.ConfigError(f"device=mps but torch {torch.__version__} has no usable MPS backend here (it "
                                       f"needs macOS 12.3+ on Apple silicon); use --device cpu")
         return torch.device("mps")
     if not torch.cuda.is_available():
-        raise presets.ConfigError(f"device={name} but no CUDA device is visible (torch {torch.__version__}, built "
+        raise errors.ConfigError(f"device={name} but no CUDA device is visible (torch {torch.__version__}, built "
                                   f"for CUDA {torch.version.cuda}); use --device cpu")
     if name == "cuda":
         index = local_rank if local_rank is not None else torch.cuda.current_device()
     else:
         index = int(name.split(":", 1)[1])
         if local_rank is not None:
-            raise presets.ConfigError(f"device={name}: under torchrun each rank uses cuda:LOCAL_RANK; choose the GPUs "
+            raise errors.ConfigError(f"device={name}: under torchrun each rank uses cuda:LOCAL_RANK; choose the GPUs "
                                       f"with CUDA_VISIBLE_DEVICES and pass --device cuda")
         if index >= torch.cuda.device_count():
-            raise presets.ConfigError(f"device={name} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+            raise errors.ConfigError(f"device={name} but only {torch.cuda.device_count()} CUDA device(s) are visible")
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
 
@@ -80,7 +80,7 @@ def resolve_amp(amp, device):
             native_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
             amp = "bf16" if native_bf16 else "off"
     if amp == "fp16" and device.type != "cuda":
-        raise presets.ConfigError(f"amp=fp16 needs CUDA; on {device.type} use --amp bf16 or --amp off")
+        raise errors.ConfigError(f"amp=fp16 needs CUDA; on {device.type} use --amp bf16 or --amp off")
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp], amp == "fp16"
 
 

@@ -70,7 +70,7 @@ def data_rows(data_root):
         classes = splits.read_classes(data_root)
         counts = {split: len(splits.read_split(data_root, split)[0]) for split in ("train", "val")}
         identity = splits.split_identity(data_root)
-    except splits.DataError as e:
+    except errors.DataError as e:
         rows.append(("data", FAIL, str(e)))
         return rows
     rows.append(("data", OK, f"{data_root}: {len(classes)} classes, {counts['train']:,} train / {counts['val']:,} val "

@@ -30,7 +30,6 @@ import zipfile
 
 import errors
 from split_writer import (  # noqa: F401 - re-exported: download.py is the data preparation's entry point
-    PrepareError,
     check_resplit,
     existing_split,
     make_split,
@@ -72,15 +71,16 @@ def download(url, dest, expected_md5, quiet=False):
         if e.code == 416 and have:  # the .part file already holds the whole archive
             response = None
         else:
-            raise PrepareError(f"download of {url} failed: HTTP {e.code} {e.reason}") from None
+            raise errors.PrepareError(f"download of {url} failed: HTTP {e.code} {e.reason}") from None
     except (urllib.error.URLError, OSError) as e:
-        raise PrepareError(f"cannot reach {url} ({e}); without internet, pass --archive PATH to a local copy") from None
+        raise errors.PrepareError(f"cannot reach {url} ({e}); without internet, pass --archive PATH to a local "
+                                  f"copy") from None
 
     if response is not None:
         with response:
             ctype = response.headers.get("Content-Type", "")
             if "text/html" in ctype:
-                raise PrepareError(f"{url} returned an HTML page, not the archive (login or error page?)")
+                raise errors.PrepareError(f"{url} returned an HTML page, not the archive (login or error page?)")
             resumed = have and response.status == 206
             mode = "ab" if resumed else "wb"
             start = have if resumed else 0
@@ -93,7 +93,7 @@ def download(url, dest, expected_md5, quiet=False):
                     bar.update(len(block))
         got = os.path.getsize(part)
         if total is not None and got < total:  # the connection dropped: keep the part for a resume
-            raise PrepareError(f"download interrupted at {got} of {total} bytes; run again to resume")
+            raise errors.PrepareError(f"download interrupted at {got} of {total} bytes; run again to resume")
     check_archive_bytes(part, expected_md5, url)
     os.replace(part, dest)
 
@@ -103,12 +103,12 @@ def check_archive_bytes(path, expected_md5, source):
         head = f.read(512).lstrip().lower()
     if head.startswith(b"<!doctype html") or head.startswith(b"<html"):
         os.remove(path)
-        raise PrepareError(f"{source} gave an HTML page, not the archive; removed it")
+        raise errors.PrepareError(f"{source} gave an HTML page, not the archive; removed it")
     got = md5_of(path)
     if got != expected_md5:  # complete but wrong: resuming cannot fix it, so start over next time
         os.remove(path)
-        raise PrepareError(f"md5 of the downloaded archive is {got}, expected {expected_md5}: corrupted download "
-                           f"(removed; run again)")
+        raise errors.PrepareError(f"md5 of the downloaded archive is {got}, expected {expected_md5}: corrupted "
+                                  f"download (removed; run again)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,7 +117,7 @@ def check_archive_bytes(path, expected_md5, source):
 def _check_member_name(name, archive):
     norm = os.path.normpath(name)
     if os.path.isabs(name) or norm == ".." or norm.startswith(".." + os.sep) or "/../" in f"/{name}/":
-        raise PrepareError(f"refusing {archive}: member '{name}' would be written outside the target folder")
+        raise errors.PrepareError(f"refusing {archive}: member '{name}' would be written outside the target folder")
 
 
 def _safe_extract_tar(fileobj, archive, dest):
@@ -127,11 +127,11 @@ def _safe_extract_tar(fileobj, archive, dest):
             for m in members:
                 _check_member_name(m.name, archive)
                 if not (m.isfile() or m.isdir()):
-                    raise PrepareError(f"refusing {archive}: member '{m.name}' is a link or special file")
+                    raise errors.PrepareError(f"refusing {archive}: member '{m.name}' is a link or special file")
             tar.extractall(dest, members=members, filter="data")
     except (tarfile.TarError, EOFError, OSError, zipfile.BadZipFile) as e:
         reason = str(e).strip().splitlines()[0].rstrip(":") if str(e).strip() else type(e).__name__
-        raise PrepareError(f"{archive} is not a readable tar or zip archive ({reason})") from None
+        raise errors.PrepareError(f"{archive} is not a readable tar or zip archive ({reason})") from None
 
 
 def _extract_zip(path, dest):
@@ -147,14 +147,14 @@ def _extract_zip(path, dest):
             else:
                 zf.extractall(dest)
     except zipfile.BadZipFile as e:
-        raise PrepareError(f"{path} is not a readable zip archive: {e}") from None
+        raise errors.PrepareError(f"{path} is not a readable zip archive: {e}") from None
 
 
 def _find_images_dir(root):
     for dirpath, _, _ in os.walk(root):
         if os.path.basename(dirpath) == IMAGES_DIR:
             return dirpath
-    raise PrepareError(f"no '{IMAGES_DIR}/' folder inside the archive")
+    raise errors.PrepareError(f"no '{IMAGES_DIR}/' folder inside the archive")
 
 
 def summarize_tree(images_dir):
@@ -192,7 +192,7 @@ def install_images(archive, data_root, quiet=False):
         images_dir = _find_images_dir(tmp)
         folders, files = summarize_tree(images_dir)
         if folders == 0 or files == 0:
-            raise PrepareError(f"{archive} holds no class folders with images")
+            raise errors.PrepareError(f"{archive} holds no class folders with images")
         if (folders, files) == (OFFICIAL_NUM_FOLDERS, OFFICIAL_NUM_IMAGES + 1):  # +1: BACKGROUND_Google/tmp
             print(f"content check: {folders} folders, {files} files, as in the official Caltech-101")
         else:
@@ -214,7 +214,7 @@ def prepare(data_root, archive=None, url=OFFICIAL_URL, md5=OFFICIAL_ZIP_MD5, tra
             force=False):
     """Download or unpack, then split. Returns the split's metadata."""
     if train_per_class < 1 or test_per_class < 0 or min_val_per_class < 0:
-        raise PrepareError("--train_per_class must be >= 1, --test_per_class and --min_val_per_class >= 0")
+        raise errors.PrepareError("--train_per_class must be >= 1, --test_per_class and --min_val_per_class >= 0")
     params = split_params(train_per_class, test_per_class, seed, min_val_per_class, small_classes)
     status = check_resplit(data_root, params, force)
     marker = os.path.join(data_root, IMAGES_DIR, COMPLETE_MARKER)
@@ -225,7 +225,7 @@ def prepare(data_root, archive=None, url=OFFICIAL_URL, md5=OFFICIAL_ZIP_MD5, tra
             if not os.path.exists(archive):
                 download(url, archive, md5, quiet=quiet)
         elif not os.path.exists(archive):
-            raise PrepareError(f"--archive {archive} does not exist")
+            raise errors.PrepareError(f"--archive {archive} does not exist")
         install_images(archive, data_root, quiet=quiet)
     else:
         if archive is not None:
@@ -269,14 +269,14 @@ def get_args_parser():
 def main(args):
     if args.folder:
         if args.archive:
-            raise PrepareError("--folder and --archive are two different sources: give one")
+            raise errors.PrepareError("--folder and --archive are two different sources: give one")
         meta = prepare_folder(args.folder, args.data_root, args.train_per_class, args.train_fraction,
                               args.test_per_class, args.seed, args.workers, min_val_per_class=args.min_val_per_class,
                               small_classes=args.small_classes, force=args.force)
         root = args.data_root or args.folder
     else:
         if args.train_fraction is not None:
-            raise PrepareError("--train_fraction is for --folder; Caltech-101 uses --train_per_class")
+            raise errors.PrepareError("--train_fraction is for --folder; Caltech-101 uses --train_per_class")
         root = args.data_root or "data/Caltech101"
         meta = prepare(root, args.archive, args.url, args.md5, args.train_per_class or 30, args.test_per_class,
                        args.seed, args.workers, min_val_per_class=args.min_val_per_class,

@@ -27,8 +27,6 @@ import model_utils
 import presets
 import resolution
 
-TrainingError = errors.TrainingError  # raised here when a run cannot go on; the kit's errors live in errors.py
-
 
 def seed_everything(seed):
     random.seed(seed)
@@ -49,7 +47,7 @@ def lr_lambda(total_steps, warmup_steps, schedule, min_lr_ratio, start_step=0):
     """Multiplier of a group's peak LR at each step: 0 before start_step (a frozen stage), then a linear warmup
     over warmup_steps, then the schedule's decay to min_lr_ratio at total_steps."""
     if schedule not in SCHEDULES:
-        raise presets.ConfigError(f"unknown schedule '{schedule}': choose one of {', '.join(SCHEDULES)}")
+        raise errors.ConfigError(f"unknown schedule '{schedule}': choose one of {', '.join(SCHEDULES)}")
     decay = SCHEDULES[schedule]
 
     def factor(step):
@@ -352,8 +350,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, mixer, amp_dtyp
                       f"their updates were skipped", file=sys.stderr, flush=True)
             warned = n_skipped
             if streak >= max_bad:
-                raise TrainingError(f"{streak} non-finite losses in a row (epoch {epoch}, step {steps_done}): "
-                                    f"stopping; the last good checkpoint is kept (lower the LR, or --amp off)")
+                raise errors.TrainingError(f"{streak} non-finite losses in a row (epoch {epoch}, step {steps_done}): "
+                                           f"stopping; the last good checkpoint is kept (lower the LR, or --amp off)")
             bar.set_postfix(loss=f"{tally.loss_sum.item() / n_good:.3f}",
                             acc=f"{tally.correct.item() / n_good:.3f}", img_s=f"{rate:.0f}")
             bar.update(steps_done - bar.n)

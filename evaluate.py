@@ -44,7 +44,7 @@ def write_per_class(m, classes, path):
 def run_row(run_dir):
     """One run's figures: from summary.json (best epoch; train/val/test of best.pth) and metrics.csv."""
     if not os.path.isdir(run_dir) or not os.path.isfile(os.path.join(run_dir, "metrics.csv")):
-        raise presets.ConfigError(f"{run_dir} is not a training run folder (no metrics.csv)")
+        raise errors.ConfigError(f"{run_dir} is not a training run folder (no metrics.csv)")
     cfg = {**presets.DEFAULTS, **runs.read_run_config(run_dir)}  # an older run: settings added since as defaults
     rows = runs.read_metrics(run_dir)
     summary = runs.read_summary(run_dir)
@@ -70,7 +70,7 @@ def compare_table(run_dirs):
     # `--compare checkpoints/*` meets other folders too (an LR finder's, a file): each is skipped with a note.
     found = [d for d in run_dirs if os.path.isfile(os.path.join(d, "metrics.csv"))]
     if not found:
-        raise presets.ConfigError(f"--compare: none of the {len(run_dirs)} folder(s) given is a training run folder "
+        raise errors.ConfigError(f"--compare: none of the {len(run_dirs)} folder(s) given is a training run folder "
                                   f"(no metrics.csv)")
     for run_dir in run_dirs:
         if run_dir not in found:
@@ -148,18 +148,18 @@ def check_split(run, data_root, split, allow_other):
     if run.train_files is not None:
         overlap = set(files) & set(run.train_files)
         if overlap:
-            raise presets.ConfigError(f"{len(overlap)} of the {len(files)} {split} images in {data_root} are in the "
+            raise errors.ConfigError(f"{len(overlap)} of the {len(files)} {split} images in {data_root} are in the "
                                       f"training list of {run.run_dir} (e.g. {sorted(overlap)[0]}): refused, the "
                                       f"figures would count images it learned")
     if run.split is not None and splits.split_identity(data_root) != run.split:
         if not allow_other:
-            raise presets.ConfigError(f"the split lists in {data_root} are not the ones {run.run_dir} was trained on "
+            raise errors.ConfigError(f"the split lists in {data_root} are not the ones {run.run_dir} was trained on "
                                       f"(re-split since?); its training images may be among the {split} images: "
                                       f"--allow_other_split evaluates anyway")
         print(f"WARNING: {data_root} holds another split than the one this run was trained on: these figures are "
               f"not comparable with the run's own", file=sys.stderr)
     if splits.read_classes(data_root) != run.classes:
-        raise presets.ConfigError(f"{data_root}/classes.txt differs from the classes the run was trained on")
+        raise errors.ConfigError(f"{data_root}/classes.txt differs from the classes the run was trained on")
     return files
 
 
@@ -170,7 +170,7 @@ def evaluate_checkpoint(args):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     if args.batch_size is not None and args.batch_size < 1:
-        raise presets.ConfigError(f"--batch_size must be at least 1, got {args.batch_size}")
+        raise errors.ConfigError(f"--batch_size must be at least 1, got {args.batch_size}")
     files = check_split(run, cfg["data_root"], args.split, args.allow_other_split)
     device = devices.resolve_device(cfg["device"])
     amp_dtype, _ = devices.resolve_amp(cfg["amp"], device)
@@ -206,7 +206,7 @@ def evaluate_checkpoint(args):
 
 def main(args):
     if args.html and not args.compare:
-        raise presets.ConfigError("--html writes a comparison page: give it with --compare RUN_DIR...")
+        raise errors.ConfigError("--html writes a comparison page: give it with --compare RUN_DIR...")
     if args.compare:
         print(compare_runs(args.compare))
         if args.html:
@@ -216,7 +216,7 @@ def main(args):
     elif args.checkpoint:
         return evaluate_checkpoint(args)
     else:
-        raise presets.ConfigError("give --checkpoint, --curves RUN_DIR or --compare RUN_DIR...")
+        raise errors.ConfigError("give --checkpoint, --curves RUN_DIR or --compare RUN_DIR...")
 
 
 def cli(argv=None):

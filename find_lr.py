@@ -96,7 +96,7 @@ def main(cfg, steps=100, start=1e-7, end=10.0):
                                 cfg["label_smoothing"], seed=cfg["seed"])
     records = lr_find(model, train_loader, optimizer, scaler, mixer, amp_dtype, cfg, start, end, steps)
     if len(records) < 3:
-        raise presets.ConfigError(f"the loss diverged within {len(records)} steps: nothing to suggest (start lower)")
+        raise errors.ConfigError(f"the loss diverged within {len(records)} steps: nothing to suggest (start lower)")
     found = suggestions(records)
     out_dir = os.path.join(cfg["out_dir"], f"{cfg['name'] or cfg['exp']}_lr_find")
     os.makedirs(out_dir, exist_ok=True)
@@ -133,7 +133,7 @@ def cli(argv=None):
 
     def run():
         if steps < 3 or not 0 < start < end:
-            raise presets.ConfigError("--steps must be at least 3 and 0 < --start < --end")
+            raise errors.ConfigError("--steps must be at least 3 and 0 < --start < --end")
         with dali_loader.QuietDecoderErrors():
             main(presets.resolve(exp, overrides, config=config), steps, start, end)
 

@@ -24,7 +24,6 @@ ARCHS = tuple(archs.ANATOMIES)
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP and torch.compile wrappers
 
 
-ModelError = errors.ModelError  # raised here for weights files; the kit's errors live in errors.py
 
 
 def strip_prefixes(state_dict):
@@ -41,21 +40,22 @@ def strip_prefixes(state_dict):
 
 
 def safe_load(path):
-    """torch.load with weights_only=True, every failure turned into a ModelError that names the file.
+    """torch.load with weights_only=True, every failure turned into a errors.ModelError that names the file.
 
     A file carrying pickled code is refused before anything in it runs, and never retried unsafely.
     """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise ModelError(f"{path} does not exist") from None
+        raise errors.ModelError(f"{path} does not exist") from None
     except pickle.UnpicklingError as e:
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # torch colours parts of its message
         first = text.splitlines()[0] if text else type(e).__name__
-        raise ModelError(f"refused to load {path}: it holds more than tensors and plain data ({first[:200]})") from None
+        raise errors.ModelError(f"refused to load {path}: it holds more than tensors and plain data "
+                                f"({first[:200]})") from None
     except Exception as e:  # noqa: BLE001 - a corrupt archive surfaces as KeyError, RuntimeError, EOFError, ...
-        raise ModelError(f"cannot read {path} as a checkpoint (truncated or not a .pth file): "
-                         f"{type(e).__name__}") from None
+        raise errors.ModelError(f"cannot read {path} as a checkpoint (truncated or not a .pth file): "
+                                f"{type(e).__name__}") from None
 
 
 def load_state_dict_file(path):
@@ -64,7 +64,7 @@ def load_state_dict_file(path):
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ModelError(f"{path} does not hold a state dict of tensors")
+        raise errors.ModelError(f"{path} does not hold a state dict of tensors")
     return strip_prefixes(obj)
 
 
@@ -77,15 +77,15 @@ def load_trained(path, num_classes, arch="resnet18"):
     state = load_state_dict_file(path)
     head = state.get(archs.ANATOMIES[arch].classifier + ".weight") if arch in archs.ANATOMIES else None
     if head is not None and head.shape[0] != num_classes:
-        raise ModelError(f"{path} has a {head.shape[0]}-class head but this model has {num_classes} classes"
-                         + (" (ImageNet weights? pass them as --weights to initialise a run)"
+        raise errors.ModelError(f"{path} has a {head.shape[0]}-class head but this model has {num_classes} classes"
+                                + (" (ImageNet weights? pass them as --weights to initialise a run)"
                             if head.shape[0] == 1000 else ""))
     model = get_model(num_classes, pretrained=False, arch=arch)
     try:
         model.load_state_dict(state)
     except RuntimeError:
-        raise ModelError(f"{path} does not fit a {arch}: {state_mismatch(state, model.state_dict(), num_classes)}") \
-            from None
+        why = state_mismatch(state, model.state_dict(), num_classes)
+        raise errors.ModelError(f"{path} does not fit a {arch}: {why}") from None
     return model
 
 
@@ -116,7 +116,7 @@ def get_model(num_classes=101, pretrained=False, arch="resnet18", weights=None, 
     """A torchvision model with a fresh classifier for num_classes (`weights`: a local state dict to start from;
     its classifier is dropped when its class count differs)."""
     if arch not in ARCHS:
-        raise ModelError(f"unknown arch '{arch}'; choose from {', '.join(ARCHS)}")
+        raise errors.ModelError(f"unknown arch '{arch}'; choose from {', '.join(ARCHS)}")
     classifier = archs.ANATOMIES[arch].classifier + "."
     if weights is not None:
         model = archs.build(arch, num_classes)
@@ -129,16 +129,16 @@ def get_model(num_classes=101, pretrained=False, arch="resnet18", weights=None, 
             state = {k: v for k, v in state.items() if k not in head}
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or [k for k in missing if not k.startswith(classifier)]:
-            raise ModelError(f"{weights} does not fit {arch}: {len(missing)} missing keys (e.g. "
-                             f"{missing[:1]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:1]})")
+            raise errors.ModelError(f"{weights} does not fit {arch}: {len(missing)} missing keys (e.g. "
+                                    f"{missing[:1]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:1]})")
         return model
     if not pretrained:
         return archs.build(arch, num_classes)
     try:
         return archs.build(arch, num_classes, weights=imagenet_weights(arch))
     except OSError as e:  # URLError is an OSError: no network, DNS, HTTP failure
-        raise ModelError(f"cannot get the ImageNet weights of {arch} ({e}); offline, pass --weights PATH or "
-                         f"place the file at {hub_checkpoint_path(arch)}") from None
+        raise errors.ModelError(f"cannot get the ImageNet weights of {arch} ({e}); offline, pass --weights PATH or "
+                                f"place the file at {hub_checkpoint_path(arch)}") from None
 
 
 def memory_format(channels_last):
@@ -170,10 +170,14 @@ def stage_of(model, name):
 
 
 def trains(model, trainable):
-    """name -> whether that parameter (or module) of `model` trains under --trainable."""
+    """name -> whether that parameter (or module) of `model` trains under --trainable (`all` needs no anatomy: any
+    module trains whole)."""
+    trainable = TRAINABLE_ALIASES.get(trainable, trainable)
+    if trainable == "all":
+        return lambda name: True
     anatomy = archs.anatomy_of(unwrap(model))
-    stages = anatomy.trainable_stages(TRAINABLE_ALIASES.get(trainable, trainable))
-    return lambda name: stages is None or anatomy.stage_of(name) in stages
+    stages = anatomy.trainable_stages(trainable)
+    return lambda name: anatomy.stage_of(name) in stages
 
 
 def apply_freeze(model, trainable):

@@ -47,7 +47,7 @@ class Predictor:
         self.transform = splits.val_transform(self.img_size)
 
     def load(self, image):
-        """A PIL RGB image from a path or a PIL image; DataError naming the file if it is not an image."""
+        """A PIL RGB image from a path or a PIL image; errors.DataError naming the file if it is not an image."""
         from PIL import Image
 
         return image.convert("RGB") if isinstance(image, Image.Image) else splits.load_rgb(image)
@@ -239,7 +239,7 @@ def main(args):
             try:
                 images.append(predictor.load(path))
                 chunk.append(path)
-            except splits.DataError as e:
+            except errors.DataError as e:
                 failures.append(path)
                 print(f"error: {e}", file=sys.stderr)
         if not images:

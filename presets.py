@@ -6,7 +6,7 @@
 
 Merge order: SETTINGS' defaults, then the preset, then a config file (YAML or JSON), then explicit command-line
 flags. `resolve()` does it and rejects unknown keys, unknown presets and nonsense values with a one-line
-ConfigError. Other kits' names for a setting (`output_dir`, `num_workers`, `freeze`, ...) are accepted as aliases.
+errors.ConfigError. Other kits' names for a setting (`output_dir`, `num_workers`, `freeze`, ...) are aliases.
 `settings_parser()` is the command line of every setting (one flag each, other kits' names, SHORTHANDS), shared by
 the training script and the LR finder; config files take the same names and values.
 
@@ -233,14 +233,13 @@ PRESETS = {
 }
 
 
-ConfigError = errors.ConfigError  # raised here for settings; the kit's errors live in errors.py
 
 
 def canonical(key, value, where="setting"):
     """(setting name, value) with other kits' names and old value names mapped to ours."""
     key = KEY_ALIASES.get(key.replace("-", "_"), key.replace("-", "_"))
     if key not in DEFAULTS:
-        raise ConfigError(f"unknown {where} '{key}'; valid settings: {', '.join(DEFAULTS)}")
+        raise errors.ConfigError(f"unknown {where} '{key}'; valid settings: {', '.join(DEFAULTS)}")
     default = DEFAULTS[key]
     if (default is None or isinstance(default, str)) and not isinstance(value, str) and value is not None:
         # A text setting written as YAML/JSON numbers, booleans or a list (amp: 0, stage_lrs: [1e-3, 1e-4]):
@@ -290,7 +289,7 @@ def check_type(key, value, where):
         ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
     if not ok:
         wanted = SETTINGS[key].expected if default is None else kind.__name__
-        raise ConfigError(f"{where}: {key}={value!r} is not a valid value (expected {wanted})")
+        raise errors.ConfigError(f"{where}: {key}={value!r} is not a valid value (expected {wanted})")
     return float(value) if kind is float else value
 
 
@@ -305,61 +304,63 @@ def parse_stage_lrs(text):
     try:
         lrs = [float(part) for part in str(text).split(",") if part.strip()]
     except ValueError:
-        raise ConfigError(f"stage_lrs={text!r}: expected comma-separated numbers, e.g. 1e-3,1e-4,1e-5,1e-6") from None
+        raise errors.ConfigError(f"stage_lrs={text!r}: expected comma-separated numbers, e.g. "
+                                 f"1e-3,1e-4,1e-5,1e-6") from None
     if not lrs or len(lrs) > 6 or any(lr < 0 for lr in lrs):
-        raise ConfigError(f"stage_lrs={text!r}: give 1 to 6 LRs >= 0, from the head down (head, layer4, layer3, "
-                          f"layer2, layer1, stem)")
+        raise errors.ConfigError(f"stage_lrs={text!r}: give 1 to 6 LRs >= 0, from the head down (head, layer4, layer3, "
+                                 f"layer2, layer1, stem)")
     return lrs
 
 
 def validate(cfg):
     for key, allowed in CHOICES.items():
         if cfg[key] not in allowed:
-            raise ConfigError(f"{key}={cfg[key]!r} is not valid; choose from {', '.join(allowed)}")
+            raise errors.ConfigError(f"{key}={cfg[key]!r} is not valid; choose from {', '.join(allowed)}")
     device = cfg["device"]
     if device not in ("auto", "cpu", "cuda", "mps") and not (device.startswith("cuda:") and device[5:].isdigit()):
-        raise ConfigError(f"device={device!r} is not valid; choose from auto, cpu, cuda, cuda:N, mps")
+        raise errors.ConfigError(f"device={device!r} is not valid; choose from auto, cpu, cuda, cuda:N, mps")
     positive = ("epochs", "batch_size", "eval_batch_size", "eval_every", "log_every", "max_bad_steps", "ema_every")
     for key in positive:
         if cfg[key] <= 0:
-            raise ConfigError(f"{key} must be > 0 (got {cfg[key]})")
+            raise errors.ConfigError(f"{key} must be > 0 (got {cfg[key]})")
     for key in ("lr_backbone", "lr_fc", "weight_decay", "mixup_alpha", "cutmix_alpha", "warmup_epochs", "grad_clip",
                 "workers", "keep_checkpoints", "min_lr_ratio", "label_smoothing", "save_every_steps", "save_interval_s",
                 "freeze_epochs", "early_stop_patience", "min_delta", "layer_decay"):
         if cfg[key] < 0:
-            raise ConfigError(f"{key} must be >= 0 (got {cfg[key]})")
+            raise errors.ConfigError(f"{key} must be >= 0 (got {cfg[key]})")
     if cfg["img_size"] < 32:
-        raise ConfigError(f"img_size must be >= 32 pixels (got {cfg['img_size']})")
+        raise errors.ConfigError(f"img_size must be >= 32 pixels (got {cfg['img_size']})")
     if cfg["eval_img_size"] and cfg["eval_img_size"] < 32:
-        raise ConfigError(f"eval_img_size must be >= 32 pixels, or 0 for img_size (got {cfg['eval_img_size']})")
+        raise errors.ConfigError(f"eval_img_size must be >= 32 pixels, or 0 for img_size (got {cfg['eval_img_size']})")
     if cfg["img_size_start"]:
         if not 32 <= cfg["img_size_start"] < cfg["img_size"]:
-            raise ConfigError(f"img_size_start must be >= 32 and below img_size {cfg['img_size']} pixels, or 0 for no "
-                              f"progressive resizing (got {cfg['img_size_start']})")
+            raise errors.ConfigError(f"img_size_start must be >= 32 and below img_size {cfg['img_size']} pixels, or "
+                                     f"0 for no progressive resizing (got {cfg['img_size_start']})")
         resolution.parse_ramp(cfg["img_size_ramp"], cfg["epochs"])
     elif cfg["img_size_ramp"] is not None:
-        raise ConfigError(f"img_size_ramp={cfg['img_size_ramp']!r} needs img_size_start (the first epochs' size)")
+        raise errors.ConfigError(f"img_size_ramp={cfg['img_size_ramp']!r} needs img_size_start (the first epochs' "
+                                 f"size)")
     if cfg["img_size_step"] <= 0:
-        raise ConfigError(f"img_size_step must be > 0 pixels (got {cfg['img_size_step']})")
+        raise errors.ConfigError(f"img_size_step must be > 0 pixels (got {cfg['img_size_step']})")
     if not 0 < cfg["crop_scale_min"] <= 1:
-        raise ConfigError(f"crop_scale_min must be in (0, 1] (got {cfg['crop_scale_min']})")
+        raise errors.ConfigError(f"crop_scale_min must be in (0, 1] (got {cfg['crop_scale_min']})")
     for key in ("mix_switch_prob", "min_lr_ratio", "hw_decoder_load"):
         if not 0 <= cfg[key] <= 1:
-            raise ConfigError(f"{key} must be in [0, 1] (got {cfg[key]})")
+            raise errors.ConfigError(f"{key} must be in [0, 1] (got {cfg[key]})")
     if not 0 <= cfg["label_smoothing"] < 1:
-        raise ConfigError(f"label_smoothing must be in [0, 1) (got {cfg['label_smoothing']})")
+        raise errors.ConfigError(f"label_smoothing must be in [0, 1) (got {cfg['label_smoothing']})")
     if not 0 <= cfg["ema_decay"] < 1:
-        raise ConfigError(f"ema_decay must be in [0, 1) (got {cfg['ema_decay']})")
+        raise errors.ConfigError(f"ema_decay must be in [0, 1) (got {cfg['ema_decay']})")
     if cfg["layer_decay"] > 1:
-        raise ConfigError(f"layer_decay must be in [0, 1] (got {cfg['layer_decay']}): lower stages learn slower")
+        raise errors.ConfigError(f"layer_decay must be in [0, 1] (got {cfg['layer_decay']}): lower stages learn slower")
     if cfg["stage_lrs"] is not None:
         parse_stage_lrs(cfg["stage_lrs"])
     if cfg["freeze_epochs"] and cfg["trainable"] == "all":
-        raise ConfigError("freeze_epochs > 0 needs a frozen start: --trainable head or layer4+head "
-                          "(--freeze head|layer4)")
+        raise errors.ConfigError("freeze_epochs > 0 needs a frozen start: --trainable head or layer4+head "
+                                 "(--freeze head|layer4)")
     if cfg["freeze_epochs"] >= cfg["epochs"]:
-        raise ConfigError(f"freeze_epochs={cfg['freeze_epochs']} leaves no epoch to train everything "
-                          f"(epochs={cfg['epochs']})")
+        raise errors.ConfigError(f"freeze_epochs={cfg['freeze_epochs']} leaves no epoch to train everything "
+                                 f"(epochs={cfg['epochs']})")
 
 
 def load_config_file(path):
@@ -368,21 +369,21 @@ def load_config_file(path):
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        raise errors.ConfigError(f"cannot read config file {path}: {e.strerror}") from None
     if path.endswith((".yaml", ".yml")):
         import yaml
 
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+            raise errors.ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
     else:
         try:
             data = json.loads(text)
         except ValueError as e:
-            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+            raise errors.ConfigError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping of settings (key: value)")
+        raise errors.ConfigError(f"{path} must hold a mapping of settings (key: value)")
     out = {}
     for key, value in expand_shorthands(flatten(data)).items():
         if key in RECORD_KEYS:
@@ -396,8 +397,8 @@ def load_config_file(path):
             continue
         try:
             key, value = canonical(key, value, where=f"setting in {path}")
-        except ConfigError as e:
-            raise ConfigError(str(e)) from None
+        except errors.ConfigError as e:
+            raise errors.ConfigError(str(e)) from None
         out[key] = check_type(key, value, where=path)
     return out
 
@@ -410,7 +411,7 @@ def flatten(data):
         if isinstance(value, dict) and key not in DEFAULTS and key not in RECORD_KEYS:
             for inner, inner_value in flatten(value).items():
                 if inner in out:
-                    raise ConfigError(f"setting '{inner}' appears twice in the config file")
+                    raise errors.ConfigError(f"setting '{inner}' appears twice in the config file")
                 out[inner] = inner_value
         else:
             out[key] = value
@@ -425,7 +426,7 @@ def resolve(exp=None, overrides=None, config=None):
     file_values = load_config_file(config) if isinstance(config, str) else dict(config or {})
     exp = exp or file_values.get("exp") or DEFAULT_EXP
     if exp not in PRESETS:
-        raise ConfigError(f"unknown preset '{exp}'; valid presets: {', '.join(PRESETS)}")
+        raise errors.ConfigError(f"unknown preset '{exp}'; valid presets: {', '.join(PRESETS)}")
     cfg = copy.deepcopy(DEFAULTS)
     schedule_from, schedule_where = None, None
     for source, where in ((PRESETS[exp], f"preset {exp}"), (file_values, config if isinstance(config, str)

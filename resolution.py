@@ -11,8 +11,6 @@ import os
 
 import errors
 
-ConfigError = errors.ConfigError
-
 
 def parse_ramp(text, epochs):
     """'A,B' -> (A, B), the epochs between which the train size rises; None: a quarter and three quarters of the run."""
@@ -21,9 +19,9 @@ def parse_ramp(text, epochs):
     try:
         first, last = (int(part) for part in str(text).split(","))
     except ValueError:
-        raise ConfigError(f"img_size_ramp={text!r}: expected two epochs 'A,B', e.g. 8,24") from None
+        raise errors.ConfigError(f"img_size_ramp={text!r}: expected two epochs 'A,B', e.g. 8,24") from None
     if not 0 <= first < last <= epochs:
-        raise ConfigError(f"img_size_ramp={text!r}: needs 0 <= A < B <= epochs ({epochs})")
+        raise errors.ConfigError(f"img_size_ramp={text!r}: needs 0 <= A < B <= epochs ({epochs})")
     return first, last
 
 

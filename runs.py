@@ -19,6 +19,7 @@ import shutil
 import socket
 import time
 
+import errors
 import model_utils
 import presets
 import splits
@@ -58,11 +59,11 @@ def new_run_dir(out_dir, exp):
         except FileExistsError:
             continue  # claimed by another run between the check and here
         except OSError as e:
-            raise presets.ConfigError(f"cannot write to the output folder {folder}: {e.strerror}") from None
+            raise errors.ConfigError(f"cannot write to the output folder {folder}: {e.strerror}") from None
         with os.fdopen(fd, "w") as f:
             f.write(f"pid {os.getpid()} on {socket.gethostname()} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         return folder
-    raise presets.ConfigError(f"{out_dir} holds 9,999 runs of {exp}: clean it up")
+    raise errors.ConfigError(f"{out_dir} holds 9,999 runs of {exp}: clean it up")
 
 
 def auto_resume_path(out_dir, exp):
@@ -78,7 +79,7 @@ def resolve_checkpoint(path):
     if os.path.isdir(path):
         path = os.path.join(path, "best.pth")
     if not os.path.isfile(path):
-        raise model_utils.ModelError(f"no checkpoint at {path}")
+        raise errors.ModelError(f"no checkpoint at {path}")
     return path, os.path.dirname(os.path.abspath(path))
 
 
@@ -104,10 +105,10 @@ def read_run_config(run_dir, required=True):
     except FileNotFoundError:
         if not required:
             return None
-        raise presets.ConfigError(f"no config.json in {run_dir}: not a run folder (for bare weights pass --arch, "
+        raise errors.ConfigError(f"no config.json in {run_dir}: not a run folder (for bare weights pass --arch, "
                                   f"--img_size and --classes)") from None
     except ValueError as e:
-        raise presets.ConfigError(f"{path} is not valid JSON: {e}") from None
+        raise errors.ConfigError(f"{path} is not valid JSON: {e}") from None
 
 
 def read_summary(run_dir):
@@ -120,7 +121,7 @@ def read_summary(run_dir):
     except FileNotFoundError:
         return None
     except ValueError as e:
-        raise presets.ConfigError(f"{os.path.join(run_dir, 'summary.json')} is not valid JSON: {e}") from None
+        raise errors.ConfigError(f"{os.path.join(run_dir, 'summary.json')} is not valid JSON: {e}") from None
 
 
 def _number(text):
@@ -138,7 +139,7 @@ def read_metrics(run_dir):
         with open(path, encoding="utf-8") as f:
             return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
     except FileNotFoundError:
-        raise presets.ConfigError(f"no metrics.csv in {run_dir}: is it a training run folder?") from None
+        raise errors.ConfigError(f"no metrics.csv in {run_dir}: is it a training run folder?") from None
 
 
 def copy_into_run(src, run_dir, name):
@@ -183,16 +184,16 @@ def open_run(path, arch=None, img_size=None, classes=None, data_root=None, any_s
         missing = [flag for flag, value in (("--arch", arch), ("--img_size", img_size), ("--classes", classes))
                    if value is None]
         if missing:
-            raise presets.ConfigError(f"{path} has no config.json beside it (bare weights): pass "
+            raise errors.ConfigError(f"{path} has no config.json beside it (bare weights): pass "
                                       f"{', '.join(missing)}")
         cfg = presets.resolve("r18_pretrain_main", {"arch": arch, "img_size": img_size, "pretrained": False,
                                                     **({"data_root": data_root} if data_root else {})})
         return Run(path, run_dir, cfg, splits.read_class_file(classes))
     if arch is not None and arch != cfg["arch"]:
-        raise presets.ConfigError(f"--arch {arch}: the run in {run_dir} is arch={cfg['arch']}")
+        raise errors.ConfigError(f"--arch {arch}: the run in {run_dir} is arch={cfg['arch']}")
     sizes = {cfg["img_size"], presets.eval_size(cfg)}  # its training and evaluation resolutions
     if img_size is not None and not any_size and img_size not in sizes:
-        raise presets.ConfigError(f"--img_size {img_size}: the run in {run_dir} is img_size={cfg['img_size']}"
+        raise errors.ConfigError(f"--img_size {img_size}: the run in {run_dir} is img_size={cfg['img_size']}"
                                   + (f", eval_img_size={cfg['eval_img_size']}" if len(sizes) > 1 else ""))
     split = cfg.get("split")
     if classes:
@@ -204,7 +205,7 @@ def open_run(path, arch=None, img_size=None, classes=None, data_root=None, any_s
         names = splits.read_classes(root)
         recorded = (split or {}).get("classes")
         if recorded and splits.file_digest(os.path.join(root, "classes.txt")) != recorded:
-            raise presets.ConfigError(f"{root}/classes.txt is not the class list {run_dir} was trained with; pass "
+            raise errors.ConfigError(f"{root}/classes.txt is not the class list {run_dir} was trained with; pass "
                                       f"the right one with --classes FILE")
     cfg = {**presets.DEFAULTS, **cfg}  # a run from an older kit: settings added since take their defaults
     if any_size and img_size is not None:

@@ -14,14 +14,13 @@ from concurrent.futures import ProcessPoolExecutor
 
 import errors
 import fileio
-from splits import IMAGE_EXTENSIONS, IMAGES_DIR, DataError, open_image, read_split_meta
+from splits import IMAGE_EXTENSIONS, IMAGES_DIR, open_image, read_split_meta
 
 EXCLUDED_CLASSES = ("BACKGROUND_Google",)  # clutter, not a class (torchvision drops it too)
 # Formats that both DALI's decoder and PIL read; anything else is excluded at preparation time.
 DECODABLE_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "PPM", "WEBP")
 
 
-PrepareError = errors.PrepareError  # raised here; the kit's errors live in errors.py
 
 
 def check_image(path):
@@ -31,7 +30,7 @@ def check_image(path):
         with open_image(path) as img:
             fmt = img.format
             img.load()
-    except DataError as e:
+    except errors.DataError as e:
         return str(e).split(": ", 1)[-1]
     except (OSError, SyntaxError, ValueError) as e:
         return f"{type(e).__name__}: {e}"
@@ -74,12 +73,13 @@ def draw_split(class_files, train_per_class, test_per_class, seed, min_val_per_c
         count = len(class_files[cls])
         fewest = min(len(f) - n_train(len(f)) - min_val_per_class for f in class_files.values())
         if count < n_train(count) + min_val_per_class:
-            raise PrepareError(f"class '{cls}' has {count} usable images: too few for {n_train(count)} training and "
+            raise errors.PrepareError(f"class '{cls}' has {count} usable images: too few for {n_train(count)} "
+                                      f"training and "
                                f"{min_val_per_class} val image(s); lower --train_per_class (at most "
                                f"{count - min_val_per_class} fits it) or remove the class")
         if small_classes != "shrink_test":
-            raise PrepareError(f"class '{cls}' has {count} usable images, the limiting class: --train_per_class "
-                               f"{n_train(count)} --test_per_class {test_per_class} --min_val_per_class "
+            raise errors.PrepareError(f"class '{cls}' has {count} usable images, the limiting class: --train_per_class "
+                                      f"{n_train(count)} --test_per_class {test_per_class} --min_val_per_class "
                                f"{min_val_per_class} need {need[cls]}; the largest --test_per_class that fits every "
                                f"class is {max(fewest, 0)}, or pass --small_classes shrink_test ({len(short)} "
                                f"class(es) would get fewer test images)")
@@ -124,7 +124,7 @@ def make_split(data_root, train_per_class=30, test_per_class=0, seed=0, workers=
     classes = sorted(d for d in os.listdir(images_dir)
                      if os.path.isdir(os.path.join(images_dir, d)) and d not in EXCLUDED_CLASSES)
     if not classes:
-        raise PrepareError(f"no class folders in {images_dir}")
+        raise errors.PrepareError(f"no class folders in {images_dir}")
     candidates = [os.path.join(c, f) for c in classes for f in sorted(os.listdir(os.path.join(images_dir, c)))]
     good, bad = decode_check(images_dir, candidates, workers, quiet)
     class_files = {cls: [p for p in good if p.startswith(cls + os.sep)] for cls in classes}
@@ -150,7 +150,7 @@ def existing_split(data_root):
     """The split.json of a prepared root, or None (none yet, or unreadable: then this preparation writes a new one)."""
     try:
         return read_split_meta(data_root) or None
-    except (DataError, OSError):
+    except (errors.DataError, OSError):
         return None
 
 
@@ -167,9 +167,9 @@ def check_resplit(data_root, params, force):
     if old == params and complete:
         return "same"
     changed = ", ".join(f"{k} {old[k]} -> {params[k]}" for k in params if old[k] != params[k]) or "lists incomplete"
-    raise PrepareError(f"{data_root} already holds a split ({changed}) that runs may have been trained on; "
-                       f"prepare a new root instead (e.g. --data_root {os.path.normpath(data_root)}_2"
-                       + (f" --archive {os.path.join(data_root, IMAGES_DIR)}" if params["source"] == "caltech101"
+    raise errors.PrepareError(f"{data_root} already holds a split ({changed}) that runs may have been trained on; "
+                              f"prepare a new root instead (e.g. --data_root {os.path.normpath(data_root)}_2"
+                              + (f" --archive {os.path.join(data_root, IMAGES_DIR)}" if params["source"] == "caltech101"
                           else "") + "), or pass --force to rewrite it")
 
 
@@ -196,7 +196,7 @@ def prepare_folder(folder, data_root=None, train_per_class=None, train_fraction=
     (train_per_class or train_fraction, test_per_class, the rest val). The lists go to data_root (default: the
     folder itself); the paths in them are relative to the folder, which split.json records."""
     if not os.path.isdir(folder):
-        raise PrepareError(f"--folder {folder} is not a folder")
+        raise errors.PrepareError(f"--folder {folder} is not a folder")
     folder = os.path.abspath(folder)
     data_root = data_root or folder
     pre_split = os.path.isdir(os.path.join(folder, "train"))
@@ -205,10 +205,10 @@ def prepare_folder(folder, data_root=None, train_per_class=None, train_fraction=
             print(f"{data_root} is already prepared from {folder}: nothing to do (a new split goes to a new "
                   f"--data_root)")
             return existing_split(data_root)
-        raise PrepareError(f"{folder} has no train/ subfolder: give --train_per_class N or --train_fraction F to "
-                           f"split its class folders")
+        raise errors.PrepareError(f"{folder} has no train/ subfolder: give --train_per_class N or --train_fraction "
+                                  f"F to split its class folders")
     if train_fraction is not None and not 0 < train_fraction < 1:
-        raise PrepareError(f"--train_fraction must be in (0, 1), got {train_fraction}")
+        raise errors.PrepareError(f"--train_fraction must be in (0, 1), got {train_fraction}")
     params = split_params(train_per_class if not pre_split else None, test_per_class if not pre_split else None,
                           seed, min_val_per_class, small_classes, train_fraction, source="folder")
     params["folder"] = folder
@@ -220,13 +220,13 @@ def prepare_folder(folder, data_root=None, train_per_class=None, train_fraction=
         parts = {name: list_images(folder, name) for name in ("train", "val", "test")
                  if os.path.isdir(os.path.join(folder, name))}
         if "val" not in parts:
-            raise PrepareError(f"{folder} has train/ but no val/ subfolder")
+            raise errors.PrepareError(f"{folder} has train/ but no val/ subfolder")
         classes = sorted(parts["train"][0])
         for name, (found, _) in parts.items():
             extra = sorted(set(found) - set(classes))
             if extra:
-                raise PrepareError(f"{os.path.join(folder, name)} has class folders that train/ lacks: "
-                                   f"{', '.join(extra[:5])}")
+                raise errors.PrepareError(f"{os.path.join(folder, name)} has class folders that train/ lacks: "
+                                          f"{', '.join(extra[:5])}")
         ignored = sum(n for _, n in parts.values())
         candidates = [p for found, _ in parts.values() for files in found.values() for p in files]
     else:
@@ -234,7 +234,7 @@ def prepare_folder(folder, data_root=None, train_per_class=None, train_fraction=
         classes = sorted(found)
         candidates = [p for files in found.values() for p in files]
     if not classes or not candidates:
-        raise PrepareError(f"no class folders with images in {folder}")
+        raise errors.PrepareError(f"no class folders with images in {folder}")
     good, bad = decode_check(folder, candidates, workers, quiet)
     good = set(good)
     if pre_split:

@@ -30,7 +30,6 @@ IMAGES_DIR = "101_ObjectCategories"  # where download.py puts Caltech-101's imag
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".webp")
 
 
-DataError = errors.DataError  # raised here for data problems; the kit's errors live in errors.py
 
 
 def resize_size(img_size):
@@ -46,7 +45,8 @@ def read_split_meta(data_root):
     except FileNotFoundError:
         return {}
     except ValueError as e:
-        raise DataError(f"{os.path.join(data_root, 'split.json')} is not valid JSON ({e}): run download.py again") \
+        raise errors.DataError(f"{os.path.join(data_root, 'split.json')} is not valid JSON ({e}): run download.py "
+                               f"again") \
             from None
 
 
@@ -61,10 +61,10 @@ def read_classes(data_root):
     path = os.path.join(data_root, "classes.txt")
     if not os.path.isfile(path):
         if os.path.isdir(os.path.join(data_root, "train")):
-            raise DataError(f"{data_root} is an image-folder tree without split lists: run "
-                            f"`python download.py --folder {data_root}` first")
-        raise DataError(f"no prepared dataset at {data_root} (missing classes.txt): "
-                        f"run `python download.py --data_root {data_root}` first")
+            raise errors.DataError(f"{data_root} is an image-folder tree without split lists: run "
+                                   f"`python download.py --folder {data_root}` first")
+        raise errors.DataError(f"no prepared dataset at {data_root} (missing classes.txt): "
+                               f"run `python download.py --data_root {data_root}` first")
     return read_class_file(path, hint=f"run `python download.py --data_root {data_root}` again")
 
 
@@ -73,9 +73,9 @@ def read_class_file(path, hint="one class name per line"):
         with open(path, encoding="utf-8") as f:
             classes = [line.strip() for line in f if line.strip()]
     except OSError as e:
-        raise DataError(f"cannot read the class list {path}: {e.strerror}") from None
+        raise errors.DataError(f"cannot read the class list {path}: {e.strerror}") from None
     if not classes:
-        raise DataError(f"{path} is empty: {hint}")
+        raise errors.DataError(f"{path} is empty: {hint}")
     return classes
 
 
@@ -90,7 +90,8 @@ def read_split_lines(path):
                 name, label = line.rstrip("\n").rsplit(" ", 1)
                 labels.append(int(label))
             except ValueError:
-                raise DataError(f"{path}:{lineno}: expected '<relative path> <label>', got {line.strip()!r}") from None
+                raise errors.DataError(f"{path}:{lineno}: expected '<relative path> <label>', got "
+                                       f"{line.strip()!r}") from None
             files.append(name)
     return files, labels
 
@@ -119,16 +120,16 @@ def read_split(data_root, split):
     path = os.path.join(data_root, f"{split}.txt")
     if not os.path.isfile(path):
         if split == "test":
-            raise DataError(f"{data_root} has no test split: {test_split_advice(data_root)}")
-        raise DataError(f"no {split} split at {path}: run `python download.py --data_root {data_root}`")
+            raise errors.DataError(f"{data_root} has no test split: {test_split_advice(data_root)}")
+        raise errors.DataError(f"no {split} split at {path}: run `python download.py --data_root {data_root}`")
     files, labels = read_split_lines(path)
     if not files:
-        raise DataError(f"{path} lists no images: run `python download.py --data_root {data_root}` again")
+        raise errors.DataError(f"{path} lists no images: run `python download.py --data_root {data_root}` again")
     root = image_root(data_root)
     missing = [p for p in files if not os.path.isfile(os.path.join(root, p))]
     if missing:
-        raise DataError(f"{path} names {len(missing)} missing files (first: {os.path.join(root, missing[0])}): "
-                        f"re-run `python download.py --data_root {data_root}`")
+        raise errors.DataError(f"{path} names {len(missing)} missing files (first: {os.path.join(root, missing[0])}): "
+                               f"re-run `python download.py --data_root {data_root}`")
     return files, labels
 
 
@@ -170,7 +171,7 @@ def max_image_pixels():
 
 
 class open_image:
-    """`with open_image(path) as img`: a PIL image opened lazily from its header, refused (DataError naming the file)
+    """`with open_image(path) as img`: a PIL image opened lazily from its header, refused (a DataError naming the file)
     when it is not a readable image or has more pixels than max_image_pixels(), before anything is decoded."""
 
     def __init__(self, path):
@@ -187,7 +188,7 @@ class open_image:
             claimed = re.search(r"\((\d+) pixels\)", str(e))
             raise self.too_large(f"{int(claimed.group(1)):,} pixels" if claimed else "the image") from None
         except (OSError, SyntaxError, ValueError) as e:  # PIL raises all three for broken or foreign files
-            raise DataError(f"cannot decode {self.path}: not a readable image ({e})") from None
+            raise errors.DataError(f"cannot decode {self.path}: not a readable image ({e})") from None
         width, height = self.img.size
         if max_image_pixels() and width * height > max_image_pixels():
             self.img.close()
@@ -195,21 +196,21 @@ class open_image:
         return self.img
 
     def too_large(self, size):
-        return DataError(f"cannot decode {self.path}: {size} is over the {max_image_pixels():,}-pixel limit "
-                         f"(PIL.Image.MAX_IMAGE_PIXELS); not decoded")
+        return errors.DataError(f"cannot decode {self.path}: {size} is over the {max_image_pixels():,}-pixel limit "
+                                f"(PIL.Image.MAX_IMAGE_PIXELS); not decoded")
 
     def __exit__(self, *exc):
         self.img.close()
 
 
 def load_rgb(path):
-    """A file as a PIL RGB image (EXIF orientation applied; grayscale, palette and CMYK converted); DataError
+    """A file as a PIL RGB image (EXIF orientation applied; grayscale, palette and CMYK converted); errors.DataError
     naming the file otherwise, and for images over max_image_pixels(), never decoded."""
     with open_image(path) as img:
         try:
             return _exif_transposed(img).convert("RGB")
         except (OSError, SyntaxError, ValueError) as e:
-            raise DataError(f"cannot decode {path}: not a readable image ({e})") from None
+            raise errors.DataError(f"cannot decode {path}: not a readable image ({e})") from None
 
 
 def image_sizes(root, files):
@@ -222,7 +223,7 @@ def image_sizes(root, files):
             try:
                 orientation = img.getexif().get(0x0112, 1)  # 5-8: stored rotated by 90 degrees
             except (OSError, SyntaxError, ValueError) as e:
-                raise DataError(f"cannot read {path}: not a readable image ({e})") from None
+                raise errors.DataError(f"cannot read {path}: not a readable image ({e})") from None
         heights[i], widths[i] = (width, height) if orientation in (5, 6, 7, 8) else (height, width)
     return heights, widths
 

@@ -29,7 +29,7 @@ import presets
 import runs
 import splits
 import sweep_report
-import train_caltech101 as train
+import training
 from sweep_report import continued_trial
 
 KINDS = ("log_uniform", "uniform", "int", "choice")
@@ -64,11 +64,11 @@ def load_space(path):
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
     except OSError as e:
-        raise presets.ConfigError(f"cannot read space file {path}: {e.strerror}") from None
+        raise errors.ConfigError(f"cannot read space file {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
-        raise presets.ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+        raise errors.ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict) or not data:
-        raise presets.ConfigError(f"{path}: a space maps settings to distributions, e.g. lr_fc: "
+        raise errors.ConfigError(f"{path}: a space maps settings to distributions, e.g. lr_fc: "
                                   f"{{log_uniform: [1.0e-4, 1.0e-2]}}")
     space = {}
     for key, spec in data.items():
@@ -77,31 +77,31 @@ def load_space(path):
         typed = "lr_backbone" if key == "lr" else presets.canonical(key, None, where=f"setting in {path}")[0]
         key = "lr" if key == "lr" else typed
         if key not in presets.SWEEPABLE and key != "lr":
-            raise presets.ConfigError(f"{where}: {not_sweepable(key)}")
+            raise errors.ConfigError(f"{where}: {not_sweepable(key)}")
         if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in KINDS:
-            raise presets.ConfigError(f"{where}: expected one of {', '.join(f'{{{k}: ...}}' for k in KINDS)}, got "
+            raise errors.ConfigError(f"{where}: expected one of {', '.join(f'{{{k}: ...}}' for k in KINDS)}, got "
                                       f"{spec!r}")
         kind, values = next(iter(spec.items()))
         if kind == "choice":
             if not isinstance(values, list) or not values:
-                raise presets.ConfigError(f"{where}: choice takes a non-empty list, got {values!r}")
+                raise errors.ConfigError(f"{where}: choice takes a non-empty list, got {values!r}")
             values = [presets.check_type(typed, presets.canonical(typed, v)[1], where=path) for v in values]
         else:
             if isinstance(values, list):  # YAML reads 1e-4 (no dot) as text
                 values = [number(v) for v in values]
             if not (isinstance(values, list) and len(values) == 2
                     and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
-                raise presets.ConfigError(f"{where}: {kind} takes [low, high], got {values!r}")
+                raise errors.ConfigError(f"{where}: {kind} takes [low, high], got {values!r}")
             low, high = values
             if not low < high or (kind == "log_uniform" and low <= 0) or \
                     (kind == "int" and not all(float(v).is_integer() for v in values)):
-                raise presets.ConfigError(f"{where}: bad range [{low}, {high}] for {kind} (low < high"
+                raise errors.ConfigError(f"{where}: bad range [{low}, {high}] for {kind} (low < high"
                                           + (", both > 0" if kind == "log_uniform" else "")
                                           + (", whole numbers" if kind == "int" else "") + ")")
             default = presets.DEFAULTS[typed]
             if isinstance(default, bool) or not isinstance(default, (int, float)) or \
                     (kind != "int" and isinstance(default, int)):
-                raise presets.ConfigError(f"{where}: {key} takes {type(default).__name__} values, not a {kind} range"
+                raise errors.ConfigError(f"{where}: {key} takes {type(default).__name__} values, not a {kind} range"
                                           + ("; use int or choice" if isinstance(default, int) else ""))
             presets.check_type(typed, int(low) if kind == "int" else float(low), where=path)
         space[key] = (kind, values)
@@ -183,15 +183,15 @@ def open_study(args, definition, create):
                 study.pruner = make_pruner(definition)
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as e:
         reason = " ".join(str(e).split("\n")[0].split())[:200]
-        raise presets.ConfigError(f"cannot use storage {redact(args.storage)}: {reason}") from None
+        raise errors.ConfigError(f"cannot use storage {redact(args.storage)}: {reason}") from None
     except KeyError:
-        raise presets.ConfigError(f"no study '{args.study}' in {redact(args.storage)}") from None
+        raise errors.ConfigError(f"no study '{args.study}' in {redact(args.storage)}") from None
     stored = study.user_attrs.get("kit_sweep")
     if stored is None and create:
         study.set_user_attr("kit_sweep", definition)
     elif create and stored != definition:
         changed = sorted(k for k in set(stored) | set(definition) if stored.get(k) != definition.get(k))
-        raise presets.ConfigError(f"study '{args.study}' in {redact(args.storage)} exists with another "
+        raise errors.ConfigError(f"study '{args.study}' in {redact(args.storage)} exists with another "
                                   f"{', '.join(changed)}: join it with the same preset, space and flags, or pick "
                                   f"another --study")
     return study
@@ -289,7 +289,7 @@ def objective_for(study, args, definition, sweep_dir, space):
             return None
 
         try:
-            result = train.main(cfg, None, judge=judge)
+            result = training.main(cfg, None, judge=judge)
         except TRIAL_ERRORS as e:
             print(f"trial {trial.number} failed: {e}", file=sys.stderr, flush=True)
             raise
@@ -392,7 +392,7 @@ def main(args):
         **{k: v for k, v in vars(args).items() if k not in SWEEP_FLAGS}))
     for key in ("name", "resume"):
         if key in flags:
-            raise presets.ConfigError(f"--{key}: a sweep names its trials' folders itself")
+            raise errors.ConfigError(f"--{key}: a sweep names its trials' folders itself")
     command_line = presets.given_settings(flags)
     flags = dict(command_line)
     if config:  # as training reads it (a run's config.json included); its run folder is not the sweep's
@@ -401,11 +401,11 @@ def main(args):
         flags = {**{k: v for k, v in presets.given_settings(file_values).items()
                     if presets.SETTINGS[k].kind != presets.OUTPUT}, **flags}
     if args.trials is None or args.trials < 1:
-        raise presets.ConfigError("--trials N (at least 1): the study's total number of trials")
+        raise errors.ConfigError("--trials N (at least 1): the study's total number of trials")
     out_dir = flags.pop("out_dir", "sweeps")
     args.local = {"progress": False, **{k: flags.pop(k) for k in presets.PER_MACHINE if k in flags}}
     if args.space is None and (flags or exp):
-        raise presets.ConfigError("training flags and --exp define a study: give them with its --space (a worker "
+        raise errors.ConfigError("training flags and --exp define a study: give them with its --space (a worker "
                                   "joining a study needs neither)")
     if args.space is not None:
         space = load_space(args.space)
@@ -413,26 +413,26 @@ def main(args):
         for key in space:  # a flag the sampled value would silently override (a config file's values are a base)
             given = sorted(set(command_line) & set(presets.expand_shorthands({key: 1.0}) if key == "lr" else {key}))
             if given:
-                raise presets.ConfigError(f"{args.space} samples {key}, and {', '.join('--' + k for k in given)} "
+                raise errors.ConfigError(f"{args.space} samples {key}, and {', '.join('--' + k for k in given)} "
                                           f"sets it for every trial: give one or the other")
         presets.resolve(exp, {**flags, **args.local})  # the trials' settings, checked before anything is written
         for key, (kind, values) in space.items():  # every choice and both ends of every range, as a trial takes them
             for value in (values if kind == "choice" else [int(v) if kind == "int" else float(v) for v in values]):
                 try:
                     presets.resolve(exp, {**flags, **args.local, **presets.expand_shorthands({key: value})})
-                except presets.ConfigError as e:
-                    raise presets.ConfigError(f"{args.space}: {key}={value}: {e}") from None
+                except errors.ConfigError as e:
+                    raise errors.ConfigError(f"{args.space}: {key}={value}: {e}") from None
         stem = os.path.splitext(os.path.basename(args.space))[0]
         args.study = args.study or f"{exp}_{stem}"
         if args.heartbeat < 1 or args.grace < 2 * args.heartbeat:
-            raise presets.ConfigError(f"--heartbeat must be >= 1 s and --grace at least twice it (got "
+            raise errors.ConfigError(f"--heartbeat must be >= 1 s and --grace at least twice it (got "
                                       f"{args.heartbeat} and {args.grace}): a shorter grace fails live trials")
         definition = {"exp": exp, "flags": flags, "monitor": presets.resolve(exp, flags)["monitor"],
                       "space": {k: [kind, values] for k, (kind, values) in space.items()},
                       "pruning": {k: getattr(args, k) for k in ("pruner", "prune_startup", "prune_warmup")},
                       "heartbeat": [args.heartbeat, args.grace]}
     elif args.study is None:
-        raise presets.ConfigError("give --space FILE (a new study) or --study NAME (join one)")
+        raise errors.ConfigError("give --space FILE (a new study) or --study NAME (join one)")
     sweep_dir = os.path.join(out_dir, args.study)
     default_storage = args.storage is None  # an SQLite file in the sweep folder
     if default_storage:
@@ -446,7 +446,7 @@ def main(args):
     if args.space is None:
         definition = study.user_attrs.get("kit_sweep")
         if definition is None:
-            raise presets.ConfigError(f"study '{args.study}' was not made by sweep.py (no space recorded)")
+            raise errors.ConfigError(f"study '{args.study}' was not made by sweep.py (no space recorded)")
         space = {k: tuple(v) for k, v in definition["space"].items()}
         args.heartbeat, args.grace = definition["heartbeat"]  # the study's: a shorter grace would fail live trials
         check_data(definition, args.local)
@@ -484,13 +484,13 @@ def check_sweep_dir(sweep_dir, args, definition, write=True):
         old_storage = old.get("storage") and redact(storage_url(sweep_dir, old["storage"]))
         if old.get("study") != args.study or old.get("definition") != definition or \
                 old_storage != redact(args.storage):
-            raise presets.ConfigError(f"{sweep_dir} holds another sweep (study '{old.get('study')}' in "
+            raise errors.ConfigError(f"{sweep_dir} holds another sweep (study '{old.get('study')}' in "
                                       f"{old.get('storage')} with its own space and flags): pick another --study or "
                                       f"--out_dir")
         return
     if os.path.isdir(sweep_dir) and os.listdir(sweep_dir) and not os.path.isfile(os.path.join(sweep_dir,
                                                                                                "study.db")):
-        raise presets.ConfigError(f"{sweep_dir} exists and is not a sweep folder: pick another --study or --out_dir")
+        raise errors.ConfigError(f"{sweep_dir} exists and is not a sweep folder: pick another --study or --out_dir")
     if not write:
         return
     os.makedirs(sweep_dir, exist_ok=True)

@@ -11,6 +11,7 @@ import json
 import os
 import warnings
 
+import errors
 import fileio
 import plots
 import presets
@@ -118,9 +119,9 @@ def read_record(sweep_dir):
         with open(os.path.join(sweep_dir, "sweep.json"), encoding="utf-8") as f:
             return json.load(f)
     except FileNotFoundError:
-        raise presets.ConfigError(f"{sweep_dir} is not a sweep folder (no sweep.json)") from None
+        raise errors.ConfigError(f"{sweep_dir} is not a sweep folder (no sweep.json)") from None
     except ValueError as e:
-        raise presets.ConfigError(f"{sweep_dir}/sweep.json is not valid JSON: {e}") from None
+        raise errors.ConfigError(f"{sweep_dir}/sweep.json is not valid JSON: {e}") from None
 
 
 def report(sweep_dir, study, record):

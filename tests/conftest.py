@@ -8,7 +8,6 @@ file and a non-image file (like the real BACKGROUND_Google/tmp).
 import io
 import os
 import signal
-import sys
 import tarfile
 
 import numpy as np
@@ -17,12 +16,11 @@ import torch
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import checkpoint
+import download
+import model_utils
 
-import checkpoint  # noqa: E402
-import download  # noqa: E402
-import model_utils  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the kit (pytest.ini puts it on the path)
 
 CLASS_COLOURS = {"alpha": (200, 40, 40), "bravo": (40, 200, 40), "charlie": (40, 40, 200)}
 IMAGES_PER_CLASS = 14
@@ -153,9 +151,9 @@ def tiny_argv(data_root, out_dir, *extra, exp="cpu_smoke", epochs=2):
 def trained_run(prepared_with_test, tmp_path_factory):
     """One finished 3-epoch run (with a test split) that evaluation, prediction and export tests read, never
     change."""
-    import train_caltech101 as train
+    import training
 
-    return train.main(tiny_cfg(prepared_with_test, tmp_path_factory.mktemp("trained"), epochs=3))
+    return training.main(tiny_cfg(prepared_with_test, tmp_path_factory.mktemp("trained"), epochs=3))
 
 
 def run_cli(cli, argv, capfd):
@@ -206,16 +204,12 @@ def stop_at(at, monkeypatch):
 
 
 def stopped_run(cfg, at, monkeypatch):
-    import train_caltech101 as train
+    import training
 
     stop_at(at, monkeypatch)
-    result = train.main(cfg)
+    result = training.main(cfg)
     monkeypatch.undo()
     return result
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA device; `pytest -m gpu` runs the GPU acceptance suite")
 
 
 class CountOps(TorchDispatchMode):

@@ -13,6 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import engine  # noqa: E402
 import model_utils  # noqa: E402
 import train_caltech101  # noqa: E402
+import training  # noqa: E402
 
 if os.environ.get("KIT_TEST_BN_EVAL") == "1":
     def eval_bn(model, trainable, frozen_bn="eval"):
@@ -21,14 +22,14 @@ if os.environ.get("KIT_TEST_BN_EVAL") == "1":
     model_utils.set_train_mode = eval_bn
 
 if os.environ.get("KIT_TEST_SLOW_END"):
-    real_finish = train_caltech101.finish_run
+    real_finish = training.finish_run
 
     def slow_finish(*args, **kwargs):
         print("end-of-run work", flush=True)
         time.sleep(float(os.environ["KIT_TEST_SLOW_END"]))
         return real_finish(*args, **kwargs)
 
-    train_caltech101.finish_run = slow_finish
+    training.finish_run = slow_finish
 
 if os.environ.get("KIT_TEST_NAN_AT") and os.environ.get("RANK") == "0":
     real_step, calls = engine.train_step, []

@@ -5,6 +5,7 @@ import multiprocessing
 import shutil
 
 import numpy as np
+import pytest
 import torch
 
 import dali_loader
@@ -17,6 +18,7 @@ import train_caltech101 as train
 from conftest import make_image, one_line_error, run_cli, stopped_run, tiny_argv, tiny_cfg
 
 
+@pytest.mark.slow
 def test_without_dali_auto_trains_with_the_torch_loader_and_says_why(prepared_root, tmp_path, monkeypatch, capfd):
     monkeypatch.setattr(dali_loader, "HAVE_DALI", False)
     code, out, err = run_cli(train.cli, tiny_argv(prepared_root, tmp_path, epochs=1), capfd)
@@ -46,6 +48,7 @@ def torch_epoch(prepared_root, method):
         torch.multiprocessing.set_start_method(previous, force=True)
 
 
+@pytest.mark.slow
 def test_the_torch_loader_works_under_spawn(prepared_root):
     """spawn (macOS's and Windows' default) pickles the dataset into fresh interpreters that import the kit anew:
     one epoch with 2 workers gives the same batches as fork."""
@@ -54,6 +57,7 @@ def test_the_torch_loader_works_under_spawn(prepared_root):
     assert all(torch.equal(a, b) and torch.equal(la, lb) for (a, la), (b, lb) in zip(spawned, forked))
 
 
+@pytest.mark.slow
 def test_spaces_and_non_ascii_names_through_every_step(tmp_path, capfd):
     """Class folders named `café` and `São Paulo` in a folder and a data root whose paths have spaces and accents:
     prepared, read by every loader, trained on, predicted and exported, the names intact in classes.txt, the
@@ -94,6 +98,7 @@ def test_spaces_and_non_ascii_names_through_every_step(tmp_path, capfd):
     assert spec["classes"] == sorted(colours)
 
 
+@pytest.mark.slow
 def test_a_dali_run_resumes_on_a_machine_without_dali(prepared_root, tmp_path, monkeypatch, capfd):
     """The loader is how a machine reads images, not what the run is: a run stopped in epoch 2 with DALI resumes
     where DALI is missing, with --loader torch and with --loader auto, saying so in one line, and finishes."""

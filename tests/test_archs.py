@@ -15,7 +15,7 @@ import export
 import gradcam
 import model_utils
 import predict
-import train_caltech101 as train
+import training
 from conftest import CLASS_COLOURS, make_image, run_cli, tiny_cfg
 
 FAMILIES = ["resnet18", "mobilenet_v3_large"]
@@ -107,6 +107,7 @@ def test_imagenet_weights_of_a_mobilenet_load_offline(tmp_path, monkeypatch):
     assert state["classifier.3.weight"].shape == (3, 1280)
 
 
+@pytest.mark.slow
 def test_a_mobilenet_trains_unfreezes_evaluates_predicts_exports_and_reports(prepared_with_test, tmp_path, capfd):
     """Epoch 1 trains only the head (the backbone stays bit-equal to its initial weights), epoch 2 everything;
     evaluate.py reproduces the run's figure; predict.py explains with Grad-CAM; the ONNX export gives the
@@ -115,7 +116,7 @@ def test_a_mobilenet_trains_unfreezes_evaluates_predicts_exports_and_reports(pre
     init = tmp_path / "init.pth"
     start = model_utils.get_model(num_classes=3, arch="mobilenet_v3_large").state_dict()
     torch.save(start, init)
-    result = train.main(tiny_cfg(prepared_with_test, tmp_path / "runs", arch="mobilenet_v3_large", img_size=64,
+    result = training.main(tiny_cfg(prepared_with_test, tmp_path / "runs", arch="mobilenet_v3_large", img_size=64,
                                  weights=str(init), trainable="head", freeze_epochs=1, epochs=2, keep_checkpoints=2,
                                  report_page=True))
     run = result["out_dir"]

@@ -8,6 +8,7 @@ import bench
 import bench_baselines
 
 
+@pytest.mark.slow
 def test_bench_reports_both_sides_and_their_ratio(prepared_root, tmp_path):
     out = tmp_path / "bench.json"
     args = bench.get_args_parser().parse_args(
@@ -26,9 +27,9 @@ def test_bench_reports_both_sides_and_their_ratio(prepared_root, tmp_path):
 
 
 def test_bench_rejects_unknown_sections_and_nonsense(prepared_root):
-    with pytest.raises(bench.presets.ConfigError, match="choose from data, step, e2e, eval, infer, overhead, recipes"):
+    with pytest.raises(bench.errors.ConfigError, match="choose from data, step, e2e, eval, infer, overhead, recipes"):
         bench.main(bench.get_args_parser().parse_args(["--data_root", prepared_root, "--only", "disk"]))
-    with pytest.raises(bench.presets.ConfigError, match="--rounds must be at least 1"):
+    with pytest.raises(bench.errors.ConfigError, match="--rounds must be at least 1"):
         bench.main(bench.get_args_parser().parse_args(["--data_root", prepared_root, "--rounds", "0"]))
 
 
@@ -48,6 +49,7 @@ def test_decode_only_ceiling_yields_each_epoch_exactly(prepared_root):
     assert all(len(s) == 3 and s[2] == 3 and s[0] >= 1 and s[1] >= 1 for s in shapes)
 
 
+@pytest.mark.slow
 def test_infer_and_overhead_sections(prepared_root):
     args = bench.get_args_parser().parse_args(
         ["--data_root", prepared_root, "--img_size", "32", "--batch_size", "4", "--workers", "1", "--steps", "1",
@@ -61,6 +63,7 @@ def test_infer_and_overhead_sections(prepared_root):
     assert results[5]["kit"] < writes["kit"]  # the background writer stalls training less than a synchronous write
 
 
+@pytest.mark.slow
 def test_recipes_race_two_runs_to_a_val_top1(prepared_root, tmp_path, monkeypatch):
     """Two tiny recipes (the second with progressive resizing) one after the other: each one's time to the target
     is its first evaluation at or above it in its own metrics.csv, and the ratio is the first's over the second's.

@@ -198,6 +198,7 @@ def test_big_images_are_capped_and_memory_is_bounded(tmp_path):
     assert next(iter(cache))[0].shape == (2, 3, 64, 64)
 
 
+@pytest.mark.slow
 @BOTH_PATHS
 def test_real_cache_memory_and_agreement(real_root, per_image):
     """The real train split at 96 px (cpu_smoke's settings): cached sizes and the crops' agreement with DALI."""

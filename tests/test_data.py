@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import data_utils
+import errors
 import splits
 from conftest import CLASS_COLOURS
 
@@ -165,21 +166,22 @@ def test_awkward_images_become_upright_rgb(prepared_root, tmp_path):
 
 
 def test_dali_needs_a_thread(prepared_root):
-    with pytest.raises(splits.DataError, match="at least 1 thread"):
+    with pytest.raises(errors.DataError, match="at least 1 thread"):
         build(prepared_root, "train", ("dali", False), workers=0)
 
 
 def test_missing_data_root_and_missing_files_are_clear(prepared_root, tmp_path):
-    with pytest.raises(splits.DataError, match="download.py"):
+    with pytest.raises(errors.DataError, match="download.py"):
         data_utils.build_loaders(str(tmp_path / "nowhere"), 32, 4, CPU)
     root = tmp_path / "root"
     root.mkdir()
     (root / "classes.txt").write_text("a\n")
     (root / "train.txt").write_text("a/missing.jpg 0\n")
-    with pytest.raises(splits.DataError, match="missing files"):
+    with pytest.raises(errors.DataError, match="missing files"):
         splits.read_split(str(root), "train")
 
 
+@pytest.mark.slow
 def test_real_val_split_through_dali(real_root):
     files, labels = splits.read_split(real_root, "val")
     ld = data_utils.build_loader(real_root, "val", 64, 256, CPU, loader="dali", workers=2)

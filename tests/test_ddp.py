@@ -48,6 +48,7 @@ def rows(run_dir):
     return list(csv.DictReader(open(os.path.join(run_dir, "metrics.csv"))))
 
 
+@pytest.mark.slow
 def test_two_ranks_take_the_one_process_steps_and_evaluate_alike(prepared_root, trained_run, tmp_path):
     """11 train images, global batch 6: a full step (3 + 3), then a short one (3 + 2), whose loss the ranks weight
     by their share, at 48 px in epoch 1 and 64 px in epoch 2 (progressive resizing: both ranks change size together).
@@ -103,6 +104,7 @@ def test_two_ranks_take_the_one_process_steps_and_evaluate_alike(prepared_root, 
     assert os.path.isfile(os.path.join(two_dir, "report.html"))
 
 
+@pytest.mark.slow
 def test_a_nan_on_one_rank_makes_every_rank_skip_and_leaves_no_trace(prepared_root, tmp_path):
     """Rank 0's second step sees a NaN pixel: both ranks skip that step (rank 1's own loss was finite), rank 0 puts
     its BatchNorm statistics back (the ones DDP broadcasts to every rank), and the run ends with finite figures and
@@ -145,6 +147,7 @@ def wait_for_rows(run_dir, proc, count=1, timeout=180):
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_relaunched_and_the_run_resumes_by_itself(straight_two_ranks, prepared_root, tmp_path):
     """The requeue command (--resume auto from the start) under --max_restarts 1: rank 1 is SIGKILLed inside epoch
     2; torchrun relaunches both ranks, they resume from last.pth and end with the uninterrupted run's weights."""
@@ -162,6 +165,7 @@ def test_a_killed_worker_is_relaunched_and_the_run_resumes_by_itself(straight_tw
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
+@pytest.mark.slow
 def test_sigterm_stops_both_ranks_at_one_step_and_saves_once(straight_two_ranks, prepared_root, tmp_path):
     cmd = [*TORCHRUN, os.path.join(ROOT, "train_caltech101.py"), *settings(prepared_root, tmp_path, epochs=3,
                                                                            batch=2)]
@@ -180,6 +184,7 @@ def test_sigterm_stops_both_ranks_at_one_step_and_saves_once(straight_two_ranks,
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
+@pytest.mark.slow
 def test_a_batch_that_does_not_divide_is_one_line(prepared_root, tmp_path):
     result = subprocess.run([*TORCHRUN, os.path.join(ROOT, "train_caltech101.py"),
                              *settings(prepared_root, tmp_path, batch=5)], capture_output=True, text=True, cwd=ROOT,

@@ -11,6 +11,7 @@ import zipfile
 import pytest
 
 import download
+import errors
 from conftest import BAD_FILES, CLASS_COLOURS, IMAGES_PER_CLASS, ROOT, make_targz, one_line_error, run_cli
 
 GOOD_PER_CLASS = IMAGES_PER_CLASS + 1  # + the grayscale / CMYK / PNG-named-.jpg file of each class
@@ -168,6 +169,7 @@ def test_own_image_folders_pre_split_and_single(tmp_path, capfd):
     assert open(single / "train.txt").read() == lists
 
 
+@pytest.mark.slow
 def test_real_images_as_a_folder_give_the_archives_split(real_root, tmp_path):
     """download.py --folder on the extracted real images (a single class-per-folder tree): the same 101 classes
     and the same split counts as the archive path (BACKGROUND_Google aside, which --folder takes as a class)."""
@@ -199,7 +201,7 @@ def test_corrupted_archive_is_refused_and_leaves_nothing(synthetic_tree, tmp_pat
     broken = tmp_path / "broken.tar.gz"
     broken.write_bytes(data[: len(data) // 2])
     root = str(tmp_path / "root")
-    with pytest.raises(download.PrepareError, match="not a readable tar or zip archive"):
+    with pytest.raises(errors.PrepareError, match="not a readable tar or zip archive"):
         download.prepare(root, archive=str(broken), workers=1, quiet=True)
     assert not os.path.exists(os.path.join(root, download.IMAGES_DIR))
     assert os.listdir(root) == []
@@ -213,7 +215,7 @@ def test_member_escaping_the_folder_is_refused(tmp_path):
         info.size = len(payload)
         tar.addfile(info, io.BytesIO(payload))
     root = str(tmp_path / "deep" / "root")
-    with pytest.raises(download.PrepareError, match="outside the target folder"):
+    with pytest.raises(errors.PrepareError, match="outside the target folder"):
         download.prepare(root, archive=evil, workers=1, quiet=True)
     assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "deep" / "escaped.txt").exists()
 
@@ -221,7 +223,7 @@ def test_member_escaping_the_folder_is_refused(tmp_path):
 def test_html_page_saved_as_archive_is_caught(tmp_path):
     fake = tmp_path / "caltech-101.zip.part"
     fake.write_text("<!DOCTYPE html><html><body>Sign in</body></html>")
-    with pytest.raises(download.PrepareError, match="HTML page"):
+    with pytest.raises(errors.PrepareError, match="HTML page"):
         download.check_archive_bytes(str(fake), download.OFFICIAL_ZIP_MD5, "test")
     assert not fake.exists()
 
@@ -322,7 +324,7 @@ def test_bad_downloads_leave_nothing_at_the_final_path(official_like_zip, tmp_pa
         server = ArchiveServer(data[:100] + b"X" + data[101:])
     root = tmp_path / "root"
     try:
-        with pytest.raises(download.PrepareError, match="HTML page" if kind == "html" else "md5"):
+        with pytest.raises(errors.PrepareError, match="HTML page" if kind == "html" else "md5"):
             download.prepare(str(root), url=server.url, md5=md5, workers=1, quiet=True)
     finally:
         server.close()

@@ -8,6 +8,7 @@ import augment
 import data_utils
 import devices
 import engine
+import errors
 import metrics
 import model_utils
 import presets
@@ -61,7 +62,7 @@ def test_schedule_warms_up_then_decays():
     assert linear(10) == pytest.approx(0.5)
     constant = engine.lr_lambda(20, 0, "constant", 0.3)
     assert constant(0) == constant(19) == pytest.approx(1.0)
-    with pytest.raises(presets.ConfigError, match="unknown schedule 'cosin': choose one of cosine, linear"):
+    with pytest.raises(errors.ConfigError, match="unknown schedule 'cosin': choose one of cosine, linear"):
         engine.lr_lambda(20, 0, "cosin", 0.0)  # never a silent constant LR
 
 
@@ -107,7 +108,7 @@ def test_amp_auto_picks_bf16_only_where_it_is_native(monkeypatch, capability, ex
     monkeypatch.setattr(torch.cuda, "get_device_capability", FakeCuda(capability).get_device_capability)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert devices.resolve_amp("auto", torch.device("cuda", 0)) == expected
-    with pytest.raises(presets.ConfigError, match="fp16 needs CUDA"):
+    with pytest.raises(errors.ConfigError, match="fp16 needs CUDA"):
         devices.resolve_amp("fp16", CPU)
 
 
@@ -134,9 +135,9 @@ def test_each_rank_and_its_dali_pipeline_use_cuda_local_rank(monkeypatch):
     assert dali_loader.dali_device_id(device) == 2 and dali_loader.dali_device_id(torch.device("cuda")) == 2
     assert devices.resolve_device("cuda:3") == torch.device("cuda", 3) and gpus.current == 3
     assert dali_loader.dali_device_id(CPU) is None
-    with pytest.raises(presets.ConfigError, match="only 4 CUDA device"):
+    with pytest.raises(errors.ConfigError, match="only 4 CUDA device"):
         devices.resolve_device("cuda:4")
-    with pytest.raises(presets.ConfigError, match="CUDA_VISIBLE_DEVICES"):
+    with pytest.raises(errors.ConfigError, match="CUDA_VISIBLE_DEVICES"):
         devices.resolve_device("cuda:1", local_rank=0)
 
 
@@ -148,7 +149,7 @@ def test_a_gpu_torch_cannot_use_is_said_in_one_line(monkeypatch, capsys):
     assert len(err.strip().splitlines()) == 1 and "NVIDIA GPU is present" in err and "driver" in err
     monkeypatch.setattr(devices, "nvidia_gpu_present", lambda: False)
     assert devices.resolve_device("auto") == CPU and capsys.readouterr().err == ""
-    with pytest.raises(presets.ConfigError, match="no CUDA device is visible"):
+    with pytest.raises(errors.ConfigError, match="no CUDA device is visible"):
         devices.resolve_device("cuda")
 
 
@@ -164,14 +165,14 @@ def test_auto_device_is_cuda_then_apples_mps_then_the_cpu(monkeypatch, capsys):
     assert devices.resolve_device("auto", local_rank=0) == CPU  # torchrun ranks: CUDA or gloo on the CPU, not MPS
     assert devices.resolve_amp("auto", mps) == (None, False)
     assert devices.resolve_amp("bf16", mps) == (torch.bfloat16, False)
-    with pytest.raises(presets.ConfigError, match="amp=fp16 needs CUDA; on mps use --amp bf16 or --amp off"):
+    with pytest.raises(errors.ConfigError, match="amp=fp16 needs CUDA; on mps use --amp bf16 or --amp off"):
         devices.resolve_amp("fp16", mps)
     assert data_utils.choose_loader("auto", mps) == ("torch", "DALI does not run on mps")
-    with pytest.raises(data_utils.splits.DataError, match="DALI does not run on mps; use --loader torch"):
+    with pytest.raises(data_utils.errors.DataError, match="DALI does not run on mps; use --loader torch"):
         data_utils.choose_loader("dali", mps)
     monkeypatch.setattr(devices, "mps_available", lambda: False)
     assert devices.resolve_device("auto") == CPU
-    with pytest.raises(presets.ConfigError, match="device=mps but torch .* has no usable MPS backend here"):
+    with pytest.raises(errors.ConfigError, match="device=mps but torch .* has no usable MPS backend here"):
         devices.resolve_device("mps")
     assert presets.resolve(overrides={"device": "mps"})["device"] == "mps"
 
@@ -302,7 +303,7 @@ def test_interleaved_non_finite_steps_do_not_stop_but_consecutive_ones_do():
     stats, model = run_poisoned({1, 3, 5})  # max_bad_steps 2: never two in a row
     assert stats["skipped_steps"] == 3 and stats["completed"]
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    with pytest.raises(engine.TrainingError, match="2 non-finite losses in a row"):
+    with pytest.raises(errors.TrainingError, match="2 non-finite losses in a row"):
         run_poisoned({3, 4})
 
 
@@ -347,6 +348,7 @@ def test_no_device_reads_between_log_points(prepared_root, monkeypatch):
     assert count(2) == count(6)  # reads happen at the (single, final) log point only
 
 
+@pytest.mark.slow
 def test_lr_finder_restores_everything_and_stops_on_divergence(prepared_root, tmp_path):
     import find_lr
     from conftest import tiny_cfg

@@ -10,13 +10,14 @@ from PIL import Image
 import data_utils
 import devices
 import engine
+import errors
 import evaluate
 import export
 import model_utils
 import predict
 import presets
 import splits
-import train_caltech101 as train
+import training
 from conftest import tiny_cfg
 
 CPU = torch.device("cpu")
@@ -25,7 +26,7 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def run_at_48(prepared_root, tmp_path_factory):
     """Trained on 32 px crops, evaluated on 48 px centre crops."""
-    return train.main(tiny_cfg(prepared_root, tmp_path_factory.mktemp("eval48"), epochs=1, eval_img_size=48))
+    return training.main(tiny_cfg(prepared_root, tmp_path_factory.mktemp("eval48"), epochs=1, eval_img_size=48))
 
 
 def direct_val_top1(run_dir, data_root, size):
@@ -36,6 +37,7 @@ def direct_val_top1(run_dir, data_root, size):
     return engine.evaluate(model, loader, 3, amp_dtype)["val_top1"]
 
 
+@pytest.mark.slow
 def test_training_evaluates_at_the_eval_size_and_evaluate_can_choose_another(run_at_48, prepared_root, tmp_path):
     run_dir = run_at_48["out_dir"]
     config = json.load(open(os.path.join(run_dir, "config.json")))
@@ -52,6 +54,7 @@ def test_training_evaluates_at_the_eval_size_and_evaluate_can_choose_another(run
     assert os.path.isfile(os.path.join(run_dir, "eval_val_32px", "report.json"))  # not over the 48 px report
 
 
+@pytest.mark.slow
 def test_export_and_predict_use_the_eval_size(run_at_48, tmp_path):
     run_dir = run_at_48["out_dir"]
     report = export.main(export.get_args_parser().parse_args(["--checkpoint", run_dir, "--out", str(tmp_path),
@@ -69,6 +72,6 @@ def test_export_and_predict_use_the_eval_size(run_at_48, tmp_path):
 
 
 def test_eval_size_is_checked():
-    with pytest.raises(presets.ConfigError, match="eval_img_size must be >= 32 pixels, or 0 for img_size"):
+    with pytest.raises(errors.ConfigError, match="eval_img_size must be >= 32 pixels, or 0 for img_size"):
         presets.resolve("cpu_smoke", {"eval_img_size": 16})
     assert presets.eval_size(presets.resolve("cpu_smoke")) == 96  # 0: the training size

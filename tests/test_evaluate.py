@@ -20,7 +20,7 @@ import predict
 import presets
 import report_page
 import splits
-import train_caltech101 as train
+import training
 from conftest import CLASS_COLOURS, make_image, one_line_error, run_cli, tiny_cfg
 
 CPU = torch.device("cpu")
@@ -104,7 +104,7 @@ def test_comparison_table(trained_run, prepared_root, tmp_path, capfd):
 
     with Image.open(plot_curves(trained_run["out_dir"], str(tmp_path / "c.png"))) as img:
         assert img.width > 800
-    second = train.main(tiny_cfg(prepared_root, tmp_path, epochs=1, img_size=48, img_size_start=32,
+    second = training.main(tiny_cfg(prepared_root, tmp_path, epochs=1, img_size=48, img_size_start=32,
                                  class_balance="loss"))
     table = evaluate.compare_runs([trained_run["out_dir"], second["out_dir"]]).splitlines()
     head = [c.strip() for c in table[0].strip("|").split("|")]
@@ -280,6 +280,7 @@ def patch_model():
     return model.eval(), generator
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["gradcam", "gradcam++"])
 def test_gradcam_heat_sits_in_the_evidence_quadrant(patch_model, method):
     """Evidence in the top-right quadrant (an off-diagonal one: a map with rows and columns swapped would put the

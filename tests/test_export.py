@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+import errors
 import export
+import exporter
 import model_utils
 import predict
 import runs
@@ -21,6 +23,7 @@ def exported(trained_run, tmp_path_factory):
     return out, report
 
 
+@pytest.mark.slow
 def test_both_formats_reload_and_match_eager_at_two_batch_sizes(exported, trained_run, prepared_with_test):
     out, report = exported
     assert report["inputs"].startswith("27 real val images")
@@ -99,6 +102,7 @@ def test_bad_inputs_are_one_line(trained_run, tmp_path, capfd):
     one_line_error(code, err, "cannot write to")
 
 
+@pytest.mark.slow
 def test_a_mismatch_exits_naming_the_figures(trained_run, tmp_path, monkeypatch):
     real = torch.export.load
 
@@ -111,11 +115,12 @@ def test_a_mismatch_exits_naming_the_figures(trained_run, tmp_path, monkeypatch)
         return type("P", (), {"module": lambda self: Off()})()
 
     monkeypatch.setattr(torch.export, "load", perturbed)
-    with pytest.raises(export.ExportError, match="torch.export program differs .* max abs logit difference 0.01"):
+    with pytest.raises(errors.ExportError, match="torch.export program differs .* max abs logit difference 0.01"):
         export.main(export.get_args_parser().parse_args(["--checkpoint", trained_run["out_dir"], "--format", "pt2",
                                                          "--out", str(tmp_path)]))
 
 
+@pytest.mark.slow
 def test_real_val_images_drive_the_check(real_root, tmp_path):
     """With the real data: a 101-class ResNet-18 (random weights: the check is about the export, not accuracy),
     exported and checked on real val images of the split."""
@@ -124,6 +129,6 @@ def test_real_val_images_drive_the_check(real_root, tmp_path):
     torch.save(model.state_dict(), tmp_path / "best.pth")
     (tmp_path / "classes.txt").write_text("\n".join(splits.read_classes(real_root)) + "\n")
     run = runs.open_run(str(tmp_path / "best.pth"), "resnet18", 64, str(tmp_path / "classes.txt"))
-    report = export.export(run, str(tmp_path / "out"), ("onnx",), data_root=real_root, check_images=32)
+    report = exporter.export(run, str(tmp_path / "out"), ("onnx",), data_root=real_root, check_images=32)
     assert report["inputs"] == f"32 real val images of {real_root}"
     assert report["files"]["model.onnx"]["batch_8"]["top1_agreement"] == 1.0

@@ -20,7 +20,7 @@ import devices
 import engine
 import model_utils
 import splits
-import train_caltech101 as train
+import training
 from conftest import CountOps, FixedBatches, tiny_cfg
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
@@ -76,7 +76,7 @@ AMP_MODES = ["fp16"] + (["bf16"] if torch.cuda.is_available() and torch.cuda.get
 
 @pytest.mark.parametrize("amp,cache", [(mode, False) for mode in AMP_MODES] + [("auto", True)])
 def test_a_short_run_on_the_gpu_writes_every_output(prepared_root, tmp_path, amp, cache):
-    result = train.main(tiny_cfg(prepared_root, tmp_path, device="cuda", amp=amp, cache=cache, epochs=2,
+    result = training.main(tiny_cfg(prepared_root, tmp_path, device="cuda", amp=amp, cache=cache, epochs=2,
                                  workers=2))
     run_dir = result["out_dir"]
     for name in ("best.pth", "best_loss.pth", "last.pth", "config.json", "metrics.csv", "summary.json"):

@@ -4,6 +4,7 @@ import os
 import pytest
 import torch
 
+import errors
 import model_utils
 
 
@@ -12,7 +13,7 @@ def test_get_model_builds_each_arch_with_a_new_head():
         model = model_utils.get_model(num_classes=101, arch=arch)
         assert model.fc.in_features == width and model.fc.out_features == 101
         assert model(torch.randn(2, 3, 64, 64)).shape == (2, 101)
-    with pytest.raises(model_utils.ModelError, match="resnet18, resnet34"):
+    with pytest.raises(errors.ModelError, match="resnet18, resnet34"):
         model_utils.get_model(arch="vgg16")
 
 
@@ -32,7 +33,7 @@ def test_pretrained_offline_without_cache_names_weights_flag_and_path(tmp_path, 
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    with pytest.raises(model_utils.ModelError) as err:
+    with pytest.raises(errors.ModelError) as err:
         model_utils.get_model(pretrained=True)
     message = str(err.value)
     assert "--weights" in message and os.path.join(str(tmp_path / "empty_home"), "hub", "checkpoints") in message

@@ -20,6 +20,7 @@ from PIL import Image, ImageFile
 import augment
 import checkpoint
 import engine
+import errors
 import evaluate
 import fileio
 import model_utils
@@ -28,6 +29,7 @@ import runs
 import split_writer
 import splits
 import train_caltech101 as train
+import training
 from conftest import ROOT, FixedBatches, make_image, one_line_error, run_cli, tiny_argv, tiny_cfg
 
 CPU = torch.device("cpu")
@@ -105,6 +107,7 @@ def test_a_skipped_step_is_as_if_the_batch_never_came():
     assert all(torch.isfinite(v).all() for v in poisoned_ema.values())
 
 
+@pytest.mark.slow
 def test_a_run_with_injected_non_finite_batches_ends_finite(prepared_root, tmp_path, monkeypatch):
     """Two NaN batches in a short real run (the loader's images poisoned at steps 2 and 5): the run skips them,
     finishes with finite figures, and last.pth holds only finite buffers."""
@@ -118,7 +121,7 @@ def test_a_run_with_injected_non_finite_batches_ends_finite(prepared_root, tmp_p
         return real_step(model, images, *args, **kwargs)
 
     monkeypatch.setattr(engine, "train_step", poisoned_step)
-    result = train.main(tiny_cfg(prepared_root, tmp_path, epochs=2))
+    result = training.main(tiny_cfg(prepared_root, tmp_path, epochs=2))
     assert [r["skipped_steps"] for r in result["rows"]] == [1, 1]
     assert all(math.isfinite(r[k]) for r in result["rows"] for k in ("train_loss", "val_loss", "val_top1"))
     last = load(os.path.join(result["out_dir"], "last.pth"))
@@ -173,11 +176,11 @@ def no_decode(monkeypatch):
 
 def test_over_limit_images_are_refused_from_the_header(hostile_files, no_decode):
     for name, path in hostile_files.items():
-        with pytest.raises(splits.DataError) as info:
+        with pytest.raises(errors.DataError) as info:
             splits.load_rgb(path)
         message = str(info.value)
         assert "\n" not in message and path in message and "pixel limit" in message and "89,478,485" in message
-        with pytest.raises(splits.DataError, match="pixel limit"):
+        with pytest.raises(errors.DataError, match="pixel limit"):
             splits.image_sizes(os.path.dirname(path), [name])
         assert "pixel limit" in split_writer.check_image(path)
 
@@ -187,7 +190,7 @@ def test_the_limit_is_pils_own(tmp_path, monkeypatch):
     make_image((10, 200, 10), np.random.default_rng(0), size=(60, 40)).save(path)
     assert splits.load_rgb(str(path)).size == (60, 40)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 60 * 40 - 1)  # a user who lowers it is obeyed
-    with pytest.raises(splits.DataError, match="2,399-pixel limit"):
+    with pytest.raises(errors.DataError, match="2,399-pixel limit"):
         splits.load_rgb(str(path))
 
 
@@ -261,6 +264,7 @@ def test_processes_claiming_at_once_get_different_folders(tmp_path):
     assert all(os.path.isfile(os.path.join(f, runs.CLAIM_FILE)) for f in folders)
 
 
+@pytest.mark.slow
 def test_runs_started_together_end_in_their_own_complete_folders(prepared_root, tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "train_caltech101.py"),
            *tiny_argv(prepared_root, tmp_path, epochs=1)]
@@ -281,9 +285,10 @@ def test_runs_started_together_end_in_their_own_complete_folders(prepared_root, 
 # ---------------------------------------------------------------------------------------------
 # --keep_checkpoints
 
+@pytest.mark.slow
 def test_keep_checkpoints_keeps_the_newest_epochs_and_each_resumes(prepared_root, tmp_path, capfd):
     kw = dict(epochs=4, deterministic=True)
-    result = train.main(tiny_cfg(prepared_root, tmp_path / "runs", keep_checkpoints=2, **kw))
+    result = training.main(tiny_cfg(prepared_root, tmp_path / "runs", keep_checkpoints=2, **kw))
     run_dir = result["out_dir"]
     kept = sorted(f for f in os.listdir(run_dir) if f.startswith("epoch_"))
     assert kept == ["epoch_003.pth", "epoch_004.pth"]

@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+import errors
 import presets
 import train_caltech101 as train
 from conftest import ROOT
@@ -87,7 +88,7 @@ def test_a_runs_config_json_reruns_it(tmp_path):
 def test_bad_config_files_fail_naming_file_and_key(tmp_path, text, match):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
-    with pytest.raises(presets.ConfigError, match=match) as err:
+    with pytest.raises(errors.ConfigError, match=match) as err:
         presets.resolve("cpu_smoke", config=str(path))
     assert len(str(err.value).splitlines()) == 1
     assert "bad.yaml" in str(err.value) or "arch" in str(err.value)
@@ -102,12 +103,12 @@ def test_bad_config_files_fail_naming_file_and_key(tmp_path, text, match):
     ({"freeze_epochs": 2}, "needs a frozen start"), ({"trainable": "head", "freeze_epochs": 40}, "leaves no epoch"),
 ])
 def test_bad_values_are_rejected_with_the_valid_choices(overrides, match):
-    with pytest.raises(presets.ConfigError, match=match):
+    with pytest.raises(errors.ConfigError, match=match):
         presets.resolve("cpu_smoke", overrides)
 
 
 def test_unknown_preset_lists_the_valid_ones():
-    with pytest.raises(presets.ConfigError) as err:
+    with pytest.raises(errors.ConfigError) as err:
         presets.resolve("r18_best")
     assert "r18_pretrain_lowwd_mix02" in str(err.value) and "cpu_smoke" in str(err.value)
 
@@ -163,7 +164,7 @@ def test_config_file_values_known_answers(tmp_path):
     assert cfg["amp"] == "off" and presets.parse_stage_lrs(cfg["stage_lrs"]) == [1e-3, 1e-4]
     assert cfg["lr_backbone"] == cfg["lr_fc"] == 3e-4
     path.write_text("stage_lrs: {head: 1}\n")
-    with pytest.raises(presets.ConfigError, match="expected LRs from the head down: a list or comma-separated"):
+    with pytest.raises(errors.ConfigError, match="expected LRs from the head down: a list or comma-separated"):
         presets.resolve("cpu_smoke", config=str(path))
 
 

@@ -14,12 +14,14 @@ import torch
 
 import checkpoint
 import download
+import errors
 import evaluate
 import model_utils
 import predict
 import runs
 import splits
 import train_caltech101 as train
+import training
 from conftest import ROOT, one_line_error, run_cli, stopped_run, tiny_argv, tiny_cfg
 
 # Every stateful piece on (MixUp/CutMix, EMA, early stopping, gradual unfreezing at epoch 2, layer-wise LRs, label
@@ -81,11 +83,12 @@ def position(run_dir):
 @pytest.fixture(scope="module")
 def straight_run(prepared_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("straight")
-    result = train.main(tiny_cfg(prepared_root, out, epochs=3, deterministic=True, batch_size=1, img_size=64,
+    result = training.main(tiny_cfg(prepared_root, out, epochs=3, deterministic=True, batch_size=1, img_size=64,
                                  **EVERYTHING))
     return result["out_dir"]
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_gives_identical_weights(straight_run, prepared_root, tmp_path):
     run_dir = str(tmp_path / "cpu_smoke")
     proc = subprocess.Popen(cli_cmd(prepared_root, tmp_path, *SLOW), stdout=subprocess.PIPE,
@@ -103,6 +106,7 @@ def test_sigkill_then_resume_gives_identical_weights(straight_run, prepared_root
     assert same_training_state(straight_run, run_dir)
 
 
+@pytest.mark.slow
 def test_sigterm_inside_an_epoch_saves_that_step(straight_run, prepared_root, tmp_path):
     """The signal arrives while a step of epoch 2 runs (seen through the per-step checkpoints): the run finishes
     that step, saves it (next_step > 0), prints the resume command and exits 143; the resume ends as the
@@ -123,6 +127,7 @@ def test_sigterm_inside_an_epoch_saves_that_step(straight_run, prepared_root, tm
     assert same_training_state(straight_run, run_dir)
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_stops_at_once_and_keeps_the_checkpoint(prepared_root, tmp_path):
     """The second Ctrl-C is sent once the first one's message is out, while the step it lets finish is still
     running (224 px, batch 8: about a second a step here): no save completes, the process exits 130 with one line
@@ -146,6 +151,7 @@ def test_a_second_ctrl_c_stops_at_once_and_keeps_the_checkpoint(prepared_root, t
     assert not [f for f in os.listdir(run_dir) if ".tmp" in f]
 
 
+@pytest.mark.slow
 def test_ctrl_c_with_the_torch_loader_is_one_message(prepared_root, tmp_path):
     run_dir = tmp_path / "cpu_smoke"
     proc = subprocess.Popen(cli_cmd(prepared_root, tmp_path, "--loader", "torch", "--workers", "2", epochs=50),
@@ -157,6 +163,7 @@ def test_ctrl_c_with_the_torch_loader_is_one_message(prepared_root, tmp_path):
     assert err.count("SIGINT") == 1 and "Traceback" not in err and "KeyboardInterrupt" not in err, err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["exception", "enospc"])
 @pytest.mark.parametrize("target", ["last.pth", "best.pth"])
 def test_a_failed_save_keeps_the_previous_file(prepared_root, tmp_path, monkeypatch, fault, target):
@@ -174,11 +181,11 @@ def test_a_failed_save_keeps_the_previous_file(prepared_root, tmp_path, monkeypa
             raise RuntimeError("power cut simulation")
 
     monkeypatch.setattr(checkpoint.torch, "save", failing_save)
-    monkeypatch.setattr(train.engine.EarlyStopping, "step", lambda self, value, epoch: (True, False))  # a new best
-    expected = (train.engine.TrainingError, "no space left on device") if fault == "enospc" \
+    monkeypatch.setattr(training.engine.EarlyStopping, "step", lambda self, value, epoch: (True, False))  # a new best
+    expected = (errors.TrainingError, "no space left on device") if fault == "enospc" \
         else (RuntimeError, "power cut")
     with pytest.raises(expected[0], match=expected[1]):
-        train.main(dict(cfg, resume="auto"))
+        training.main(dict(cfg, resume="auto"))
     assert open(path, "rb").read() == before
     assert not [f for f in os.listdir(os.path.dirname(path)) if ".tmp" in f]
     monkeypatch.undo()
@@ -200,7 +207,7 @@ def test_every_checkpoint_write_is_fsynced_before_the_rename(prepared_root, tmp_
 
     monkeypatch.setattr(checkpoint.os, "fsync", fsync)
     monkeypatch.setattr(checkpoint.os, "replace", replace)
-    train.main(tiny_cfg(prepared_root, tmp_path, epochs=1))
+    training.main(tiny_cfg(prepared_root, tmp_path, epochs=1))
     for name in ("last.pth", "best.pth", "best_loss.pth", "config.json", "metrics.csv", "summary.json", "curves.png"):
         assert name in renamed, name
 
@@ -217,7 +224,7 @@ def test_malicious_pickle_is_refused_without_running(tmp_path, prepared_root, ca
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pth"
     torch.save({"fc.weight": RunsCode(str(marker))}, evil)
-    with pytest.raises(model_utils.ModelError, match="refused"):
+    with pytest.raises(errors.ModelError, match="refused"):
         model_utils.load_state_dict_file(str(evil))
     for flag in ("--weights", "--resume"):
         code, _, err = run_cli(train.cli, tiny_argv(prepared_root, tmp_path / "out", flag, str(evil)), capfd)
@@ -232,11 +239,11 @@ def test_truncated_and_foreign_checkpoints_are_named(tmp_path, prepared_root, ca
     torch.save(model.state_dict(), good)
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    with pytest.raises(model_utils.ModelError, match="truncated.pth"):
+    with pytest.raises(errors.ModelError, match="truncated.pth"):
         model_utils.load_state_dict_file(str(truncated))
     text = tmp_path / "notes.pth"
     text.write_text("hello")
-    with pytest.raises(model_utils.ModelError, match="notes.pth"):
+    with pytest.raises(errors.ModelError, match="notes.pth"):
         model_utils.load_state_dict_file(str(text))
     code, _, err = run_cli(train.cli, tiny_argv(prepared_root, tmp_path / "out", "--resume", str(truncated)), capfd)
     one_line_error(code, err, "truncated.pth")
@@ -251,10 +258,11 @@ def test_prefixed_state_dicts_load_and_head_mismatch_is_explained(tmp_path):
         assert torch.equal(loaded.fc.weight, model.fc.weight)
     imagenet = tmp_path / "imagenet.pth"
     torch.save(model_utils.torchvision.models.resnet18(num_classes=1000).state_dict(), imagenet)
-    with pytest.raises(model_utils.ModelError, match="1000-class head.*--weights"):
+    with pytest.raises(errors.ModelError, match="1000-class head.*--weights"):
         model_utils.load_trained(str(imagenet), num_classes=101)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loader", ["dali", "torch"])
 def test_a_corrupt_image_through_the_cli_is_one_line(prepared_root, tmp_path, capfd, loader):
     root = str(tmp_path / "root")
@@ -296,6 +304,7 @@ def test_bad_paths_fail_in_one_line(prepared_root, tmp_path, capfd):
         one_line_error(code, err, expected)
 
 
+@pytest.mark.slow
 def test_the_real_cli_prints_one_line(prepared_root, tmp_path):
     """Each script's own entry point, in a fresh interpreter: a bad input is one line on stderr and exit 1."""
     cases = [(["train_caltech101.py", "--data_root", str(tmp_path / "nowhere"), "--device", "cpu"], "download.py"),

@@ -23,7 +23,7 @@ import predict
 import report_page
 import runs
 import splits
-import train_caltech101 as train
+import training
 from conftest import one_line_error, run_cli, stop_at, tiny_cfg
 
 NUMBER = re.compile(r"(?<![\w.-])\d+(?:\.\d+)?(?![\w.])")  # not in names: image_0001.jpg, top-1, layer4
@@ -127,10 +127,11 @@ def self_contained(page):
 def paged_run(prepared_with_test, tmp_path_factory):
     """A finished 3-epoch run with its page (torch loader: the by-hand evaluation below preprocesses alike)."""
     out = tmp_path_factory.mktemp("paged")
-    result = train.main(tiny_cfg(prepared_with_test, out, epochs=3, report_page=True, loader="torch", seed=1))
+    result = training.main(tiny_cfg(prepared_with_test, out, epochs=3, report_page=True, loader="torch", seed=1))
     return result["out_dir"]
 
 
+@pytest.mark.slow
 def test_the_run_page_is_self_contained_and_every_figure_is_its_files(paged_run):
     text = open(os.path.join(paged_run, "report.html"), encoding="utf-8").read()
     page = Page(text)
@@ -222,9 +223,10 @@ def test_a_thousand_class_page_caps_its_matrix_and_stays_small(tmp_path):
     assert check_figures(Page(text), {"report": report}) > 3 * n  # support, recall, precision per class, the cap
 
 
+@pytest.mark.slow
 def test_a_signal_stop_leaves_a_page_of_what_exists(prepared_root, tmp_path, monkeypatch):
     stop_at(5, monkeypatch)  # 3 steps per epoch: inside epoch 2
-    result = train.main(tiny_cfg(prepared_root, tmp_path, epochs=3, report_page=True))
+    result = training.main(tiny_cfg(prepared_root, tmp_path, epochs=3, report_page=True))
     run_dir = os.path.join(str(tmp_path), "cpu_smoke")
     assert result["exit_code"] != 0 and not os.path.exists(os.path.join(run_dir, "summary.json"))
     text = open(os.path.join(run_dir, "report.html"), encoding="utf-8").read()
@@ -235,14 +237,16 @@ def test_a_signal_stop_leaves_a_page_of_what_exists(prepared_root, tmp_path, mon
     assert any(f["src"][:2] == ["metrics", 0] for f in page.figures)  # epoch 1's row is on it
 
 
+@pytest.mark.slow
 def test_an_early_stop_writes_the_page_with_its_reason(prepared_root, tmp_path):
-    result = train.main(tiny_cfg(prepared_root, tmp_path, epochs=5, early_stop_patience=1, monitor="val_loss",
+    result = training.main(tiny_cfg(prepared_root, tmp_path, epochs=5, early_stop_patience=1, monitor="val_loss",
                                  min_delta=100.0, report_page=True))
     text = open(os.path.join(result["out_dir"], "report.html"), encoding="utf-8").read()
     assert "early stop: " in text and result["rows"][-1]["epoch"] == 2
     check_figures(Page(text), sources(result["out_dir"]))
 
 
+@pytest.mark.slow
 def test_evaluate_writes_its_page_and_compare_writes_one(paged_run, tmp_path, capfd):
     code, out, err = run_cli(evaluate.cli, ["--checkpoint", paged_run, "--split", "test", "--out_dir",
                                             str(tmp_path / "ev")], capfd)
@@ -284,7 +288,7 @@ def test_progress_bars_only_on_a_terminal(prepared_root, tmp_path, capfd, monkey
     """A redirected stderr (a log file, CI) gets the epoch lines and no bar redraws, even with progress on."""
     monkeypatch.delenv("CI", raising=False)
     capfd.readouterr()
-    train.main(tiny_cfg(prepared_root, tmp_path, epochs=1, progress=True))
+    training.main(tiny_cfg(prepared_root, tmp_path, epochs=1, progress=True))
     out, err = capfd.readouterr()
     assert "epoch 1/1:" in out and "\r" not in err and "step/s" not in err and "s/step" not in err
 

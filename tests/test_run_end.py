@@ -9,11 +9,13 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 import checkpoint
 import runs
 import train_caltech101 as train
+import training
 from conftest import ROOT, one_line_error, run_cli, stopped_run, tiny_argv, tiny_cfg
 
 DRIVER = os.path.join(ROOT, "tests", "ddp_driver.py")
@@ -38,8 +40,9 @@ def relaunch(out_dir, capfd, *extra):
     return run_cli(train.cli, ["--exp", "cpu_smoke", "--out_dir", str(out_dir), "--resume", "auto", *extra], capfd)
 
 
+@pytest.mark.slow
 def test_a_finished_run_relaunched_says_so_and_touches_nothing(prepared_root, tmp_path, capfd):
-    result = train.main(tiny_cfg(prepared_root, tmp_path, epochs=2))
+    result = training.main(tiny_cfg(prepared_root, tmp_path, epochs=2))
     run_dir = result["out_dir"]
     before = snapshot(tmp_path)
     for extra in ([], ["--resume", os.path.join(run_dir, "last.pth")]):
@@ -51,9 +54,10 @@ def test_a_finished_run_relaunched_says_so_and_touches_nothing(prepared_root, tm
         assert snapshot(tmp_path) == before  # no file written, not even rewritten with the same bytes
 
 
+@pytest.mark.slow
 def test_an_early_stopped_run_stays_stopped(prepared_root, tmp_path, capfd):
     # min_delta 10: nothing after the first evaluation counts as an improvement, so patience 1 stops after epoch 2
-    result = train.main(tiny_cfg(prepared_root, tmp_path, epochs=5, early_stop_patience=1, monitor="val_loss",
+    result = training.main(tiny_cfg(prepared_root, tmp_path, epochs=5, early_stop_patience=1, monitor="val_loss",
                                  min_delta=10.0))
     assert [r["epoch"] for r in result["rows"]] == [1, 2] and result["summary"]["early_stop"]
     before = snapshot(tmp_path)
@@ -88,8 +92,9 @@ def interrupted_at_the_end(prepared_root, out_dir, signum):
     return proc.returncode, "".join(lines) + out, err
 
 
+@pytest.mark.slow
 def test_sigterm_during_the_end_of_run_work_finishes_it(prepared_root, tmp_path, capfd):
-    straight = train.main(tiny_cfg(prepared_root, tmp_path / "straight", epochs=2, deterministic=True))
+    straight = training.main(tiny_cfg(prepared_root, tmp_path / "straight", epochs=2, deterministic=True))
     code, out, err = interrupted_at_the_end(prepared_root, tmp_path / "runs", signal.SIGTERM)
     run_dir = str(tmp_path / "runs" / "cpu_smoke")
     assert code == 0, err
@@ -100,8 +105,9 @@ def test_sigterm_during_the_end_of_run_work_finishes_it(prepared_root, tmp_path,
     assert code == 0 and "nothing to do" in out
 
 
+@pytest.mark.slow
 def test_a_kill_during_the_end_of_run_work_is_completed_by_resume(prepared_root, tmp_path, capfd):
-    straight = train.main(tiny_cfg(prepared_root, tmp_path / "straight", epochs=2, deterministic=True))
+    straight = training.main(tiny_cfg(prepared_root, tmp_path / "straight", epochs=2, deterministic=True))
     code, _, _ = interrupted_at_the_end(prepared_root, tmp_path / "runs", signal.SIGKILL)
     run_dir = str(tmp_path / "runs" / "cpu_smoke")
     assert code == -signal.SIGKILL
@@ -118,6 +124,7 @@ def test_a_kill_during_the_end_of_run_work_is_completed_by_resume(prepared_root,
     assert code == 0 and "nothing to do" in out
 
 
+@pytest.mark.slow
 def test_a_resumed_runs_config_json_reruns_it_in_a_new_folder(prepared_root, tmp_path, monkeypatch, capfd):
     stopped = stopped_run(tiny_cfg(prepared_root, tmp_path, epochs=2), at=4, monkeypatch=monkeypatch)
     code, _, err = relaunch(tmp_path, capfd)
@@ -141,7 +148,7 @@ def test_a_finished_run_with_a_changed_split_and_missing_files_is_refused(prepar
 
     root = tmp_path / "root"
     shutil.copytree(prepared_root, root)
-    result = train.main(tiny_cfg(str(root), tmp_path / "runs", epochs=1))
+    result = training.main(tiny_cfg(str(root), tmp_path / "runs", epochs=1))
     os.remove(os.path.join(result["out_dir"], "summary.json"))
     lines = (root / "train.txt").read_text().splitlines()
     (root / "train.txt").write_text("\n".join(lines[1:]) + "\n")
@@ -161,16 +168,18 @@ def test_the_signal_message_offers_a_second_ctrl_c_only_for_ctrl_c(capsys):
         stop.restore()
 
 
+@pytest.mark.slow
 def test_the_duration_estimate_is_per_phase_and_rough_where_it_must_be(prepared_root, tmp_path, capfd):
-    train.main(tiny_cfg(prepared_root, tmp_path / "a", epochs=2, trainable="head", freeze_epochs=1))
+    training.main(tiny_cfg(prepared_root, tmp_path / "a", epochs=2, trainable="head", freeze_epochs=1))
     out = capfd.readouterr().out
     line = next(line for line in out.splitlines() if line.startswith("estimate:"))
     assert "s per step frozen, " in line and "s per step training everything" in line and "rough:" in line
-    train.main(tiny_cfg(prepared_root, tmp_path / "b", epochs=1))
+    training.main(tiny_cfg(prepared_root, tmp_path / "b", epochs=1))
     line = next(line for line in capfd.readouterr().out.splitlines() if line.startswith("estimate:"))
     assert "per step frozen" not in line and "rough:" in line  # 3 steps: start-up and evaluation dominate
 
 
+@pytest.mark.slow
 def test_the_resumed_epoch_counts_the_time_before_the_stop(prepared_root, tmp_path, monkeypatch):
     """Epoch 2's first two steps take at least 1.5 s each (a sleep), then the run stops and resumes: epoch 2's row
     counts those 3 s in its train time and its wall time, as the uninterrupted epoch would."""
@@ -186,12 +195,13 @@ def test_the_resumed_epoch_counts_the_time_before_the_stop(prepared_root, tmp_pa
 
     monkeypatch.setattr(engine, "optimizer_step", slow_step)
     stopped_run(tiny_cfg(prepared_root, tmp_path, epochs=2), at=5, monkeypatch=monkeypatch)
-    resumed = train.main(tiny_cfg(prepared_root, tmp_path, epochs=2, resume="auto"))
+    resumed = training.main(tiny_cfg(prepared_root, tmp_path, epochs=2, resume="auto"))
     first, second = resumed["rows"]
     assert second["train_time_s"] >= 3.0
     assert second["wall_time_s"] - first["wall_time_s"] >= 3.0
 
 
+@pytest.mark.slow
 def test_a_last_pth_from_before_newer_settings_resumes(prepared_root, tmp_path, monkeypatch, capfd):
     """A last.pth whose config lacks settings added since (keep_checkpoints) resumes with their defaults."""
     stopped = stopped_run(tiny_cfg(prepared_root, tmp_path, epochs=2), at=4, monkeypatch=monkeypatch)

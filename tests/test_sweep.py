@@ -19,7 +19,7 @@ import torch
 
 import sweep
 import sweep_report
-import train_caltech101 as train
+import training
 from conftest import ROOT, one_line_error, run_cli
 
 SWEEP = os.path.join(ROOT, "sweep.py")
@@ -84,6 +84,7 @@ def two_workers_share(data_root, tmp_path, storage_flags, url, join_by_name):
     assert len([d for d in os.listdir(tmp_path / "sw" / "shared") if d.startswith("trial_")]) == 3
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_sqlite_study(prepared_root, tmp_path):
     two_workers_share(prepared_root, tmp_path, [], "sqlite:///" + str(tmp_path / "sw" / "shared" / "study.db"),
                       join_by_name=False)
@@ -123,10 +124,12 @@ def postgres():
         shutil.rmtree(folder, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_postgresql_study(prepared_root, tmp_path, postgres):
     two_workers_share(prepared_root, tmp_path, ["--storage", postgres], postgres, join_by_name=True)
 
 
+@pytest.mark.slow
 def test_a_trial_that_cannot_learn_is_pruned_and_the_best_config_reruns(prepared_root, tmp_path, capfd):
     """Trial 0 (LR 0.001) runs its 4 epochs (val top-1 0.33, 0.42, 0.55, 0.91); trial 1 (LR 0: it cannot learn) is
     pruned at its third evaluation, ending as an early stop does. (Optuna's median rule compares a trial's best
@@ -155,7 +158,7 @@ def test_a_trial_that_cannot_learn_is_pruned_and_the_best_config_reruns(prepared
     assert "http://" not in html and "https://" not in html and "src=\"data:image/png" in html
     best = best_config_is_the_trial(folder, good)
     assert best["data_root"] == os.path.abspath(prepared_root)  # said, so it never silently trains on other data
-    result = train.main(*rerun(folder / "best_config.yaml", tmp_path / "rerun"))
+    result = training.main(*rerun(folder / "best_config.yaml", tmp_path / "rerun"))
     assert result["summary"]["best"]["val_top1"] == good.value
 
     # A sweep folder moved elsewhere reports from its own database (sweep.json names it relative to the folder).
@@ -196,6 +199,7 @@ def wait_for_epochs(run_dir, epochs, proc):
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_a_stopped_then_killed_trial_continues_to_the_uninterrupted_weights(prepared_root, tmp_path):
     """SIGTERM after epoch 1: the worker stops after the run saves and the trial is queued; the next worker
     continues it and is SIGKILLed after epoch 2; a restarted worker finds the trial's heartbeat stale, continues the
@@ -251,6 +255,7 @@ def test_bad_space_files_are_one_line_errors(prepared_root, tmp_path, capfd, tex
     assert not (tmp_path / "sw").exists()
 
 
+@pytest.mark.slow
 def test_storage_and_study_errors_are_one_line(prepared_root, tmp_path, capfd):
     space = space_file(tmp_path)
     with socket.socket() as s:  # a port nothing listens on
@@ -277,6 +282,7 @@ def test_storage_and_study_errors_are_one_line(prepared_root, tmp_path, capfd):
     assert not (tmp_path / "c").exists()
 
 
+@pytest.mark.slow
 def test_workers_started_together_on_a_new_database_all_open_it(tmp_path):
     """Four processes open one new SQLite study at once: they race to write the schema (IntegrityError, 'table
     already exists'); each loser retries and joins (this failed once in CI before the retry)."""
@@ -299,10 +305,11 @@ def test_a_flag_that_a_sampled_shorthand_would_override_is_refused(prepared_root
     assert not (tmp_path / "sw").exists()
 
 
+@pytest.mark.slow
 def test_a_trial_that_crashes_fails_and_the_worker_goes_on(prepared_root, tmp_path, capfd, monkeypatch):
     """Any error inside a trial (here a library's RuntimeError in the first trial) fails that trial with its reason;
     the worker runs the next one, and the study ends with its trials."""
-    real, calls = train.main, []
+    real, calls = training.main, []
 
     def crashes_first(cfg, explicit=None, judge=None):
         calls.append(cfg["name"])
@@ -310,7 +317,7 @@ def test_a_trial_that_crashes_fails_and_the_worker_goes_on(prepared_root, tmp_pa
             raise RuntimeError("boom in a library")
         return real(cfg, explicit, judge=judge)
 
-    monkeypatch.setattr(train, "main", crashes_first)
+    monkeypatch.setattr(training, "main", crashes_first)
     space = space_file(tmp_path, "lr: {log_uniform: [1.0e-4, 1.0e-3]}\n")
     code, out, err = run_cli(sweep.cli, flags(prepared_root, tmp_path / "sw", space, trials=2)[1:], capfd)
     assert code == 0, err[-2000:]
@@ -319,6 +326,7 @@ def test_a_trial_that_crashes_fails_and_the_worker_goes_on(prepared_root, tmp_pa
     assert "trial 0 failed: RuntimeError: boom in a library" in err
 
 
+@pytest.mark.slow
 def test_a_run_config_file_defines_a_sweep_as_it_defines_a_run(trained_run, prepared_root, tmp_path, capfd):
     """A run's config.json (with its record keys split, world_size, ran_on and exp) beside --exp: the trial
     trains the file's settings under the space's values (`lr` beats the file's lr_fc and lr_backbone) and the

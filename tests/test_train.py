@@ -16,6 +16,7 @@ import presets
 import resolution
 import runs
 import train_caltech101 as train
+import training
 from conftest import one_line_error, run_cli, stop_at, stopped_run, tiny_argv, tiny_cfg
 
 
@@ -109,11 +110,12 @@ def test_train_val_test_table(trained_run, prepared_with_test):
     assert [c.strip() for c in table[2].strip("|").split("|")][head.index("time to best")] == f"{to_best / 60:.1f} min"
 
 
+@pytest.mark.slow
 def test_a_new_run_never_reuses_a_run_folder(prepared_root, tmp_path):
-    first = train.main(tiny_cfg(prepared_root, tmp_path, epochs=1))
+    first = training.main(tiny_cfg(prepared_root, tmp_path, epochs=1))
     config = os.path.join(first["out_dir"], "config.json")
     before = open(config, "rb").read()
-    second = train.main(tiny_cfg(prepared_root, tmp_path, epochs=1))
+    second = training.main(tiny_cfg(prepared_root, tmp_path, epochs=1))
     assert first["out_dir"].endswith("cpu_smoke") and second["out_dir"].endswith("cpu_smoke_2")
     assert open(config, "rb").read() == before
 
@@ -124,7 +126,7 @@ def test_a_new_run_never_reuses_a_run_folder(prepared_root, tmp_path):
                                            (("--loader", "dali", "--workers", "0"), "at least 1 thread"),
                                            (("--batch_size", "0"), "batch_size must be > 0")])
 def test_a_run_that_fails_at_start_up_writes_nothing(prepared_root, tmp_path, capfd, argv, expected):
-    train.main(tiny_cfg(prepared_root, tmp_path, epochs=1))
+    training.main(tiny_cfg(prepared_root, tmp_path, epochs=1))
     run_dir = tmp_path / "cpu_smoke"
     before = {name: (run_dir / name).read_bytes() for name in ("config.json", "last.pth", "metrics.csv")}
     code, _, err = run_cli(train.cli, tiny_argv(prepared_root, tmp_path, *argv), capfd)
@@ -153,6 +155,7 @@ def without_times(row):
 
 @pytest.mark.parametrize("loader,cache,at", [("torch", False, 5), ("dali", False, 5), ("dali", True, 5),
                                              ("dali", False, 2)])
+@pytest.mark.slow
 def test_a_mid_epoch_stop_resumes_to_the_same_state(prepared_root, tmp_path, monkeypatch, loader, cache, at):
     """Every loader, every stateful piece on: stop inside epoch 2 (the first that trains everything; at=2: inside
     the frozen epoch 1), resume, end bit-identical to an uninterrupted run (weights, EMA weights, optimizer state,
@@ -160,12 +163,12 @@ def test_a_mid_epoch_stop_resumes_to_the_same_state(prepared_root, tmp_path, mon
     torch loader's crops come from the plan, not from worker RNGs."""
     kw = dict(EVERYTHING, loader=loader, cache=cache, deterministic=True, workers=2 if loader == "torch" else 1)
     assert resolution.train_sizes(tiny_cfg(prepared_root, tmp_path, **kw)) == [32, 36, 40]
-    straight = train.main(tiny_cfg(prepared_root, tmp_path / "straight", **kw))
+    straight = training.main(tiny_cfg(prepared_root, tmp_path / "straight", **kw))
     stopped = stopped_run(tiny_cfg(prepared_root, tmp_path / "halves", **kw), at=at, monkeypatch=monkeypatch)
     assert stopped["exit_code"] == 128 + signal.SIGTERM
     state = load(os.path.join(stopped["out_dir"], "last.pth"))
     assert (state["next_epoch"], state["next_step"]) == (at // 3 + 1, at % 3)  # 3 steps per epoch
-    resumed = train.main(tiny_cfg(prepared_root, tmp_path / "halves", resume="auto", **kw))
+    resumed = training.main(tiny_cfg(prepared_root, tmp_path / "halves", resume="auto", **kw))
     assert resumed["out_dir"] == stopped["out_dir"]
     a, b = (load(os.path.join(r["out_dir"], "last.pth")) for r in (straight, resumed))
     assert same_weights(a["model"], b["model"])
@@ -176,6 +179,7 @@ def test_a_mid_epoch_stop_resumes_to_the_same_state(prepared_root, tmp_path, mon
     assert rows[0] == rows[1] and len(rows[0]) == 3
 
 
+@pytest.mark.slow
 def test_resume_takes_the_runs_settings_from_its_checkpoint(prepared_root, tmp_path, monkeypatch, capfd):
     """A run started with --img_size 48 --epochs 3, then resumed with --resume auto alone, goes on at 48 px for 3
     epochs; a run-defining flag that differs is refused; an operational one is applied with a note."""
@@ -219,6 +223,7 @@ def test_warmup_longer_than_the_run_is_flagged(prepared_root, tmp_path, capfd):
     assert code == 0 and "never reaches its peak" in err
 
 
+@pytest.mark.slow
 def test_the_report_kits_readme_command(prepared_root, tmp_path, capfd):
     """Its quick start, verbatim (trailing slashes, --output_dir), plus --scratch and size flags for a CPU."""
     argv = ["--exp", "r18_pretrain_main", "--data_root", prepared_root + "/", "--output_dir", str(tmp_path) + "/",
@@ -238,12 +243,13 @@ def test_print_model_shows_both_heads_and_what_trains(prepared_root, capfd):
     assert "head, layer4 train" in out and "trainable=layer4+head" in out
 
 
+@pytest.mark.slow
 def test_compiled_run_releases_plain_weights(prepared_root, tmp_path, monkeypatch):
     # The kit's job is what happens around torch.compile (prefix-free checkpoints, static shapes); the backend is
     # swapped for the eager one so the test does not pay for Inductor's code generation.
     real = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, **kw: real(model, backend="eager"))
-    result = train.main(tiny_cfg(prepared_root, tmp_path, compile=True, epochs=1))
+    result = training.main(tiny_cfg(prepared_root, tmp_path, compile=True, epochs=1))
     for name in ("best.pth", "last.pth"):
         state = load(os.path.join(result["out_dir"], name))
         state = state.get("model", state)
@@ -253,8 +259,9 @@ def test_compiled_run_releases_plain_weights(prepared_root, tmp_path, monkeypatc
     assert len(list(csv.DictReader(open(os.path.join(result["out_dir"], "metrics.csv"))))) == 1
 
 
+@pytest.mark.slow
 def test_pretrained_path_runs_offline(prepared_root, tmp_path, seeded_torch_home):
-    result = train.main(tiny_cfg(prepared_root, tmp_path, pretrained=True, epochs=1, trainable="layer4+head",
+    result = training.main(tiny_cfg(prepared_root, tmp_path, pretrained=True, epochs=1, trainable="layer4+head",
                                  amp="off"))
     best = load(os.path.join(result["out_dir"], "best.pth"))
     assert torch.equal(best["conv1.weight"], seeded_torch_home["conv1.weight"])  # frozen and ImageNet-initialised
@@ -262,9 +269,10 @@ def test_pretrained_path_runs_offline(prepared_root, tmp_path, seeded_torch_home
     assert not torch.equal(best["layer4.0.conv1.weight"], seeded_torch_home["layer4.0.conv1.weight"])
 
 
+@pytest.mark.slow
 def test_ema_run_reports_and_releases_the_average(prepared_root, tmp_path, monkeypatch):
     cfg = tiny_cfg(prepared_root, tmp_path / "a", epochs=2, ema_decay=0.5, deterministic=True)
-    result = train.main(cfg)
+    result = training.main(cfg)
     rows = result["rows"]
     assert all("raw_val_top1" in r for r in rows)
     last = load(os.path.join(result["out_dir"], "last.pth"))
@@ -274,39 +282,41 @@ def test_ema_run_reports_and_releases_the_average(prepared_root, tmp_path, monke
     stopped = stopped_run(tiny_cfg(prepared_root, tmp_path / "b", epochs=2, ema_decay=0.5, deterministic=True), 4,
                           monkeypatch)
     assert stopped["exit_code"] == 128 + signal.SIGTERM
-    resumed = train.main(tiny_cfg(prepared_root, tmp_path / "b", epochs=2, ema_decay=0.5, deterministic=True,
+    resumed = training.main(tiny_cfg(prepared_root, tmp_path / "b", epochs=2, ema_decay=0.5, deterministic=True,
                                   resume="auto"))
     again = load(os.path.join(resumed["out_dir"], "last.pth"))
     assert same_weights(again["ema"]["module"], last["ema"]["module"])
 
 
+@pytest.mark.slow
 def test_early_stopping_stops_where_an_uninterrupted_run_stops(prepared_root, tmp_path, monkeypatch):
     """monitor val_loss with a min_delta no epoch can beat: the first evaluation is the best, patience 2 stops
     after epoch 3, also across a resume after epoch 2."""
     kw = dict(epochs=6, monitor="val_loss", early_stop_patience=2, min_delta=100.0, deterministic=True)
-    straight = train.main(tiny_cfg(prepared_root, tmp_path / "a", **kw))
+    straight = training.main(tiny_cfg(prepared_root, tmp_path / "a", **kw))
     assert [r["epoch"] for r in straight["rows"]] == [1, 2, 3] and straight["best_epoch"] == 1
     summary = straight["summary"]
     assert "did not improve by more than 100.0 for 2 evaluations" in summary["early_stop"]
     stopped = stopped_run(tiny_cfg(prepared_root, tmp_path / "b", **kw), 6, monkeypatch)
     assert load(os.path.join(stopped["out_dir"], "last.pth"))["early_stopping"]["wait"] == 1
-    resumed = train.main(tiny_cfg(prepared_root, tmp_path / "b", resume="auto", **kw))
+    resumed = training.main(tiny_cfg(prepared_root, tmp_path / "b", resume="auto", **kw))
     assert [r["epoch"] for r in resumed["rows"]] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_gradual_unfreezing_switches_and_resumes_exactly(prepared_root, tmp_path, monkeypatch, capfd):
     kw = dict(epochs=3, trainable="head", freeze_epochs=1, deterministic=True)
     code, out, _ = run_cli(train.cli, tiny_argv(prepared_root, tmp_path / "c", "--freeze", "head", "--freeze_epochs",
                                                 "1", epochs=2), capfd)
     assert code == 0 and "epoch 2: unfreezing every stage" in out
-    straight = train.main(tiny_cfg(prepared_root, tmp_path / "a", **kw))
+    straight = training.main(tiny_cfg(prepared_root, tmp_path / "a", **kw))
     # The logged LR is the next step's: after epoch 1 the backbone takes its first warmup step (2 warmup steps,
     # peak 0.002), while the head is past its own warmup.
     assert straight["rows"][0]["lr_layer1_decay"] == pytest.approx(0.001)
     assert straight["rows"][1]["lr_layer1_decay"] < 0.002 and straight["rows"][0]["lr_head_decay"] > 0.001
     stopped = stopped_run(tiny_cfg(prepared_root, tmp_path / "b", **kw), 3, monkeypatch)  # at the unfreeze point
     assert load(os.path.join(stopped["out_dir"], "last.pth"))["next_epoch"] == 2
-    resumed = train.main(tiny_cfg(prepared_root, tmp_path / "b", resume="auto", **kw))
+    resumed = training.main(tiny_cfg(prepared_root, tmp_path / "b", resume="auto", **kw))
     assert same_weights(load(os.path.join(straight["out_dir"], "last.pth"))["model"],
                         load(os.path.join(resumed["out_dir"], "last.pth"))["model"])
     first = load(os.path.join(straight["out_dir"], "best.pth"))
