@@ -52,6 +52,7 @@ import errors
 import metrics
 import model_utils
 import presets
+import settings_cli
 import splits
 from bench_baselines import (
     DecodeOnly,
@@ -370,11 +371,11 @@ def bench_recipes(args, device):
     import runs
     import training
 
-    parser = presets.settings_parser("a training recipe")
+    parser = settings_cli.settings_parser("a training recipe")
     seconds, names = [], []
     with tempfile.TemporaryDirectory() as out_dir:
         for k, flags in enumerate(args.recipes):
-            exp, config, overrides, _ = presets.settings_from_args(parser.parse_args(shlex.split(flags)))
+            exp, config, overrides, _ = settings_cli.settings_from_args(parser.parse_args(shlex.split(flags)))
             overrides = {"data_root": args.data_root, **overrides, "out_dir": out_dir, "name": f"recipe_{k}",
                          "progress": False}
             cfg = presets.resolve(exp, overrides, config=config)

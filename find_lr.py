@@ -29,6 +29,7 @@ import errors
 import model_utils
 import plots
 import presets
+import settings_cli
 import splits
 
 
@@ -117,8 +118,8 @@ def main(cfg, steps=100, start=1e-7, end=10.0):
 
 
 def get_args_parser():
-    parser = presets.settings_parser("LR finder: sweep a multiplier on every group's peak LR over real batches, plot, "
-                                     "suggest. Takes every training flag.")
+    parser = settings_cli.settings_parser("LR finder: sweep a multiplier on every group's peak LR over real batches, "
+                                          "plot, suggest. Takes every training flag.")
     parser.add_argument("--steps", type=int, default=100, help="sweep length in training steps (default: 100)")
     parser.add_argument("--start", type=float, default=1e-7, help="first multiplier (default: 1e-7)")
     parser.add_argument("--end", type=float, default=10.0, help="last multiplier (default: 10)")
@@ -129,7 +130,7 @@ def cli(argv=None):
     args = get_args_parser().parse_args(argv)
     steps, start, end = args.steps, args.start, args.end
     del args.steps, args.start, args.end
-    exp, config, overrides, _ = presets.settings_from_args(args)
+    exp, config, overrides, _ = settings_cli.settings_from_args(args)
 
     def run():
         if steps < 3 or not 0 < start < end:

@@ -27,12 +27,13 @@ import fileio
 import metrics
 import presets
 import runs
+import settings_cli
 import splits
 import sweep_report
+import sweep_space
 import training
 from sweep_report import continued_trial
 
-KINDS = ("log_uniform", "uniform", "int", "choice")
 DEFAULT_STORAGE = "study.db"  # sweep.json's name for the SQLite file in the sweep folder (which may move)
 PRUNERS = ("median", "halving", "hyperband", "none")
 
@@ -51,98 +52,6 @@ class TrialCrashed(errors.KitError):
 
 class Surplus(errors.KitError):
     """Asked for after the study had its --trials (workers raced): told failed, marked surplus, never run."""
-
-
-# ---------------------------------------------------------------------------------------------
-# the search space
-
-def load_space(path):
-    """{setting: (kind, values)} from a space file; one-line errors for unknown settings and bad ranges."""
-    import yaml
-
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except OSError as e:
-        raise errors.ConfigError(f"cannot read space file {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise errors.ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
-    if not isinstance(data, dict) or not data:
-        raise errors.ConfigError(f"{path}: a space maps settings to distributions, e.g. lr_fc: "
-                                  f"{{log_uniform: [1.0e-4, 1.0e-2]}}")
-    space = {}
-    for key, spec in data.items():
-        where = f"{path}: {key}"
-        # `lr` (one LR for backbone and head) is the one shorthand a space takes: it is a number.
-        typed = "lr_backbone" if key == "lr" else presets.canonical(key, None, where=f"setting in {path}")[0]
-        key = "lr" if key == "lr" else typed
-        if key not in presets.SWEEPABLE and key != "lr":
-            raise errors.ConfigError(f"{where}: {not_sweepable(key)}")
-        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in KINDS:
-            raise errors.ConfigError(f"{where}: expected one of {', '.join(f'{{{k}: ...}}' for k in KINDS)}, got "
-                                      f"{spec!r}")
-        kind, values = next(iter(spec.items()))
-        if kind == "choice":
-            if not isinstance(values, list) or not values:
-                raise errors.ConfigError(f"{where}: choice takes a non-empty list, got {values!r}")
-            values = [presets.check_type(typed, presets.canonical(typed, v)[1], where=path) for v in values]
-        else:
-            if isinstance(values, list):  # YAML reads 1e-4 (no dot) as text
-                values = [number(v) for v in values]
-            if not (isinstance(values, list) and len(values) == 2
-                    and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
-                raise errors.ConfigError(f"{where}: {kind} takes [low, high], got {values!r}")
-            low, high = values
-            if not low < high or (kind == "log_uniform" and low <= 0) or \
-                    (kind == "int" and not all(float(v).is_integer() for v in values)):
-                raise errors.ConfigError(f"{where}: bad range [{low}, {high}] for {kind} (low < high"
-                                          + (", both > 0" if kind == "log_uniform" else "")
-                                          + (", whole numbers" if kind == "int" else "") + ")")
-            default = presets.DEFAULTS[typed]
-            if isinstance(default, bool) or not isinstance(default, (int, float)) or \
-                    (kind != "int" and isinstance(default, int)):
-                raise errors.ConfigError(f"{where}: {key} takes {type(default).__name__} values, not a {kind} range"
-                                          + ("; use int or choice" if isinstance(default, int) else ""))
-            presets.check_type(typed, int(low) if kind == "int" else float(low), where=path)
-        space[key] = (kind, values)
-    return space
-
-
-def not_sweepable(key):
-    """Why a setting cannot be in a space (it can be a flag of sweep.py, the same for every trial)."""
-    if key == "monitor":
-        return ("monitor decides what the study optimises and in which direction: trials monitored by different "
-                "metrics cannot be ranked; give it as a flag (--monitor)")
-    kind = presets.SETTINGS[key].kind
-    if kind == presets.RUN:
-        return f"{key} is not sampled (a file path, not a value to search); give it as a flag of sweep.py"
-    what = {presets.CONTROL: "how a run is watched, saved and stopped", presets.MACHINE: "how a machine runs it",
-            presets.OUTPUT: "where a run is written", presets.LAUNCH: "how a process is launched"}[kind]
-    return f"{key} says {what}, not what a run learns; give it as a flag of sweep.py"
-
-
-def number(value):
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
-
-
-def suggest(trial, space):
-    """The trial's values of the space (a continuation gets its trial's own)."""
-    out = {}
-    for key, (kind, values) in space.items():
-        if kind == "log_uniform":
-            out[key] = trial.suggest_float(key, *map(float, values), log=True)
-        elif kind == "uniform":
-            out[key] = trial.suggest_float(key, *map(float, values))
-        elif kind == "int":
-            out[key] = trial.suggest_int(key, *map(int, values))
-        else:
-            out[key] = trial.suggest_categorical(key, list(values))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,7 +161,7 @@ def objective_for(study, args, definition, sweep_dir, space):
                 raise Surplus(f"trial {trial.number}: the study already has its {args.trials} trials")
         # Seeded by the trial's number (unique over all workers): one worker repeats, two never draw alike.
         study.sampler = optuna.samplers.TPESampler(seed=args.seed * 100003 + trial.number, constant_liar=True)
-        values = suggest(trial, space)
+        values = sweep_space.suggest(trial, space)
         trial.set_user_attr("values", values)
         settings = {**sweep_report.trial_settings(definition["flags"], values), **args.local, "out_dir": sweep_dir}
         if prior is None:
@@ -355,8 +264,8 @@ def summarize_states(trials):
 # the command line
 
 def get_args_parser():
-    p = presets.settings_parser("Hyperparameter sweep on Optuna: trials are runs of the kit. Training flags apply to "
-                                "every trial, under the space's sampled values; --seed also seeds the sampler.")
+    p = settings_cli.settings_parser("Hyperparameter sweep on Optuna: trials are runs of the kit. Training flags apply "
+                                     "to every trial, under the space's sampled values; --seed also seeds the sampler.")
     g = p.add_argument_group("sweep")
     g.add_argument("--space", default=None, help="YAML search space (needed to create a study; a worker joining "
                                                  "one may leave it out)")
@@ -388,7 +297,7 @@ def main(args):
         args.study, args.storage = record["study"], args.storage or storage_url(args.report, record["storage"])
         args.heartbeat = args.grace = None
         return sweep_report.report(args.report, open_study(args, None, create=False), record)
-    exp, config, flags, _ = presets.settings_from_args(argparse.Namespace(
+    exp, config, flags, _ = settings_cli.settings_from_args(argparse.Namespace(
         **{k: v for k, v in vars(args).items() if k not in SWEEP_FLAGS}))
     for key in ("name", "resume"):
         if key in flags:
@@ -408,7 +317,7 @@ def main(args):
         raise errors.ConfigError("training flags and --exp define a study: give them with its --space (a worker "
                                   "joining a study needs neither)")
     if args.space is not None:
-        space = load_space(args.space)
+        space = sweep_space.load_space(args.space)
         exp = exp or presets.DEFAULT_EXP
         for key in space:  # a flag the sampled value would silently override (a config file's values are a base)
             given = sorted(set(command_line) & set(presets.expand_shorthands({key: 1.0}) if key == "lr" else {key}))

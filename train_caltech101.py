@@ -18,18 +18,20 @@ import dali_loader
 import errors
 import presets
 import run_report
+import settings_cli
 import splits
 import training
 
 
 def get_args_parser():
-    return presets.settings_parser("Train a ResNet on Caltech-101. Flags override the preset chosen by --exp and the "
-                                   "--config file. Every flag also takes its hyphenated spelling (--batch-size).")
+    return settings_cli.settings_parser("Train a ResNet on Caltech-101. Flags override the preset chosen by --exp and "
+                                        "the --config file. Every flag also takes its hyphenated spelling "
+                                        "(--batch-size).")
 
 
 def cli(argv=None):
     """The command line: parse, resolve settings, train; one-line errors (errors.run_cli)."""
-    return errors.run_cli(run, *presets.settings_from_args(get_args_parser().parse_args(argv)),
+    return errors.run_cli(run, *settings_cli.settings_from_args(get_args_parser().parse_args(argv)),
                           interrupted="interrupted: stopped at once; the last checkpoint written is intact "
                                       "(--resume auto)")
 

@@ -7,6 +7,7 @@ import pytest
 
 import errors
 import presets
+import settings_cli
 import train_caltech101 as train
 from conftest import ROOT
 
@@ -114,7 +115,7 @@ def test_unknown_preset_lists_the_valid_ones():
 
 
 def parse(*argv):
-    exp, config, overrides, show = presets.settings_from_args(train.get_args_parser().parse_args(list(argv)))
+    exp, config, overrides, show = settings_cli.settings_from_args(train.get_args_parser().parse_args(list(argv)))
     return presets.resolve(exp, overrides, config=config), show
 
 
@@ -182,10 +183,10 @@ def test_help_is_one_entry_per_setting_with_its_meaning(capsys):
 
 
 def test_the_settings_page_is_generated_from_the_records():
-    """docs/settings.md is presets.settings_markdown() exactly: a setting added or changed without regenerating the
+    """docs/settings.md is settings_cli.settings_markdown() exactly: a setting added or changed without regenerating the
     page fails here."""
     with open(os.path.join(ROOT, "docs", "settings.md"), encoding="utf-8") as f:
         page = f.read()
-    assert page == presets.settings_markdown(), ("docs/settings.md is out of date: python -c \"import presets; "
-                                                 "print(presets.settings_markdown(), end='')\" > docs/settings.md")
+    assert page == settings_cli.settings_markdown(), ("docs/settings.md is out of date: python -c \"import presets; "
+                                                 "print(settings_cli.settings_markdown(), end='')\" > docs/settings.md")
     assert all(f"| `{key}` | {s.kind} |" in page for key, s in presets.SETTINGS.items())
