@@ -44,17 +44,12 @@ import numpy as np
 import torch
 
 import augment
-import cache_loader
 import data_utils
-import devices
-import engine
-import errors
-import metrics
 import model_utils
 import presets
-import settings_cli
-import splits
-from bench_baselines import (
+from kit.base import devices, errors
+from kit.data import cache_loader, splits
+from kit.reporting.bench_baselines import (
     DecodeOnly,
     PlainLoader,
     RepeatBatch,
@@ -63,6 +58,8 @@ from bench_baselines import (
     sync,
     time_images,
 )
+from kit.settings import settings_cli
+from kit.training import engine, metrics
 
 SECTIONS = ("data", "step", "e2e", "eval", "infer", "overhead")  # the default: throughput
 BY_NAME = ("recipes",)  # only when asked for: whole training runs
@@ -258,7 +255,7 @@ def bench_infer(args, device):
     kit's bf16 channels_last), at batch 1 and 64, over the same real val images."""
     import onnxruntime
 
-    import exporter
+    from kit.models import exporter
 
     files, _ = split_subset(args.data_root, "val", 64)
     root = splits.image_root(args.data_root)
@@ -303,7 +300,7 @@ def bench_infer(args, device):
 def bench_overhead(args, device):
     """What a training epoch pays besides its steps: writing last.pth (synchronously, and the training thread's
     share with the background writer), and a val evaluation, relative to the steps of one train epoch."""
-    import checkpoint
+    from kit.training import checkpoint
 
     model, optimizer = make_model(args, device)
     amp_dtype, _ = devices.resolve_amp(args.amp, device)
@@ -368,8 +365,7 @@ def bench_overhead(args, device):
 def bench_recipes(args, device):
     """Recipe A (the baseline) then recipe B, each a whole training run from its own flags (train_caltech101's);
     --data_root fills in a recipe's data unless it names its own. Device and precision are the recipes'."""
-    import runs
-    import training
+    from kit.training import runs, training
 
     parser = settings_cli.settings_parser("a training recipe")
     seconds, names = [], []

@@ -17,12 +17,10 @@ import os
 
 import torch
 
-import cache_loader
-import dali_loader
-import errors
 import presets
-import resolution
-import splits
+from kit.base import errors
+from kit.data import cache_loader, dali_loader, splits
+from kit.settings import resolution
 
 
 class PlanDataset(torch.utils.data.Dataset):

@@ -16,12 +16,10 @@ import sys
 
 import torch
 
-import dali_loader
 import data_utils
-import devices
-import errors
 import presets
-import splits
+from kit.base import devices, errors
+from kit.data import dali_loader, splits
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 MIN_FREE_GIB = 2.0  # a run folder holds checkpoints of 45-135 MB each; extracted Caltech-101 is about 130 MB

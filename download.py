@@ -28,15 +28,15 @@ import urllib.error
 import urllib.request
 import zipfile
 
-import errors
-from split_writer import (  # noqa: F401 - re-exported: download.py is the data preparation's entry point
+from kit.base import errors
+from kit.data.split_writer import (  # noqa: F401 - re-exported: download.py is the data preparation's entry point
     check_resplit,
     existing_split,
     make_split,
     prepare_folder,
     split_params,
 )
-from splits import IMAGES_DIR
+from kit.data.splits import IMAGES_DIR
 
 OFFICIAL_URL = "https://data.caltech.edu/records/mzrjq-6wc02/files/caltech-101.zip"
 OFFICIAL_ZIP_MD5 = "3138e1922a9193bfa496528edbbc45d0"

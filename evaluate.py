@@ -19,16 +19,11 @@ import json
 import os
 import sys
 
-import dali_loader
-import devices
-import engine
-import errors
-import metrics
-import plots
 import presets
-import report_page
-import runs
-import splits
+from kit.base import devices, errors
+from kit.data import dali_loader, splits
+from kit.reporting import plots, report_page
+from kit.training import engine, metrics, runs
 
 
 def write_per_class(m, classes, path):

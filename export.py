@@ -18,9 +18,9 @@ import argparse
 import os
 import sys
 
-import errors
-import exporter
-import runs
+from kit.base import errors
+from kit.models import exporter
+from kit.training import runs
 
 
 def get_args_parser():

@@ -21,16 +21,14 @@ import numpy as np
 import torch
 
 import augment
-import dali_loader
 import data_utils
-import devices
-import engine
-import errors
 import model_utils
-import plots
 import presets
-import settings_cli
-import splits
+from kit.base import devices, errors
+from kit.data import dali_loader, splits
+from kit.reporting import plots
+from kit.settings import settings_cli
+from kit.training import engine
 
 
 def lr_find(model, loader, optimizer, scaler, mixer, amp_dtype, cfg, start=1e-7, end=10.0, steps=100, beta=0.98,

@@ -17,8 +17,8 @@ import torch
 import torch.nn as nn
 import torchvision
 
-import archs
-import errors
+from kit.base import errors
+from kit.models import archs
 
 ARCHS = tuple(archs.ANATOMIES)
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP and torch.compile wrappers

@@ -28,12 +28,11 @@ import sys
 
 import torch
 
-import errors
-import gradcam
 import model_utils
-import report_page
-import runs
-import splits
+from kit.base import errors
+from kit.data import splits
+from kit.reporting import gradcam, report_page
+from kit.training import runs
 
 
 class Predictor:

@@ -20,10 +20,10 @@ import os
 import sys
 import typing
 
-import errors
-import metrics
 import model_utils
-import resolution
+from kit.base import errors
+from kit.settings import resolution
+from kit.training import metrics
 
 DEFAULT_EXP = "r18_pretrain_main"  # run 3 of the report, the kit's default
 

@@ -22,17 +22,13 @@ import time
 import traceback
 import warnings
 
-import errors
-import fileio
-import metrics
 import presets
-import runs
-import settings_cli
-import splits
-import sweep_report
-import sweep_space
-import training
-from sweep_report import continued_trial
+from kit.base import errors, fileio
+from kit.data import splits
+from kit.settings import settings_cli
+from kit.sweeps import sweep_report, sweep_space
+from kit.sweeps.sweep_report import continued_trial
+from kit.training import metrics, runs, training
 
 DEFAULT_STORAGE = "study.db"  # sweep.json's name for the SQLite file in the sweep folder (which may move)
 PRUNERS = ("median", "halving", "hyperband", "none")

@@ -14,13 +14,12 @@ and how it goes: training.py. This file is the command line: parse, resolve the 
 import os
 import sys
 
-import dali_loader
-import errors
 import presets
-import run_report
-import settings_cli
-import splits
-import training
+from kit.base import errors
+from kit.data import dali_loader, splits
+from kit.reporting import run_report
+from kit.settings import settings_cli
+from kit.training import training
 
 
 def get_args_parser():

@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import checkpoint
 import download
 import model_utils
+from kit.training import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the kit (pytest.ini puts it on the path)
 
@@ -151,7 +151,7 @@ def tiny_argv(data_root, out_dir, *extra, exp="cpu_smoke", epochs=2):
 def trained_run(prepared_with_test, tmp_path_factory):
     """One finished 3-epoch run (with a test split) that evaluation, prediction and export tests read, never
     change."""
-    import training
+    from kit.training import training
 
     return training.main(tiny_cfg(prepared_with_test, tmp_path_factory.mktemp("trained"), epochs=3))
 
@@ -195,8 +195,7 @@ def counting_step(real):
 
 
 def stop_at(at, monkeypatch):
-    import checkpoint
-    import engine
+    from kit.training import checkpoint, engine
 
     StopAfter.at, StopAfter.steps = at, 0
     monkeypatch.setattr(checkpoint, "GracefulStop", StopAfter)
@@ -204,7 +203,7 @@ def stop_at(at, monkeypatch):
 
 
 def stopped_run(cfg, at, monkeypatch):
-    import training
+    from kit.training import training
 
     stop_at(at, monkeypatch)
     result = training.main(cfg)

@@ -10,10 +10,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import engine  # noqa: E402
 import model_utils  # noqa: E402
 import train_caltech101  # noqa: E402
-import training  # noqa: E402
+from kit.training import (
+    engine,  # noqa: E402
+    training,  # noqa: E402
+)
 
 if os.environ.get("KIT_TEST_BN_EVAL") == "1":
     def eval_bn(model, trainable, frozen_bn="eval"):

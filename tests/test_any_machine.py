@@ -8,14 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-import dali_loader
 import data_utils
 import download
 import export
 import predict
-import splits
 import train_caltech101 as train
 from conftest import make_image, one_line_error, run_cli, stopped_run, tiny_argv, tiny_cfg
+from kit.data import dali_loader, splits
 
 
 @pytest.mark.slow

@@ -9,14 +9,14 @@ import onnxruntime
 import pytest
 import torch
 
-import archs
 import evaluate
 import export
-import gradcam
 import model_utils
 import predict
-import training
 from conftest import CLASS_COLOURS, make_image, run_cli, tiny_cfg
+from kit.models import archs
+from kit.reporting import gradcam
+from kit.training import training
 
 FAMILIES = ["resnet18", "mobilenet_v3_large"]
 

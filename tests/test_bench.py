@@ -5,7 +5,7 @@ import json
 import pytest
 
 import bench
-import bench_baselines
+from kit.reporting import bench_baselines
 
 
 @pytest.mark.slow
@@ -70,7 +70,7 @@ def test_recipes_race_two_runs_to_a_val_top1(prepared_root, tmp_path, monkeypatc
     A target neither reaches is reported as not reached (infinite time), with the best it got."""
     import contextlib
 
-    import runs
+    from kit.training import runs
 
     monkeypatch.setattr(bench.tempfile, "TemporaryDirectory", lambda: contextlib.nullcontext(str(tmp_path)))
     tiny = "--img_size 48 --batch_size 4 --eval_batch_size 8 --workers 1 --epochs 1 --warmup_epochs 0.5"

@@ -8,10 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-import cache_loader
 import data_utils
-import splits
 from conftest import CountOps
+from kit.data import cache_loader, splits
 
 CPU = torch.device("cpu")
 MEAN = torch.tensor(splits.IMAGENET_MEAN).view(1, 3, 1, 1) * 255

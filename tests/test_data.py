@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 import data_utils
-import errors
-import splits
 from conftest import CLASS_COLOURS
+from kit.base import errors
+from kit.data import splits
 
 CPU = torch.device("cpu")
 MEAN = torch.tensor(splits.IMAGENET_MEAN).view(1, 3, 1, 1)

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import evaluate
-import splits
 from conftest import ROOT
+from kit.data import splits
 
 DRIVER = os.path.join(ROOT, "tests", "ddp_driver.py")
 # `--standalone` relaunches fail on torch 2.14 (the new gloo ranks dial the old ones' ports), so the README's

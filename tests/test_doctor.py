@@ -5,11 +5,11 @@ import types
 
 import torch
 
-import dali_loader
 import data_utils
-import devices
 import doctor
 from conftest import run_cli
+from kit.base import devices
+from kit.data import dali_loader
 
 
 def table(capfd, *argv):

@@ -11,8 +11,8 @@ import zipfile
 import pytest
 
 import download
-import errors
 from conftest import BAD_FILES, CLASS_COLOURS, IMAGES_PER_CLASS, ROOT, make_targz, one_line_error, run_cli
+from kit.base import errors
 
 GOOD_PER_CLASS = IMAGES_PER_CLASS + 1  # + the grayscale / CMYK / PNG-named-.jpg file of each class
 
@@ -145,7 +145,7 @@ def test_own_image_folders_pre_split_and_single(tmp_path, capfd):
     assert "ignored 1 file(s) that are not images" in out
     assert open(pre / "classes.txt").read().split() == ["cat", "fish"]
     assert "train/cat/broken.jpg" in open(pre / "bad_files.txt").read()
-    import splits
+    from kit.data import splits
 
     files, labels = splits.read_split(str(pre), "train")
     assert len(files) == 10 and files[0].startswith("train/cat/") and labels.count(1) == 5

@@ -6,14 +6,12 @@ import torch
 
 import augment
 import data_utils
-import devices
-import engine
-import errors
-import metrics
 import model_utils
 import presets
-import splits
 from conftest import FixedBatches
+from kit.base import devices, errors
+from kit.data import splits
+from kit.training import engine, metrics
 
 CPU = torch.device("cpu")
 
@@ -126,7 +124,7 @@ class FakeGpus:
 
 
 def test_each_rank_and_its_dali_pipeline_use_cuda_local_rank(monkeypatch):
-    import dali_loader
+    from kit.data import dali_loader
     gpus = FakeGpus()
     gpus.install(monkeypatch)
     device = devices.resolve_device("cuda", local_rank=2)
@@ -178,7 +176,7 @@ def test_auto_device_is_cuda_then_apples_mps_then_the_cpu(monkeypatch, capsys):
 
 
 def test_auto_loader_is_dali_where_it_imports_else_torch(monkeypatch):
-    import dali_loader
+    from kit.data import dali_loader
 
     assert data_utils.choose_loader("auto", CPU) == ("dali", f"DALI {dali_loader.VERSION} runs on cpu")
     assert data_utils.choose_loader("torch", CPU) == ("torch", "asked for")

@@ -8,17 +8,15 @@ import torch
 from PIL import Image
 
 import data_utils
-import devices
-import engine
-import errors
 import evaluate
 import export
 import model_utils
 import predict
 import presets
-import splits
-import training
 from conftest import tiny_cfg
+from kit.base import devices, errors
+from kit.data import splits
+from kit.training import engine, training
 
 CPU = torch.device("cpu")
 

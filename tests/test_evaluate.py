@@ -11,17 +11,14 @@ import torch
 from PIL import Image
 
 import data_utils
-import engine
 import evaluate
-import gradcam
 import model_utils
-import plots
 import predict
 import presets
-import report_page
-import splits
-import training
 from conftest import CLASS_COLOURS, make_image, one_line_error, run_cli, tiny_cfg
+from kit.data import splits
+from kit.reporting import gradcam, plots, report_page
+from kit.training import engine, training
 
 CPU = torch.device("cpu")
 
@@ -100,7 +97,7 @@ def test_a_re_split_root_or_training_images_are_refused(trained_run, prepared_wi
 
 def test_comparison_table(trained_run, prepared_root, tmp_path, capfd):
     assert os.path.isfile(os.path.join(trained_run["out_dir"], "curves.png"))  # written at the end of training
-    from plots import plot_curves
+    from kit.reporting.plots import plot_curves
 
     with Image.open(plot_curves(trained_run["out_dir"], str(tmp_path / "c.png"))) as img:
         assert img.width > 800

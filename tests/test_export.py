@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-import errors
 import export
-import exporter
 import model_utils
 import predict
-import runs
-import splits
 from conftest import one_line_error, run_cli
+from kit.base import errors
+from kit.data import splits
+from kit.models import exporter
+from kit.training import runs
 
 
 @pytest.fixture(scope="module")

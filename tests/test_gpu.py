@@ -13,15 +13,12 @@ import pytest
 import torch
 
 import augment
-import cache_loader
-import dali_loader
 import data_utils
-import devices
-import engine
 import model_utils
-import splits
-import training
 from conftest import CountOps, FixedBatches, tiny_cfg
+from kit.base import devices
+from kit.data import cache_loader, dali_loader, splits
+from kit.training import engine, training
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
                                                   reason="needs a CUDA device (this is the GPU suite: pytest -m gpu)")]

@@ -7,10 +7,10 @@ import torch
 
 import augment
 import download
-import splits
 import train_caltech101 as train
-import training
 from conftest import make_image, run_cli, tiny_cfg
+from kit.data import splits
+from kit.training import training
 
 
 def test_every_class_balance_is_a_flag_value():

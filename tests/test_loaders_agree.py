@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import data_utils
-import splits
+from kit.data import splits
 
 CPU = torch.device("cpu")
 KINDS = (("dali", False), ("torch", False), ("dali", True))  # (loader, cache)

@@ -4,8 +4,8 @@ import os
 import pytest
 import torch
 
-import errors
 import model_utils
+from kit.base import errors
 
 
 def test_get_model_builds_each_arch_with_a_new_head():

@@ -18,19 +18,14 @@ import torch
 from PIL import Image, ImageFile
 
 import augment
-import checkpoint
-import engine
-import errors
 import evaluate
-import fileio
 import model_utils
 import predict
-import runs
-import split_writer
-import splits
 import train_caltech101 as train
-import training
 from conftest import ROOT, FixedBatches, make_image, one_line_error, run_cli, tiny_argv, tiny_cfg
+from kit.base import errors, fileio
+from kit.data import split_writer, splits
+from kit.training import checkpoint, engine, runs, training
 
 CPU = torch.device("cpu")
 

@@ -5,11 +5,11 @@ import os
 
 import pytest
 
-import errors
 import presets
-import settings_cli
 import train_caltech101 as train
 from conftest import ROOT
+from kit.base import errors
+from kit.settings import settings_cli
 
 # preset: (pretrained, epochs, batch, lr_backbone, lr_fc, weight_decay, mixup_alpha, cutmix_alpha), from the report
 REPORT = {
@@ -187,6 +187,7 @@ def test_the_settings_page_is_generated_from_the_records():
     page fails here."""
     with open(os.path.join(ROOT, "docs", "settings.md"), encoding="utf-8") as f:
         page = f.read()
-    assert page == settings_cli.settings_markdown(), ("docs/settings.md is out of date: python -c \"import presets; "
-                                                 "print(settings_cli.settings_markdown(), end='')\" > docs/settings.md")
+    assert page == settings_cli.settings_markdown(), (
+        "docs/settings.md is out of date: python -c \"from kit.settings import settings_cli as s; "
+        "print(s.settings_markdown(), end='')\" > docs/settings.md")
     assert all(f"| `{key}` | {s.kind} |" in page for key, s in presets.SETTINGS.items())

@@ -12,17 +12,15 @@ import time
 import pytest
 import torch
 
-import checkpoint
 import download
-import errors
 import evaluate
 import model_utils
 import predict
-import runs
-import splits
 import train_caltech101 as train
-import training
 from conftest import ROOT, one_line_error, run_cli, stopped_run, tiny_argv, tiny_cfg
+from kit.base import errors
+from kit.data import splits
+from kit.training import checkpoint, runs, training
 
 # Every stateful piece on (MixUp/CutMix, EMA, early stopping, gradual unfreezing at epoch 2, layer-wise LRs, label
 # smoothing), as in test_train.EVERYTHING.

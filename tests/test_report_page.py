@@ -17,14 +17,12 @@ import torch
 from PIL import Image
 
 import evaluate
-import metrics
 import model_utils
 import predict
-import report_page
-import runs
-import splits
-import training
 from conftest import one_line_error, run_cli, stop_at, tiny_cfg
+from kit.data import splits
+from kit.reporting import report_page
+from kit.training import metrics, runs, training
 
 NUMBER = re.compile(r"(?<![\w.-])\d+(?:\.\d+)?(?![\w.])")  # not in names: image_0001.jpg, top-1, layer4
 

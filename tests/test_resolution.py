@@ -8,13 +8,13 @@ import pytest
 import torch
 
 import data_utils
-import engine
 import presets
-import resolution
-import run_report
-import splits
 import train_caltech101 as train
 from conftest import one_line_error, run_cli, tiny_argv
+from kit.data import splits
+from kit.reporting import run_report
+from kit.settings import resolution
+from kit.training import engine
 
 CPU = torch.device("cpu")
 

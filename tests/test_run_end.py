@@ -12,11 +12,9 @@ import time
 import pytest
 import torch
 
-import checkpoint
-import runs
 import train_caltech101 as train
-import training
 from conftest import ROOT, one_line_error, run_cli, stopped_run, tiny_argv, tiny_cfg
+from kit.training import checkpoint, runs, training
 
 DRIVER = os.path.join(ROOT, "tests", "ddp_driver.py")
 
@@ -183,7 +181,7 @@ def test_the_duration_estimate_is_per_phase_and_rough_where_it_must_be(prepared_
 def test_the_resumed_epoch_counts_the_time_before_the_stop(prepared_root, tmp_path, monkeypatch):
     """Epoch 2's first two steps take at least 1.5 s each (a sleep), then the run stops and resumes: epoch 2's row
     counts those 3 s in its train time and its wall time, as the uninterrupted epoch would."""
-    import engine
+    from kit.training import engine
 
     real_step, calls = engine.optimizer_step, []
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-import splits
+from kit.data import splits
 
 
 def sizes(n, seed=0):

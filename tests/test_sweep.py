@@ -18,9 +18,9 @@ import pytest
 import torch
 
 import sweep
-import sweep_report
-import training
 from conftest import ROOT, one_line_error, run_cli
+from kit.sweeps import sweep_report
+from kit.training import training
 
 SWEEP = os.path.join(ROOT, "sweep.py")
 TWO = "lr_backbone: {log_uniform: [1.0e-3, 1.0e-2]}\nweight_decay: {log_uniform: [1.0e-3, 1.0e-1]}\n"

@@ -9,15 +9,13 @@ import signal
 import pytest
 import torch
 
-import devices
-import engine
 import model_utils
 import presets
-import resolution
-import runs
 import train_caltech101 as train
-import training
 from conftest import one_line_error, run_cli, stop_at, stopped_run, tiny_argv, tiny_cfg
+from kit.base import devices
+from kit.settings import resolution
+from kit.training import engine, runs, training
 
 
 def load(path):

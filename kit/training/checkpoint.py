@@ -22,11 +22,9 @@ import threading
 import numpy as np
 import torch
 
-import distributed
-import errors
-import fileio
 import model_utils
 import presets
+from kit.base import distributed, errors, fileio
 
 # ---------------------------------------------------------------------------------------------
 # writing

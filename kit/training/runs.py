@@ -19,10 +19,10 @@ import shutil
 import socket
 import time
 
-import errors
 import model_utils
 import presets
-import splits
+from kit.base import errors
+from kit.data import splits
 
 CLAIM_FILE = "run.claim"  # created exclusively: the one step that makes a folder this run's
 RUN_MARKERS = (CLAIM_FILE, "config.json", "last.pth", "best.pth", "metrics.csv")

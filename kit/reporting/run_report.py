@@ -12,13 +12,12 @@ import time
 import numpy as np
 import torch
 
-import archs
-import devices
-import distributed
-import metrics
 import model_utils
 import presets
-import resolution
+from kit.base import devices, distributed
+from kit.models import archs
+from kit.settings import resolution
+from kit.training import metrics
 
 
 def print_model(cfg, num_classes):

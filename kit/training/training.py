@@ -19,21 +19,13 @@ import time
 import torch
 
 import augment
-import checkpoint
 import data_utils
-import devices
-import distributed
-import engine
-import errors
-import fileio
-import metrics
 import model_utils
-import plots
 import presets
-import report_page
-import run_report
-import runs
-import splits
+from kit.base import devices, distributed, errors, fileio
+from kit.data import splits
+from kit.reporting import plots, report_page, run_report
+from kit.training import checkpoint, engine, metrics, runs
 
 # ---------------------------------------------------------------------------------------------
 # set-up

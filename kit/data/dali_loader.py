@@ -20,8 +20,8 @@ import sys
 import numpy as np
 import torch
 
-import errors
-import splits
+from kit.base import errors
+from kit.data import splits
 
 try:
     import nvidia.dali

@@ -11,9 +11,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-import dali_loader
 import model_utils
-import splits
+from kit.data import dali_loader, splits
 
 
 def sync(device):

@@ -20,7 +20,7 @@ import warnings
 
 import numpy as np
 
-import errors
+from kit.base import errors
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

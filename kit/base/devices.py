@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-import errors
+from kit.base import errors
 
 
 def nvidia_gpu_present():

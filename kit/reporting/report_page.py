@@ -17,15 +17,13 @@ import io
 import json
 import os
 
-import fileio
-import gradcam
-import metrics
 import model_utils
-import plots
 import presets
-import resolution
-import runs
-import splits
+from kit.base import fileio
+from kit.data import splits
+from kit.reporting import gradcam, plots
+from kit.settings import resolution
+from kit.training import metrics, runs
 
 SECTIONS = {  # id -> heading, in page order
     "what-ran": "What ran", "results": "Results", "time-to-accuracy": "Time to accuracy",

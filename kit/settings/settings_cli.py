@@ -5,7 +5,7 @@ finder, sweeps and bench build their command lines here.
 
     parser = settings_cli.settings_parser("Train a ResNet on Caltech-101.")
     exp, config, overrides, print_model = settings_cli.settings_from_args(parser.parse_args())
-    python -c "import settings_cli; print(settings_cli.settings_markdown(), end='')" > docs/settings.md
+    python -c "from kit.settings import settings_cli as s; print(s.settings_markdown(), end='')" > docs/settings.md
 """
 import argparse
 import json
@@ -102,7 +102,8 @@ def settings_from_args(args):
 def settings_markdown():
     """docs/settings.md: every setting with its kind, default and meaning, the kinds, the presets and the other
     kits' names, generated from SETTINGS (tests/test_presets.py fails when the file is out of date). Regenerate:
-        python -c "import settings_cli; print(settings_cli.settings_markdown(), end='')" > docs/settings.md"""
+        python -c "from kit.settings import settings_cli as s; print(s.settings_markdown(), end='')" > docs/settings.md
+    """
     def cell(text):
         return str(text).replace("|", "\\|")
 

@@ -5,8 +5,8 @@ says `sweep` may be sampled, plus the `lr` shorthand), and each trial's draw fro
     space = sweep_space.load_space("configs/sweep_cpu.yaml")     # {setting: (kind, values)}
     values = sweep_space.suggest(trial, space)                      # {setting: value} of an Optuna trial
 """
-import errors
 import presets
+from kit.base import errors
 
 KINDS = ("log_uniform", "uniform", "int", "choice")
 

@@ -3,7 +3,7 @@
     python predict.py photo.jpg --checkpoint checkpoints/cpu_smoke --gradcam          # overlays next to results
     python predict.py photo.jpg --checkpoint ... --gradcam --target airplanes --cam_method gradcam++
 
-    import gradcam
+    from kit.reporting import gradcam
     heat = gradcam.class_activation_map(model, batch, class_idx)   # (N, H, W) in [0, 1]; layer=None: the default
     gradcam.save_overlay(pil_image, heat[0], "overlay.png")
 
@@ -15,8 +15,8 @@ The layers each architecture offers (its stages' spatial maps) and its default a
 import torch
 import torch.nn.functional as F
 
-import archs
-import splits
+from kit.data import splits
+from kit.models import archs
 
 
 def layers(model):

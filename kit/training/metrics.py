@@ -4,7 +4,7 @@ Training's evaluation, best.pth and early stopping (--monitor), the run's summar
 the epoch log all read the metric list from here, so a new metric is one entry in METRICS and its line in
 split_metrics.
 
-    import metrics
+    from kit.training import metrics
     m = metrics.split_metrics(logits, labels, num_classes)      # {"top1": ..., "top5": ..., ..., "confusion": ...}
     print(metrics.describe(m))                                  # top-1 0.9123  top-5 0.9876  ...
     row = metrics.prefixed(m, "val")                            # {"val_top1": ..., "val_images": ...}

@@ -11,12 +11,10 @@ import json
 import os
 import warnings
 
-import errors
-import fileio
-import plots
 import presets
-import report_page
-import runs
+from kit.base import errors, fileio
+from kit.reporting import plots, report_page
+from kit.training import runs
 
 
 def continued_trial(trial):

@@ -17,9 +17,9 @@ import os
 import numpy as np
 import torch
 
-import errors
 import model_utils
-import splits
+from kit.base import errors
+from kit.data import splits
 
 OPSET = 18  # pinned: onnxruntime 1.16+ runs it, and torch's exporter targets it natively
 RTOL, ATOL = 1e-3, 1e-5  # PyTorch's ONNX tutorial's tolerance for exported models against eager

@@ -9,7 +9,7 @@ resolves them; every loader takes its epoch's size from splits.SamplePlan.out_si
 """
 import os
 
-import errors
+from kit.base import errors
 
 
 def parse_ramp(text, epochs):

@@ -25,9 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import dali_loader
 import model_utils
-import splits
+from kit.data import dali_loader, splits
 
 # One by one, a crop of a capped image is resized twice (the cap's resize, then the crop's), and even a slight
 # resize blurs by resampling; the fixed-ops path subtracts the cap's blur from its own filter, which a uint8 resize

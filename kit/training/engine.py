@@ -1,7 +1,7 @@
 """The training engine: optimizer and LR schedule, one training epoch, weight EMA,
 early stopping, and the one evaluation loop that training, evaluate.py and bench.py use (its figures: metrics.py).
 
-    import engine
+    from kit.training import engine
     stats = engine.train_one_epoch(model, loader, optimizer, scheduler, scaler, mixer, amp_dtype, cfg, epoch=1)
     metrics = engine.evaluate(model, val_loader, num_classes, amp_dtype)
 
@@ -19,13 +19,11 @@ import torch
 
 import augment
 import data_utils
-import devices
-import distributed
-import errors
-import metrics
 import model_utils
 import presets
-import resolution
+from kit.base import devices, distributed, errors
+from kit.settings import resolution
+from kit.training import metrics
 
 
 def seed_everything(seed):

@@ -1,6 +1,6 @@
 """The architecture seam: the one place that knows each architecture's anatomy. Everything else asks here.
 
-    import archs
+    from kit.models import archs
     anatomy = archs.anatomy_of(model)          # or archs.ANATOMIES["mobilenet_v3_large"]
     anatomy.stage_of("features.14.block.0.0.weight")    # 'stage4': for layer-wise LRs and freezing
     anatomy.classifier                                   # 'classifier.3': the Linear resized to the classes

@@ -7,10 +7,9 @@ import io
 import math
 import os
 
-import fileio
-import metrics
-import runs
-import splits
+from kit.base import fileio
+from kit.data import splits
+from kit.training import metrics, runs
 
 
 def plain_text(plot):

@@ -12,9 +12,8 @@ import random
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
-import errors
-import fileio
-from splits import IMAGE_EXTENSIONS, IMAGES_DIR, open_image, read_split_meta
+from kit.base import errors, fileio
+from kit.data.splits import IMAGE_EXTENSIONS, IMAGES_DIR, open_image, read_split_meta
 
 EXCLUDED_CLASSES = ("BACKGROUND_Google",)  # clutter, not a class (torchvision drops it too)
 # Formats that both DALI's decoder and PIL read; anything else is excluded at preparation time.
