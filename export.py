@@ -6,13 +6,9 @@
     python export.py --checkpoint best.pth --arch resnet18 --img_size 96 --classes classes.txt   # bare weights
     python predict.py photo.jpg --onnx deploy/model.onnx                     # predict through onnxruntime
 
-Writes model.onnx (one file, weights inside, a dynamic batch axis, opset 18, torch.onnx's torch.export-based
-exporter), model.pt2 (torch.export.save; load with torch.export.load(path).module()) and preprocess.json (input
-size, shorter-side resize and centre crop, interpolation, 0-1 scaling, mean/std, RGB, NCHW, class names in label
-order). The check runs onnxruntime (CPU) and the exported program against the eager model on the run's real val
-images when the data root is there (else generated inputs), at batch 1 and at batch 8 (the export traces batch 2):
-max absolute logit difference (reported) within rtol 1e-3 / atol 1e-5, and identical top-1. A mismatch exits
-non-zero naming the figures.
+Writes model.onnx, model.pt2 and preprocess.json into the run's export/ folder (or --out), each format checked
+against the eager model on real val images; a mismatch exits non-zero naming the figures. What each file holds and
+how the check works: kit/models/exporter.py.
 """
 import argparse
 import os
