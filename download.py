@@ -29,6 +29,7 @@ import urllib.request
 import zipfile
 
 from kit.base import errors
+from kit.data import splits
 from kit.data.split_writer import (  # noqa: F401 - re-exported: download.py is the data preparation's entry point
     check_resplit,
     existing_split,
@@ -285,11 +286,9 @@ def main(args):
     print(f"classes: {meta['num_classes']}  train: {c['train']}  val: {c['val']}  test: {c['test']}  "
           f"excluded (undecodable): {meta['excluded']}  -> {root}")
     if "train_per_class_range" in meta:  # a split prepared before this summary existed has none
-        (few_name, fewest), (most_name, most) = meta["train_per_class_range"].values()
-        ratio = most / max(fewest, 1)
-        print(f"train images per class: {fewest} each" if fewest == most else
-              f"train images per class: smallest {fewest} ({few_name}), largest {most} ({most_name}), ratio "
-              f"{ratio:.1f}")
+        per_class = meta["train_per_class_range"]
+        ratio = per_class["most"][1] / max(per_class["fewest"][1], 1)
+        print(splits.describe_per_class(per_class))
         if ratio > IMBALANCE_WARN_RATIO:
             print(f"warning: the train split is imbalanced (ratio {ratio:.1f} > {IMBALANCE_WARN_RATIO}): consider "
                   f"--class_balance loss or sampler, and --monitor val_mean_class_acc (README, Imbalanced data)")

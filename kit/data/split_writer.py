@@ -13,7 +13,7 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 
 from kit.base import errors, fileio
-from kit.data.splits import IMAGE_EXTENSIONS, IMAGES_DIR, open_image, read_split_meta
+from kit.data.splits import IMAGE_EXTENSIONS, IMAGES_DIR, open_image, per_class_range, read_split_meta
 
 EXCLUDED_CLASSES = ("BACKGROUND_Google",)  # clutter, not a class (torchvision drops it too)
 # Formats that both DALI's decoder and PIL read; anything else is excluded at preparation time.
@@ -106,13 +106,8 @@ def write_split(data_root, classes, splits, bad, meta):
     write_lines(os.path.join(data_root, "bad_files.txt"), [f"{p}\t{r}" for p, r in bad])
     for p, r in bad:
         print(f"warning: excluded {p} ({r})")
-    per_class = [0] * len(classes)
-    for _, label in splits.get("train", []):
-        per_class[label] += 1
-    fewest, most = per_class.index(min(per_class)), per_class.index(max(per_class))
     meta = dict(meta, num_classes=len(classes), counts={k: len(v) for k, v in splits.items()}, excluded=len(bad),
-                train_per_class_range={"fewest": [classes[fewest], per_class[fewest]],
-                                       "most": [classes[most], per_class[most]]})
+                train_per_class_range=per_class_range([label for _, label in splits.get("train", [])], classes))
     write_lines(os.path.join(data_root, "split.json"), [json.dumps(meta, indent=1)])
     return meta
 

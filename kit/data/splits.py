@@ -37,6 +37,23 @@ def resize_size(img_size):
     return int(img_size * 256 / 224)
 
 
+def per_class_range(labels, classes):
+    """{"fewest": [class, images], "most": [class, images]} of a split's labels (split.json keeps the train split's)."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(classes))
+    fewest, most = int(counts.argmin()), int(counts.argmax())
+    return {"fewest": [classes[fewest], int(counts[fewest])], "most": [classes[most], int(counts[most])]}
+
+
+def describe_per_class(per_class):
+    """'train images per class: 30 each', or its smallest and largest class and their ratio (download.py's summary
+    and a run's start-up line)."""
+    (few_name, fewest), (most_name, most) = per_class["fewest"], per_class["most"]
+    if fewest == most:
+        return f"train images per class: {fewest} each"
+    return (f"train images per class: smallest {fewest} ({few_name}), largest {most} ({most_name}), ratio "
+            f"{most / max(fewest, 1):.1f}")
+
+
 def read_split_meta(data_root):
     """split.json of a prepared root ({} for roots prepared before it existed)."""
     try:

@@ -15,6 +15,7 @@ import torch
 import model_utils
 import presets
 from kit.base import devices, distributed
+from kit.data import splits
 from kit.models import archs
 from kit.settings import resolution
 from kit.training import metrics
@@ -89,10 +90,11 @@ def describe(cfg, log, device, amp_dtype, use_scaler, train_loader, val_loader, 
         + (f" ({cfg['compile_mode']}; {len(set(resolution.train_sizes(cfg))) + 1} graphs: one per train size and one "
            f"for evaluation; the short last train step is dropped for static shapes)" if cfg["compile"] else ""))
     log(f"processes: world size {world}, per-rank batch {batch}, global batch {batch * world}")
-    classes = archs.anatomy_of(model_utils.unwrap(model)).head_linear(model_utils.unwrap(model)).out_features
-    log(f"data: {classes} classes, {train_loader.num_images * world} train "
-        f"({train_loader.num_images} per rank) / {val_loader.plan.num_images} val images; train crops "
-        f"{cfg['img_size']} px, val centre crops {presets.eval_size(cfg)} px")
+    plain = model_utils.unwrap(model)
+    log(f"data: {archs.anatomy_of(plain).head_linear(plain).out_features} classes, "
+        f"{train_loader.num_images * world} train ({train_loader.num_images} per rank) / "
+        f"{val_loader.plan.num_images} val images; train crops {cfg['img_size']} px, val centre crops "
+        f"{presets.eval_size(cfg)} px")
     plan = train_loader.plan
     left_out = plan.num_images - int(plan.sizes.sum())
     if left_out:
@@ -128,13 +130,9 @@ def describe(cfg, log, device, amp_dtype, use_scaler, train_loader, val_loader, 
 
 def describe_balance(cfg, log, labels, classes, class_weights):
     """The train split's images per class, and what --class_balance does about it."""
-    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(classes))
-    fewest, most = int(counts.argmin()), int(counts.argmax())
-    line = f"train images per class: {counts[most]} each" if counts[fewest] == counts[most] else \
-        (f"train images per class: {counts[fewest]} ({classes[fewest]}) to {counts[most]} ({classes[most]}), ratio "
-         f"{counts[most] / max(counts[fewest], 1):.1f}")
+    line = splits.describe_per_class(splits.per_class_range(labels, classes))
     if class_weights is not None:
-        present = class_weights[torch.as_tensor(counts) > 0]
+        present = class_weights[torch.bincount(torch.as_tensor(labels), minlength=len(classes)) > 0]
         line += f"; class_balance loss: weights {present.min():.3g} to {present.max():.3g}"
     elif cfg["class_balance"] == "sampler":
         line += "; class_balance sampler: each epoch draws every class equally often (with replacement)"
