@@ -48,7 +48,7 @@ import data_utils
 import model_utils
 import presets
 from kit.base import devices, errors
-from kit.data import cache_loader, splits
+from kit.data import cache_loader, sampling, splits
 from kit.reporting.bench_baselines import (
     DecodeOnly,
     PlainLoader,
@@ -59,7 +59,7 @@ from kit.reporting.bench_baselines import (
     time_images,
 )
 from kit.settings import settings_cli
-from kit.training import engine, metrics
+from kit.training import checkpoint, engine, metrics
 
 SECTIONS = ("data", "step", "e2e", "eval", "infer", "overhead")  # the default: throughput
 BY_NAME = ("recipes",)  # only when asked for: whole training runs
@@ -84,10 +84,14 @@ def kit_settings(args):
 def kit_loader(args, device, files, labels, train_split, cache, batch_size):
     """The kit's DALI or cache loader (data_utils' own builder) over a list of files (the data section uses the
     whole train split)."""
+    return data_utils.loader_over(splits.image_root(args.data_root), files, labels, batch_size, device,
+                                  bench_data_settings(args, device, cache), train=train_split)
+
+
+def bench_data_settings(args, device, cache):
     amp_dtype, _ = devices.resolve_amp(args.amp, device)
-    return data_utils.loader_over(splits.image_root(args.data_root), files, labels, args.img_size, batch_size, device,
-                                  dtype=amp_dtype or torch.float32, loader="dali", workers=args.workers, cache=cache,
-                                  train=train_split)
+    return sampling.DataSettings(img_size=args.img_size, loader="dali", cache=cache, workers=args.workers,
+                                 dtype=amp_dtype or torch.float32)
 
 
 def median_rounds(rounds, **variants):
@@ -115,12 +119,10 @@ def bench_data(args, device):
     files, labels = split_subset(args.data_root, "train", args.images)
     dali = kit_loader(args, device, files, labels, True, False, args.batch_size)
     cache = kit_loader(args, device, files, labels, True, True, args.batch_size)
-    amp_dtype, _ = devices.resolve_amp(args.amp, device)
     # The kit's other cache path, timed where it is not the default: on a CPU the fixed-ops batch path a GPU runs,
     # on a GPU the one-by-one path a CPU runs.
-    other = cache_loader.CacheLoader(splits.image_root(args.data_root), files, labels, cache.plan, args.img_size,
-                                     device, dtype=amp_dtype or torch.float32, workers=args.workers,
-                                     per_image=not cache.per_image)
+    other = cache_loader.CacheLoader(splits.image_root(args.data_root), files, labels, cache.plan, device,
+                                     bench_data_settings(args, device, True), per_image=not cache.per_image)
     decode = DecodeOnly(args.data_root, files, args.batch_size, args.workers, device)
     with PlainLoader(args.data_root, files, args.img_size, args.batch_size, args.workers, True,
                      pin_memory=device.type == "cuda") as plain:
@@ -170,8 +172,8 @@ def kit_trainer(args, device, compile_model=False, guard_bn=True):
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     mixer = augment.MixupCutmix(101, 0.2, 1.0, seed=0)
     cfg = dict(grad_clip=0.0, log_every=10 ** 9, progress=False)
-    return lambda loader: engine.train_one_epoch(step_model, loader, optimizer, scheduler, scaler, mixer, amp_dtype,
-                                                cfg, epoch=0, guard_bn=guard_bn)
+    return lambda loader: engine.train_one_epoch(checkpoint.Parts(model, optimizer, scheduler, scaler, mixer, loader),
+                                                amp_dtype, cfg, 0, step_model, guard_bn=guard_bn)
 
 
 def bench_step(args, device):

@@ -2,24 +2,27 @@
 
 All three yield `(images, labels)` ready for the model: ImageNet-normalized, NCHW shape in channels_last memory
 layout (or contiguous with channels_last=False), on the training device, in the AMP dtype; labels are int64.
-They follow one splits.SamplePlan, so they draw the same order, crops and flips for the same seed, and under
-torchrun each rank gets its part of every step (see splits.step_sizes for what happens to a short last step).
+They follow one sampling.SamplePlan, so they draw the same order, crops and flips for the same seed, and under
+torchrun each rank gets its part of every step (see sampling.step_sizes for what happens to a short last step).
+Every data setting travels as one record, a sampling.DataSettings (a run's: data_settings(cfg, dtype)).
 
     import data_utils
-    train_loader, val_loader, classes = data_utils.build_loaders(data_root="data/Caltech101", img_size=224,
-                                                                 batch_size=128, device=torch.device("cuda"))
+    from kit.data.sampling import DataSettings
+    train_loader, val_loader, classes = data_utils.build_loaders("data/Caltech101", 128, torch.device("cuda"),
+                                                                 DataSettings(img_size=224))
 
 Train: random-resized crop (scale crop_scale_min-1, ratio 3/4-4/3, as torchvision), resize to img_size (or to the
 epoch's size of a progressive-resizing schedule: SamplePlan.out_size), random horizontal flip, normalize.
 Val/test: resize the shorter side to img_size*256/224, centre crop, normalize.
 """
+import dataclasses
 import os
 
 import torch
 
 import presets
 from kit.base import errors
-from kit.data import cache_loader, dali_loader, splits
+from kit.data import cache_loader, dali_loader, sampling, splits
 from kit.settings import resolution
 
 
@@ -72,15 +75,15 @@ def ignore_sigint(_worker_id):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-class TorchLoader(splits.PlanPosition):
+class TorchLoader(sampling.PlanPosition):
     """A torch DataLoader over the plan (PIL decode and torchvision resize in worker processes), with the DALI
     loader's interface and output. Every image's crop and flip come from the plan, not from worker RNGs, so a
     resume from any step is exact."""
     kind = "torch"
 
-    def __init__(self, image_root, files, labels, plan, img_size, device, dtype=torch.float32, workers=2,
-                 channels_last=True, hw_decoder_load=None):  # hw_decoder_load: DALI's decoder only
-        self.plan, self.device, self.dtype, self.channels_last = plan, device, dtype, channels_last
+    def __init__(self, image_root, files, labels, plan, device, data=sampling.DataSettings()):
+        img_size, workers = data.size(plan.train), data.workers
+        self.plan, self.device, self.dtype, self.channels_last = plan, device, data.dtype, data.channels_last
         self.num_images = plan.num_local
         self.batches = PlanBatches(plan, img_size)
         self.epoch, self.batches_done = 0, 0
@@ -92,13 +95,13 @@ class TorchLoader(splits.PlanPosition):
         self.batches.epoch, self.batches.start = self.epoch, self.batches_done
         try:
             for images, labels in self.loader:
-                self.epoch, self.batches_done = splits.next_position(self.epoch, self.batches_done, self.plan.steps)
+                self.epoch, self.batches_done = sampling.next_position(self.epoch, self.batches_done, self.plan.steps)
                 yield splits.to_model_input(images, labels, self.device, self.dtype, self.channels_last)
         except errors.DataError as e:  # from a worker, its message carries the worker's traceback: keep the last line
             raise errors.DataError(str(e).strip().splitlines()[-1].split("errors.DataError: ", 1)[-1]) from None
 
 
-# name -> loader class (a splits.PlanPosition). presets.CHOICES["loader"] lists the names and "auto"; a test keeps
+# name -> loader class (a sampling.PlanPosition). presets.CHOICES["loader"] lists the names and "auto"; a test keeps
 # them equal.
 LOADERS = {"dali": dali_loader.DaliLoader, "torch": TorchLoader}
 
@@ -123,72 +126,52 @@ def choose_loader(loader, device, prefer=None):
     return loader, "asked for"
 
 
-def build_loader(data_root, split, img_size, batch_size, device, dtype=torch.float32, loader="dali", workers=4,
-                 seed=0, rank=0, world=1, drop_last=False, crop_scale_min=splits.RRC_SCALE[0], cache=False,
-                 channels_last=True, train=None, hw_decoder_load=dali_loader.HW_DECODER_LOAD, out_sizes=None,
-                 balanced=False):
+def data_settings(cfg, dtype=torch.float32, cache=None):
+    """The run's data settings as one record: the one place each setting of the data path is read from the run's
+    settings (a new one is a field of sampling.DataSettings, a line here and an entry in presets.SETTINGS).
+    cache=None: the run's --cache; evaluations of a finished run pass False (one pass over a split gains nothing
+    from caching it)."""
+    return sampling.DataSettings(
+        img_size=cfg["img_size"], eval_size=presets.eval_size(cfg),
+        out_sizes=tuple(resolution.train_sizes(cfg)) if cfg.get("img_size_start") else (),
+        crop_scale_min=cfg["crop_scale_min"], balanced=cfg.get("class_balance") == "sampler",
+        drop_last=cfg["drop_last"] or cfg["compile"],  # static shapes for torch.compile
+        seed=cfg["seed"], loader=cfg["loader"], cache=cfg["cache"] if cache is None else cache,
+        workers=cfg["workers"], hw_decoder_load=cfg["hw_decoder_load"], dtype=dtype,
+        channels_last=cfg["channels_last"])
+
+
+def build_loader(data_root, split, batch_size, device, data=sampling.DataSettings(), rank=0, world=1, train=None):
     """One loader over one split of a prepared root. `batch_size` is per rank. Train (by default the train split)
-    augments and reshuffles every epoch; val/test, or train=False, is the deterministic val transform.
-    cache=True decodes the rank's images once (with `loader`'s decoder) and keeps them on the device.
-    out_sizes: progressive resizing, the train crop size of every epoch (item 0: the first; None: img_size).
-    balanced: train draws with replacement, every class equally likely (--class_balance sampler)."""
+    augments and reshuffles every epoch; val/test, or train=False, is the deterministic val transform at
+    data.size(False). data.cache decodes the rank's images once (with data.loader's decoder) and keeps them on
+    the device."""
     files, labels = splits.read_split(data_root, split)
-    return loader_over(splits.image_root(data_root), files, labels, img_size, batch_size, device, dtype=dtype,
-                       loader=loader, workers=workers, seed=seed, rank=rank, world=world, drop_last=drop_last,
-                       crop_scale_min=crop_scale_min, cache=cache, channels_last=channels_last,
-                       train=split == "train" if train is None else train, hw_decoder_load=hw_decoder_load,
-                       what=f"the {split} split", out_sizes=out_sizes, balanced=balanced)
+    return loader_over(splits.image_root(data_root), files, labels, batch_size, device, data, rank, world,
+                       train=split == "train" if train is None else train, what=f"the {split} split")
 
 
-def loader_over(root, files, labels, img_size, batch_size, device, dtype=torch.float32, loader="dali", workers=4,
-                seed=0, rank=0, world=1, drop_last=False, crop_scale_min=splits.RRC_SCALE[0], cache=False,
-                channels_last=True, train=True, hw_decoder_load=dali_loader.HW_DECODER_LOAD, what="the list",
-                out_sizes=None, balanced=False):
+def loader_over(root, files, labels, batch_size, device, data=sampling.DataSettings(), rank=0, world=1, train=True,
+                what="the list"):
     """build_loader over a list of files under `root` (paths relative to it) instead of a split."""
-    loader = choose_loader(loader, device)[0]
+    loader = choose_loader(data.loader, device)[0]
     if loader not in LOADERS:
         raise errors.DataError(f"unknown loader '{loader}': choose one of auto, {', '.join(LOADERS)}")
+    data = dataclasses.replace(data, loader=loader)
     # Every header read (and over-limit images refused) before any decoder sees the files: DALI decodes them
     # itself; train crops need the sizes too.
     sizes = splits.image_sizes(root, files)
-    plan = splits.SamplePlan(len(files), batch_size, train, seed=seed, rank=rank, world=world,
-                             drop_last=drop_last and train, sizes=sizes if train else None,
-                             crop_scale=(crop_scale_min, 1.0), fixed_shard=cache,
-                             out_sizes=out_sizes if train else None, balance_labels=labels if balanced and train
-                             else None)
+    plan = sampling.SamplePlan(len(files), batch_size, train, data, rank, world, sizes=sizes if train else None,
+                               labels=labels)
     if plan.num_local == 0 or plan.steps == 0:
         raise errors.DataError(f"{what} ({len(files)} images) is too small for {world} rank(s) with "
                                f"{batch_size} images each per step")
-    common = dict(device=device, dtype=dtype, workers=workers, channels_last=channels_last)
-    if cache:
-        return cache_loader.CacheLoader(root, files, labels, plan, img_size,
-                                        use_dali=loader == "dali" and dali_loader.HAVE_DALI, **common)
-    return LOADERS[loader](root, files, labels, plan, img_size, hw_decoder_load=hw_decoder_load, **common)
+    kind = cache_loader.CacheLoader if data.cache else LOADERS[loader]
+    return kind(root, files, labels, plan, device, data)
 
 
-def build_loaders(data_root, img_size, batch_size, device, dtype=torch.float32, loader="dali", workers=4, seed=0,
-                  eval_batch_size=None, rank=0, world=1, drop_last=False, crop_scale_min=splits.RRC_SCALE[0],
-                  cache=False, channels_last=True, hw_decoder_load=dali_loader.HW_DECODER_LOAD):
+def build_loaders(data_root, batch_size, device, data=sampling.DataSettings(), eval_batch_size=None, rank=0, world=1):
     """(train_loader, val_loader, classes) for a prepared data root; batch sizes are per rank."""
-    classes = splits.read_classes(data_root)
-    common = dict(img_size=img_size, device=device, dtype=dtype, loader=loader, workers=workers, seed=seed,
-                  rank=rank, world=world, cache=cache, channels_last=channels_last, hw_decoder_load=hw_decoder_load)
-    train = build_loader(data_root, "train", batch_size=batch_size, drop_last=drop_last,
-                         crop_scale_min=crop_scale_min, **common)
-    val = build_loader(data_root, "val", batch_size=eval_batch_size or batch_size, **common)
-    return train, val, classes
-
-
-def loader_from_settings(cfg, split, batch_size, device, dtype, rank=0, world=1, train=None, cache=None):
-    """build_loader with a run's data settings: the one place each setting of the data path is passed on (a new
-    one is added here and in presets.SETTINGS). cache=None: the run's --cache; evaluations of a finished run pass
-    False (one pass over a split gains nothing from caching it)."""
-    train = split == "train" if train is None else train
-    img_size = cfg["img_size"] if train else presets.eval_size(cfg)
-    return build_loader(cfg["data_root"], split, img_size, batch_size, device, dtype=dtype,
-                        loader=cfg["loader"], workers=cfg["workers"], seed=cfg["seed"], rank=rank, world=world,
-                        drop_last=cfg["drop_last"] or cfg["compile"],  # static shapes for torch.compile
-                        crop_scale_min=cfg["crop_scale_min"], cache=cfg["cache"] if cache is None else cache,
-                        channels_last=cfg["channels_last"], train=train, hw_decoder_load=cfg["hw_decoder_load"],
-                        out_sizes=resolution.train_sizes(cfg) if train and cfg.get("img_size_start") else None,
-                        balanced=train and cfg.get("class_balance") == "sampler")
+    train = build_loader(data_root, "train", batch_size, device, data, rank, world)
+    val = build_loader(data_root, "val", eval_batch_size or batch_size, device, data, rank, world)
+    return train, val, splits.read_classes(data_root)

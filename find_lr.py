@@ -86,8 +86,8 @@ def main(cfg, steps=100, start=1e-7, end=10.0):
     device = devices.resolve_device(cfg["device"])
     amp_dtype, use_scaler = devices.resolve_amp(cfg["amp"], device)
     engine.seed_everything(cfg["seed"])
-    train_loader = data_utils.loader_from_settings(cfg, "train", cfg["batch_size"], device,
-                                                   amp_dtype or torch.float32)
+    train_loader = data_utils.build_loader(cfg["data_root"], "train", cfg["batch_size"], device,
+                                           data_utils.data_settings(cfg, amp_dtype or torch.float32))
     classes = splits.read_classes(cfg["data_root"])
     model, optimizer, _ = engine.build_model(cfg, len(classes), device, quiet=False)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)

@@ -14,7 +14,7 @@ import export
 import predict
 import train_caltech101 as train
 from conftest import make_image, one_line_error, run_cli, stopped_run, tiny_argv, tiny_cfg
-from kit.data import dali_loader, splits
+from kit.data import dali_loader, sampling, splits
 
 
 @pytest.mark.slow
@@ -33,13 +33,14 @@ def test_without_dali_auto_trains_with_the_torch_loader_and_says_why(prepared_ro
 def torch_epoch(prepared_root, method):
     """One epoch's batches of the torch loader with 2 worker processes started by `method`."""
     files, labels = splits.read_split(prepared_root, "train")
-    plan = splits.SamplePlan(len(files), 5, True, seed=3, sizes=splits.image_sizes(splits.image_root(prepared_root),
-                                                                                   files))
+    data = sampling.DataSettings(img_size=32, seed=3, workers=2)
+    plan = sampling.SamplePlan(len(files), 5, True, data, sizes=splits.image_sizes(splits.image_root(prepared_root),
+                                                                                  files))
     previous = multiprocessing.get_start_method()
     torch.multiprocessing.set_start_method(method, force=True)
     try:
-        loader = data_utils.TorchLoader(splits.image_root(prepared_root), files, labels, plan, 32,
-                                        torch.device("cpu"), workers=2)
+        loader = data_utils.TorchLoader(splits.image_root(prepared_root), files, labels, plan, torch.device("cpu"),
+                                        data)
         batches = list(loader)
         del loader
         return batches
@@ -75,8 +76,8 @@ def test_spaces_and_non_ascii_names_through_every_step(tmp_path, capfd):
     assert splits.read_classes(str(data_root)) == sorted(colours)
     for loader, cache in (("dali", False), ("torch", False), ("dali", True)):
         for split in ("train", "val"):
-            batches = data_utils.build_loader(str(data_root), split, 32, 4, torch.device("cpu"), loader=loader,
-                                              cache=cache, workers=1)
+            batches = data_utils.build_loader(str(data_root), split, 4, torch.device("cpu"), sampling.DataSettings(
+                img_size=32, loader=loader, cache=cache, workers=1))
             assert sum(len(labels) for _, labels in batches) == (12 if split == "train" else 6)
     runs = tmp_path / "runs ø"
     argv = tiny_argv(str(data_root), runs, epochs=1)

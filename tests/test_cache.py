@@ -10,7 +10,7 @@ from PIL import Image
 
 import data_utils
 from conftest import CountOps
-from kit.data import cache_loader, splits
+from kit.data import cache_loader, sampling, splits
 
 CPU = torch.device("cpu")
 MEAN = torch.tensor(splits.IMAGENET_MEAN).view(1, 3, 1, 1) * 255
@@ -22,14 +22,15 @@ def epoch_of(loader):
     return torch.cat(images), torch.cat(labels)
 
 
-def loaders(root, files, labels, train, img_size, batch_size, seed=0, per_image=None, **kw):
+def loaders(root, files, labels, train, img_size, batch_size, seed=0, per_image=None, crop_scale=(0.08, 1.0)):
     """(DALI loader, cache) over one plan; per_image=False: the cache's fixed-ops batch path (the GPU's) on the CPU,
     True or None (on this CPU): its crops one by one."""
     sizes = splits.image_sizes(root, files) if train else None
-    plan = splits.SamplePlan(len(files), batch_size, train, seed=seed, sizes=sizes, fixed_shard=True, **kw)
-    common = dict(device=CPU, workers=1)
-    return (data_utils.dali_loader.DaliLoader(root, files, labels, plan, img_size, **common),
-            cache_loader.CacheLoader(root, files, labels, plan, img_size, per_image=per_image, **common))
+    data = sampling.DataSettings(img_size=img_size, seed=seed, crop_scale_min=crop_scale[0], cache=True,
+                                 loader="dali", workers=1)
+    plan = sampling.SamplePlan(len(files), batch_size, train, data, sizes=sizes)
+    return (data_utils.dali_loader.DaliLoader(root, files, labels, plan, CPU, data),
+            cache_loader.CacheLoader(root, files, labels, plan, CPU, data, per_image=per_image))
 
 
 BOTH_PATHS = pytest.mark.parametrize("per_image", [True, False], ids=["one_by_one", "fixed_ops"])
@@ -51,9 +52,11 @@ def test_cache_val_is_the_dali_val_exactly(prepared_root, split):
 def test_cache_without_dali_matches_the_torch_val(prepared_root):
     files, labels = splits.read_split(prepared_root, "val")
     root = splits.image_root(prepared_root)
-    plan = splits.SamplePlan(len(files), 4, False)
-    torch_images, torch_labels = epoch_of(data_utils.TorchLoader(root, files, labels, plan, 40, CPU, workers=0))
-    cache = cache_loader.CacheLoader(root, files, labels, plan, 40, CPU, workers=1, use_dali=False)
+    plan = sampling.SamplePlan(len(files), 4, False)
+    data = sampling.DataSettings(img_size=40, loader="torch", workers=0)
+    torch_images, torch_labels = epoch_of(data_utils.TorchLoader(root, files, labels, plan, CPU, data))
+    cache = cache_loader.CacheLoader(root, files, labels, plan, CPU, sampling.DataSettings(img_size=40, loader="torch",
+                                                                                          workers=1))
     cache_images, cache_labels = epoch_of(cache)
     assert torch.equal(torch_labels, cache_labels)
     assert (torch_images - cache_images).abs().max() < 5e-7  # the same PIL pixels, the same normalisation
@@ -120,9 +123,9 @@ def test_crops_sample_the_pyramid_level_they_shrink_least_from(coordinate_tree, 
 
     monkeypatch.setattr(torch.nn.functional, "grid_sample", spy)
     for max_levels in (None, 1):
-        plan = splits.SamplePlan(len(files), 8, True, seed=4, sizes=splits.image_sizes(root, files),
-                                 crop_scale=(0.3, 1.0), fixed_shard=True)
-        cache = cache_loader.CacheLoader(root, files, list(range(len(files))), plan, 48, CPU, workers=1,
+        data = sampling.DataSettings(img_size=48, seed=4, crop_scale_min=0.3, cache=True, loader="dali", workers=1)
+        plan = sampling.SamplePlan(len(files), 8, True, data, sizes=splits.image_sizes(root, files))
+        cache = cache_loader.CacheLoader(root, files, list(range(len(files))), plan, CPU, data,
                                          max_levels=max_levels, per_image=False)
         seen.clear()
         epoch_of(cache)

@@ -12,7 +12,7 @@ from PIL import Image
 import data_utils
 from conftest import CLASS_COLOURS
 from kit.base import errors
-from kit.data import splits
+from kit.data import sampling, splits
 
 CPU = torch.device("cpu")
 MEAN = torch.tensor(splits.IMAGENET_MEAN).view(1, 3, 1, 1)
@@ -26,11 +26,10 @@ def epoch_of(loader):
     return torch.cat(images), torch.cat(labels)
 
 
-def build(root, split, kind, **kw):
+def build(root, split, kind, batch_size=5, rank=0, world=1, **settings):
     loader, cache = kind
-    args = dict(img_size=32, batch_size=5, device=CPU, loader=loader, cache=cache, workers=1, seed=3)
-    args.update(kw)
-    return data_utils.build_loader(root, split, **args)
+    data = sampling.DataSettings(**{**dict(img_size=32, loader=loader, cache=cache, workers=1, seed=3), **settings})
+    return data_utils.build_loader(root, split, batch_size, CPU, data, rank, world)
 
 
 @pytest.mark.parametrize("split", ["train", "val"])
@@ -158,8 +157,9 @@ def test_awkward_images_become_upright_rgb(prepared_root, tmp_path):
     assert (int(heights[0]), int(widths[0])) == (80, 40)
     for loader in ("dali", "torch"):  # both decoders rotate it: red on top after a clockwise turn
         ld = data_utils.dali_loader.DaliLoader if loader == "dali" else data_utils.TorchLoader
-        plan = splits.SamplePlan(1, 1, False)
-        images, _ = next(iter(ld(str(tmp_path), ["rotated.jpg"], [0], plan, 32, CPU, workers=1)))
+        plan = sampling.SamplePlan(1, 1, False)
+        images, _ = next(iter(ld(str(tmp_path), ["rotated.jpg"], [0], plan, CPU,
+                                 sampling.DataSettings(img_size=32, workers=1))))
         rgb = images * STD + MEAN
         assert rgb[0, 0, :16].mean() > 0.8 and rgb[0, 2, :16].mean() < 0.2, loader
         assert rgb[0, 2, 16:].mean() > 0.8, loader
@@ -172,7 +172,7 @@ def test_dali_needs_a_thread(prepared_root):
 
 def test_missing_data_root_and_missing_files_are_clear(prepared_root, tmp_path):
     with pytest.raises(errors.DataError, match="download.py"):
-        data_utils.build_loaders(str(tmp_path / "nowhere"), 32, 4, CPU)
+        data_utils.build_loaders(str(tmp_path / "nowhere"), 4, CPU)
     root = tmp_path / "root"
     root.mkdir()
     (root / "classes.txt").write_text("a\n")
@@ -184,7 +184,8 @@ def test_missing_data_root_and_missing_files_are_clear(prepared_root, tmp_path):
 @pytest.mark.slow
 def test_real_val_split_through_dali(real_root):
     files, labels = splits.read_split(real_root, "val")
-    ld = data_utils.build_loader(real_root, "val", 64, 256, CPU, loader="dali", workers=2)
+    ld = data_utils.build_loader(real_root, "val", 256, CPU, sampling.DataSettings(img_size=64, loader="dali",
+                                                                                   workers=2))
     count, hist = 0, collections.Counter()
     for images, got in ld:
         assert images.shape[1:] == (3, 64, 64) and torch.isfinite(images).all()

@@ -10,8 +10,8 @@ import model_utils
 import presets
 from conftest import FixedBatches
 from kit.base import devices, errors
-from kit.data import splits
-from kit.training import engine, metrics
+from kit.data import sampling
+from kit.training import checkpoint, engine, metrics
 
 CPU = torch.device("cpu")
 
@@ -69,7 +69,7 @@ def test_every_registered_name_has_its_implementation():
     # schedule or a loader without its registration line (or the other way round) fails here.
     assert tuple(engine.SCHEDULES) == presets.CHOICES["schedule"]
     assert ("auto", *data_utils.LOADERS) == presets.CHOICES["loader"]
-    assert all(issubclass(cls, splits.PlanPosition) for cls in data_utils.LOADERS.values())
+    assert all(issubclass(cls, sampling.PlanPosition) for cls in data_utils.LOADERS.values())
     assert presets.CHOICES["monitor"] == tuple(f"val_{name}" for name in metrics.METRICS)
     assert presets.CHOICES["arch"] == model_utils.ARCHS and presets.CHOICES["trainable"] == tuple(model_utils.TRAINABLE)
     # split_metrics computes every metric the list names, and each is monitorable in its direction
@@ -261,6 +261,15 @@ def test_early_stopping_resumes_where_it_was():
     assert full == 5
 
 
+BF16_DATA = sampling.DataSettings(img_size=32, dtype=torch.bfloat16, workers=1)
+
+
+def epoch_parts(model, loader, optimizer, scheduler, mixer, ema=None):
+    """The checkpoint.Parts train_one_epoch steps: float32 weights, no GradScaler."""
+    return checkpoint.Parts(model, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False), mixer, loader,
+                            ema)
+
+
 def nan_steps_cfg(**kw):
     cfg = dict(grad_clip=0.0, log_every=1, progress=False, max_bad_steps=2, frozen_bn="eval")
     cfg.update(kw)
@@ -292,9 +301,8 @@ def run_poisoned(bad):
     optimizer = engine.build_optimizer(model_utils.param_groups(model, 1e-3, 1e-3, 0.0), {"optimizer": "adamw",
                                                                                         "momentum": 0.9})
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    return engine.train_one_epoch(model, PoisonedLoader(bad), optimizer, scheduler,
-                                  torch.amp.GradScaler("cpu", enabled=False), augment.MixupCutmix(3, seed=0), None,
-                                  nan_steps_cfg(), 1), model
+    return engine.train_one_epoch(epoch_parts(model, PoisonedLoader(bad), optimizer, scheduler,
+                                              augment.MixupCutmix(3, seed=0)), None, nan_steps_cfg(), 1), model
 
 
 def test_interleaved_non_finite_steps_do_not_stop_but_consecutive_ones_do():
@@ -313,9 +321,10 @@ def test_step_runs_channels_last_under_bf16_autocast(prepared_root):
          torch.get_autocast_dtype("cpu"), out.dtype)))
     optimizer = torch.optim.AdamW(model_utils.param_groups(model, 1e-3, 1e-3, 0.0))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    loader = data_utils.build_loader(prepared_root, "train", 32, 4, CPU, dtype=torch.bfloat16, workers=1)
-    stats = engine.train_one_epoch(model, loader, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False),
-                                   augment.MixupCutmix(3, 0.2, 1.0, seed=0), torch.bfloat16, nan_steps_cfg(), 1)
+    loader = data_utils.build_loader(prepared_root, "train", 4, CPU, BF16_DATA)
+    stats = engine.train_one_epoch(epoch_parts(model, loader, optimizer, scheduler, augment.MixupCutmix(3, 0.2, 1.0,
+                                                                                                      seed=0)),
+                                   torch.bfloat16, nan_steps_cfg(), 1)
     assert seen and all(s == (True, True, torch.bfloat16, torch.bfloat16) for s in seen)
     assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     assert stats["train_images_per_s"] > 0 and math.isfinite(stats["train_loss"])
@@ -324,7 +333,7 @@ def test_step_runs_channels_last_under_bf16_autocast(prepared_root):
 def test_no_device_reads_between_log_points(prepared_root, monkeypatch):
     # Every way a tensor's value can reach the host, counted: the count must not grow with the number of steps.
     cfg = nan_steps_cfg(log_every=10 ** 6)
-    batches = list(data_utils.build_loader(prepared_root, "train", 32, 4, CPU, dtype=torch.bfloat16, workers=1))
+    batches = list(data_utils.build_loader(prepared_root, "train", 4, CPU, BF16_DATA))
     reads = []
     for name in ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__"):
         original = getattr(torch.Tensor, name)
@@ -338,9 +347,8 @@ def test_no_device_reads_between_log_points(prepared_root, monkeypatch):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
         ema = engine.ModelEma(model, 0.9)
         reads.clear()
-        engine.train_one_epoch(model, FixedBatches(batches, steps), optimizer, scheduler,
-                               torch.amp.GradScaler("cpu", enabled=False), augment.MixupCutmix(3, 0.2, 1.0, seed=0),
-                               torch.bfloat16, cfg, 1, ema=ema)
+        engine.train_one_epoch(epoch_parts(model, FixedBatches(batches, steps), optimizer, scheduler,
+                                           augment.MixupCutmix(3, 0.2, 1.0, seed=0), ema), torch.bfloat16, cfg, 1)
         return len(reads)
 
     assert count(2) == count(6)  # reads happen at the (single, final) log point only
@@ -353,7 +361,7 @@ def test_lr_finder_restores_everything_and_stops_on_divergence(prepared_root, tm
 
     cfg = tiny_cfg(prepared_root, tmp_path, lr_fc=0.01, lr_backbone=0.001)
     model, optimizer, _ = engine.build_model(cfg, 3, CPU)
-    loader = data_utils.build_loader(prepared_root, "train", 32, 4, CPU, dtype=torch.bfloat16, workers=1)
+    loader = data_utils.build_loader(prepared_root, "train", 4, CPU, BF16_DATA)
     # One real step first, so the optimizer has state to restore.
     engine.train_step(model, *next(iter(loader)), optimizer, torch.amp.GradScaler("cpu", enabled=False),
                       augment.MixupCutmix(3, seed=0), torch.bfloat16)

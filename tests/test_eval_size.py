@@ -15,7 +15,7 @@ import predict
 import presets
 from conftest import tiny_cfg
 from kit.base import devices, errors
-from kit.data import splits
+from kit.data import sampling, splits
 from kit.training import engine, training
 
 CPU = torch.device("cpu")
@@ -29,7 +29,8 @@ def run_at_48(prepared_root, tmp_path_factory):
 
 def direct_val_top1(run_dir, data_root, size):
     """best.pth's val top-1 at `size`, through a loader built here (not from the run's settings)."""
-    loader = data_utils.build_loader(data_root, "val", size, 8, CPU, loader="torch", workers=0)
+    loader = data_utils.build_loader(data_root, "val", 8, CPU, sampling.DataSettings(img_size=size, loader="torch",
+                                                                                   workers=0))
     model = model_utils.load_trained(os.path.join(run_dir, "best.pth"), 3).to(memory_format=torch.channels_last)
     amp_dtype, _ = devices.resolve_amp("auto", CPU)
     return engine.evaluate(model, loader, 3, amp_dtype)["val_top1"]

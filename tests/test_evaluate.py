@@ -16,7 +16,7 @@ import model_utils
 import predict
 import presets
 from conftest import CLASS_COLOURS, make_image, one_line_error, run_cli, tiny_cfg
-from kit.data import splits
+from kit.data import sampling, splits
 from kit.reporting import gradcam, plots, report_page
 from kit.training import engine, training
 
@@ -61,7 +61,7 @@ def test_reports_exist_parse_and_add_up(trained_run, tmp_path):
 
 def test_tta_flip_is_the_mean_of_both_logits(trained_run, prepared_with_test):
     model = model_utils.load_trained(os.path.join(trained_run["out_dir"], "best.pth"), 3)
-    loader = data_utils.build_loader(prepared_with_test, "val", 32, 8, CPU, workers=1)
+    loader = data_utils.build_loader(prepared_with_test, "val", 8, CPU, sampling.DataSettings(img_size=32, workers=1))
     plain, labels = engine.collect_logits(model, loader, None)
     flipped_logits = torch.cat([model(images.flip(3)).detach() for images, _ in loader])
     tta, tta_labels = engine.collect_logits(model, loader, None, tta="flip")

@@ -17,8 +17,8 @@ import data_utils
 import model_utils
 from conftest import CountOps, FixedBatches, tiny_cfg
 from kit.base import devices
-from kit.data import cache_loader, dali_loader, splits
-from kit.training import engine, training
+from kit.data import cache_loader, dali_loader, sampling, splits
+from kit.training import checkpoint, engine, training
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
                                                   reason="needs a CUDA device (this is the GPU suite: pytest -m gpu)")]
@@ -28,6 +28,10 @@ MEAN = torch.tensor(splits.IMAGENET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(splits.IMAGENET_STD).view(1, 3, 1, 1)
 
 
+def gpu_data(**settings):
+    return sampling.DataSettings(**{**dict(img_size=64, loader="dali", workers=2), **settings})
+
+
 def epoch_of(loader):
     images, labels = zip(*[(x.float().cpu(), y.cpu()) for x, y in loader])
     return torch.cat(images), torch.cat(labels)
@@ -35,7 +39,7 @@ def epoch_of(loader):
 
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_mixed_pipeline_batches_are_model_ready_on_the_gpu(prepared_root, split):
-    loader = data_utils.build_loader(prepared_root, split, 64, 5, GPU, dtype=torch.float16, workers=2)
+    loader = data_utils.build_loader(prepared_root, split, 5, GPU, gpu_data(dtype=torch.float16))
     images, labels = next(iter(loader))
     assert images.device == GPU and labels.device == GPU and images.dtype == torch.float16
     assert images.shape == (5, 3, 64, 64) and images.is_contiguous(memory_format=torch.channels_last)
@@ -46,21 +50,21 @@ def test_mixed_pipeline_batches_are_model_ready_on_the_gpu(prepared_root, split)
 def test_mixed_val_agrees_with_the_cpu_pipeline(prepared_root):
     """nvJPEG with fancy chroma upsampling (set on both decoders) against libjpeg-turbo: the same images in the same
     order; pixels within 0.03 mean (normalised units, about 2 grey levels: IDCT and resize rounding differ)."""
-    gpu = epoch_of(data_utils.build_loader(prepared_root, "val", 64, 8, GPU, workers=2))
-    cpu = epoch_of(data_utils.build_loader(prepared_root, "val", 64, 8, CPU, workers=2))
+    gpu = epoch_of(data_utils.build_loader(prepared_root, "val", 8, GPU, gpu_data()))
+    cpu = epoch_of(data_utils.build_loader(prepared_root, "val", 8, CPU, gpu_data()))
     assert torch.equal(gpu[1], cpu[1])
     assert (gpu[0] - cpu[0]).abs().mean() < 0.03
 
 
 def test_mixed_pipeline_resumes_exactly(prepared_root):
     # hw_decoder_load=0: the A100/H100 hardware decoder's share of images must not differ between the two runs.
-    first = data_utils.build_loader(prepared_root, "train", 64, 3, GPU, workers=2, hw_decoder_load=0.0)
+    first = data_utils.build_loader(prepared_root, "train", 3, GPU, gpu_data(hw_decoder_load=0.0))
     epoch_of(first)
     stream = iter(first)
     next(stream)
     state = first.state_dict()
     expected = [(x.cpu(), y.cpu()) for x, y in list(stream) + list(first)]
-    resumed = data_utils.build_loader(prepared_root, "train", 64, 3, GPU, workers=2, hw_decoder_load=0.0)
+    resumed = data_utils.build_loader(prepared_root, "train", 3, GPU, gpu_data(hw_decoder_load=0.0))
     resumed.load_state_dict(state)
     got = [(x.cpu(), y.cpu()) for x, y in list(resumed) + list(resumed)]
     assert len(got) == len(expected) and all(torch.equal(a, b) and torch.equal(c, d)
@@ -96,8 +100,9 @@ def test_a_cache_batch_is_a_fixed_number_of_kernels_on_the_gpu(prepared_root):
     root = splits.image_root(prepared_root)
     counts = []
     for batch in (2, 8):
-        plan = splits.SamplePlan(len(files), batch, True, sizes=splits.image_sizes(root, files), fixed_shard=True)
-        cache = cache_loader.CacheLoader(root, files, labels, plan, 64, GPU, dtype=torch.bfloat16, workers=2)
+        data = gpu_data(cache=True, dtype=torch.bfloat16)
+        plan = sampling.SamplePlan(len(files), batch, True, data, sizes=splits.image_sizes(root, files))
+        cache = cache_loader.CacheLoader(root, files, labels, plan, GPU, data)
         step = next(plan.epoch(0))
         with CountOps() as mode:
             images, _ = cache.train_batch(step, cache.img_size)
@@ -110,7 +115,7 @@ def test_a_cache_batch_is_a_fixed_number_of_kernels_on_the_gpu(prepared_root):
 def test_no_host_device_sync_between_log_points(prepared_root):
     """torch's sync debug mode warns on every synchronising call it sees (.item(), .cpu(), nonzero, ...): their
     number must not grow with the number of steps between log points."""
-    batches = list(data_utils.build_loader(prepared_root, "train", 64, 4, GPU, dtype=torch.bfloat16, workers=2))
+    batches = list(data_utils.build_loader(prepared_root, "train", 4, GPU, gpu_data(dtype=torch.bfloat16)))
 
     def syncs(steps):
         model = model_utils.get_model(num_classes=3).to(GPU, memory_format=torch.channels_last)
@@ -123,9 +128,9 @@ def test_no_host_device_sync_between_log_points(prepared_root):
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                engine.train_one_epoch(model, FixedBatches(batches, steps), optimizer, scheduler,
-                                       torch.amp.GradScaler("cuda", enabled=False),
-                                       augment.MixupCutmix(3, 0.2, 1.0, seed=0), torch.bfloat16, cfg, 1)
+                parts = checkpoint.Parts(model, optimizer, scheduler, torch.amp.GradScaler("cuda", enabled=False),
+                                         augment.MixupCutmix(3, 0.2, 1.0, seed=0), FixedBatches(batches, steps))
+                engine.train_one_epoch(parts, torch.bfloat16, cfg, 1)
         finally:
             torch.cuda.set_sync_debug_mode("default")
         return len([w for w in caught if "synchroniz" in str(w.message).lower()])

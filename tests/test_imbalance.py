@@ -9,7 +9,7 @@ import augment
 import download
 import train_caltech101 as train
 from conftest import make_image, run_cli, tiny_cfg
-from kit.data import splits
+from kit.data import sampling
 from kit.training import training
 
 
@@ -43,9 +43,10 @@ def test_mixed_targets_weigh_each_class_share():
     assert torch.allclose(augment.soft_target_cross_entropy(logits, targets), expected)
 
 
-def balanced_plan(labels, **kw):
+def balanced_plan(labels, fixed_shard=False, rank=0, world=1):
     sizes = (np.full(len(labels), 100), np.full(len(labels), 120))
-    return splits.SamplePlan(len(labels), 8, True, seed=1, sizes=sizes, balance_labels=labels, **kw)
+    data = sampling.DataSettings(seed=1, balanced=True, cache=fixed_shard)
+    return sampling.SamplePlan(len(labels), 8, True, data, rank, world, sizes=sizes, labels=labels)
 
 
 def drawn(plan, epochs):
@@ -63,7 +64,8 @@ def test_the_balanced_plan_draws_every_class_equally_often_and_resumes():
     assert all(np.array_equal(a[k], b[k]) for a, b in zip(full, again) for k in a)
     assert all(np.array_equal(a[k], b[k]) for a, b in zip(full[2:], tail) for k in a)
     # The default plan is untouched by the option: a permutation of the split.
-    plain = splits.SamplePlan(110, 8, True, seed=1, sizes=(np.full(110, 100), np.full(110, 120)))
+    plain = sampling.SamplePlan(110, 8, True, sampling.DataSettings(seed=1), sizes=(np.full(110, 100),
+                                                                                  np.full(110, 120)), labels=labels)
     assert sorted(drawn(plain, 1)) == list(range(110))
 
 

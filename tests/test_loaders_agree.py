@@ -1,6 +1,6 @@
 """The three loaders (DALI, torch, --cache) follow one sampling plan: every per-image parameter the plan draws
 (the crop box, the flip, and any added later) changes what each loader gives, and the three agree on it. A new
-per-image transform drawn in splits.SamplePlan.epoch that one loader does not apply, or that none applies, fails
+per-image transform drawn in sampling.SamplePlan.epoch that one loader does not apply, or that none applies, fails
 here without this file changing."""
 import numpy as np
 import pytest
@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import data_utils
-from kit.data import splits
+from kit.data import sampling, splits
 
 CPU = torch.device("cpu")
 KINDS = (("dali", False), ("torch", False), ("dali", True))  # (loader, cache)
@@ -31,8 +31,8 @@ def uniform_tree(tmp_path_factory):
 
 
 def one_epoch(root, files, kind):
-    loader = data_utils.loader_over(root, files, [0] * len(files), SIZE, BATCH, CPU, loader=kind[0], cache=kind[1],
-                                    workers=1, seed=5, train=True)
+    data = sampling.DataSettings(img_size=SIZE, loader=kind[0], cache=kind[1], workers=1, seed=5)
+    loader = data_utils.loader_over(root, files, [0] * len(files), BATCH, CPU, data, train=True)
     return torch.cat([images for images, _ in loader])
 
 
@@ -57,8 +57,9 @@ def disagreement(images):
 
 def test_every_plan_parameter_changes_every_loader_alike(uniform_tree, monkeypatch):
     root, files = uniform_tree
-    real_epoch = splits.SamplePlan.epoch
-    plan = splits.SamplePlan(len(files), BATCH, True, seed=5, sizes=splits.image_sizes(root, files))
+    real_epoch = sampling.SamplePlan.epoch
+    plan = sampling.SamplePlan(len(files), BATCH, True, sampling.DataSettings(seed=5),
+                               sizes=splits.image_sizes(root, files))
     groups = parameters_of(next(plan.epoch(0)))
     assert BOX in groups and ("flip",) in groups  # the two the kit draws today (more may come)
     base = {kind: one_epoch(root, files, kind) for kind in KINDS}
@@ -66,7 +67,7 @@ def test_every_plan_parameter_changes_every_loader_alike(uniform_tree, monkeypat
     # and rounding. A rolled crop box moves every loader by 0.77, rolled flips by 0.43.
     assert all(d < 0.02 for d in disagreement(base).values()), disagreement(base)
     for group in groups:
-        monkeypatch.setattr(splits.SamplePlan, "epoch", with_rolled(real_epoch, group))
+        monkeypatch.setattr(sampling.SamplePlan, "epoch", with_rolled(real_epoch, group))
         changed = {kind: one_epoch(root, files, kind) for kind in KINDS}
         for kind in KINDS:  # the loader applies this parameter ...
             assert (changed[kind] - base[kind]).abs().mean() > 0.1, (kind, group)

@@ -93,8 +93,9 @@ def test_a_skipped_step_is_as_if_the_batch_never_came():
         model, optimizer = small_resnet()
         ema = engine.ModelEma(model, 0.9)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-        stats = engine.train_one_epoch(model, loader, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False),
-                                       augment.MixupCutmix(3, seed=0), None, cfg, 1, ema=ema)
+        parts = checkpoint.Parts(model, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False),
+                                 augment.MixupCutmix(3, seed=0), loader, ema)
+        stats = engine.train_one_epoch(parts, None, cfg, 1)
         results.append((stats, model.state_dict(), ema.module.state_dict()))
     (poisoned_stats, poisoned, poisoned_ema), (_, clean, _) = results
     assert poisoned_stats["skipped_steps"] == 1

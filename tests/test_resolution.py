@@ -11,7 +11,8 @@ import data_utils
 import presets
 import train_caltech101 as train
 from conftest import one_line_error, run_cli, tiny_argv
-from kit.data import splits
+from kit.base import devices
+from kit.data import sampling, splits
 from kit.reporting import run_report
 from kit.settings import resolution
 from kit.training import engine
@@ -89,8 +90,9 @@ def test_every_loader_gives_the_scheduled_size_from_the_same_crops(prepared_root
     root = splits.image_root(prepared_root)
 
     def loader(img_size, out_sizes=None):
-        return data_utils.loader_over(root, files, labels, img_size, 5, CPU, loader=kind[0], cache=kind[1],
-                                      workers=1, seed=3, out_sizes=out_sizes)
+        data = sampling.DataSettings(img_size=img_size, loader=kind[0], cache=kind[1], workers=1, seed=3,
+                                     out_sizes=out_sizes or ())
+        return data_utils.loader_over(root, files, labels, 5, CPU, data)
 
     scheduled = loader(48, [32, 40, 48])
     for epoch, size in enumerate([32, 40, 48, 48]):
@@ -141,9 +143,10 @@ def test_the_estimate_and_the_eta_weigh_epochs_by_their_pixels(monkeypatch):
     cfg = presets.resolve("cpu_smoke", {"eval_every": 32})
     lines = []
     model = torch.nn.Linear(2, 2)
-    total = run_report.estimate_duration(cfg, lines.append, model, CPU, None, 8, 10, val_images=0)
+    rt = devices.Runtime(CPU, None, False, batch=8, eval_batch=8)
+    total = run_report.estimate_duration(cfg, rt, model, 10, 0, lines.append)
     assert total == pytest.approx(195.584)
-    plain = run_report.estimate_duration(dict(cfg, img_size_start=0), lines.append, model, CPU, None, 8, 10, 0)
+    plain = run_report.estimate_duration(dict(cfg, img_size_start=0), rt, model, 10, 0, lines.append)
     assert plain == pytest.approx(294.912)
     cfg = presets.resolve("cpu_smoke")
     row = {"epoch": 1, "train_time_s": 16.0, "val_images": 100, "val_images_per_s": 10.0, "wall_time_s": 30.0}

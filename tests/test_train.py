@@ -14,6 +14,7 @@ import presets
 import train_caltech101 as train
 from conftest import one_line_error, run_cli, stop_at, stopped_run, tiny_argv, tiny_cfg
 from kit.base import devices
+from kit.data import sampling
 from kit.settings import resolution
 from kit.training import engine, runs, training
 
@@ -57,8 +58,8 @@ def test_best_checkpoints_are_the_best_epochs(trained_run, prepared_with_test):
     by_top1 = max(rows, key=lambda r: r["val_top1"])  # first of equals, as the monitor keeps it
     by_loss = min(rows, key=lambda r: r["val_loss"])
     amp_dtype, _ = devices.resolve_amp("auto", torch.device("cpu"))  # as the run chose: bf16 only where native
-    val = data_utils.build_loader(prepared_with_test, "val", 32, 8, torch.device("cpu"),
-                                  dtype=amp_dtype or torch.float32, workers=1)
+    val = data_utils.build_loader(prepared_with_test, "val", 8, torch.device("cpu"),
+                                  sampling.DataSettings(img_size=32, dtype=amp_dtype or torch.float32, workers=1))
     for name, row in (("best.pth", by_top1), ("best_loss.pth", by_loss)):
         model = model_utils.load_trained(os.path.join(trained_run["out_dir"], name), 3)
         m = engine.evaluate(model.to(memory_format=torch.channels_last), val, 3, amp_dtype)

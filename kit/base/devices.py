@@ -3,7 +3,9 @@ torch cannot use), --amp (bf16 / fp16 with a GradScaler / off, per device) and t
 
     device = devices.resolve_device("auto"); amp_dtype, use_scaler = devices.resolve_amp("auto", device)
     with devices.autocast(device, amp_dtype): logits = model(images)
+    rt = devices.Runtime(device, amp_dtype, use_scaler, batch=64, eval_batch=128)   # one process's part of a run
 """
+import dataclasses
 import os
 import shutil
 import sys
@@ -11,6 +13,29 @@ import sys
 import torch
 
 from kit.base import errors
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """This process's part of a run, resolved once at start-up: where it computes, in what precision, and its share
+    of each step."""
+    device: torch.device
+    amp_dtype: object  # autocast dtype (torch.bfloat16 / torch.float16), or None: float32 throughout
+    use_scaler: bool  # float16's GradScaler
+    batch: int  # train images per step on this rank (the global batch / world)
+    eval_batch: int  # evaluation images per step on this rank
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self):
+        """Rank 0: the process that writes the run's files and prints."""
+        return self.rank == 0
+
+    @property
+    def dtype(self):
+        """Of the image batches: the AMP dtype, or float32."""
+        return self.amp_dtype or torch.float32
 
 
 def nvidia_gpu_present():

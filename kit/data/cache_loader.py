@@ -1,7 +1,7 @@
 """--cache: the split decoded once and kept as uint8 on the training device; every epoch's crops, flips and
 normalisation are tensor operations there, with no JPEG decode after the first pass.
 
-    loader = cache_loader.CacheLoader(image_root, files, labels, plan, img_size=224, device=torch.device("cuda"))
+    loader = cache_loader.CacheLoader(image_root, files, labels, plan, torch.device("cuda"), data)
 
 Train images are kept at their original size (so a cached crop is the crop DALI cuts), downscaled only when their
 shorter side exceeds `train_cap(img_size, crop_scale_min)`: the size at which even the smallest crop is still
@@ -15,7 +15,7 @@ larger than img_size, so the cap never makes a crop blurrier. Two train paths gi
   the grid; k x k samples per output pixel when a crop shrinks, averaged: antialiasing), one normalisation.
 Val/test images are stored already resized and centre-cropped exactly as the
 DALI val pipeline cuts them, so a val batch is an index and a normalisation.
-Under torchrun each rank decodes only the images its plan can give it (splits.SamplePlan, fixed_shard=True).
+Under torchrun each rank decodes only the images its plan can give it (sampling.SamplePlan with data.cache).
 """
 import math
 import os
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import model_utils
-from kit.data import dali_loader, splits
+from kit.data import dali_loader, sampling, splits
 
 # One by one, a crop of a capped image is resized twice (the cap's resize, then the crop's), and even a slight
 # resize blurs by resampling; the fixed-ops path subtracts the cap's blur from its own filter, which a uint8 resize
@@ -39,7 +39,7 @@ MAX_SUPERSAMPLE = 4  # samples per output pixel and axis when a crop shrinks (an
 def train_cap(img_size, crop_scale_min):
     """Largest shorter side kept: the smallest crop (area crop_scale_min, aspect 3/4) of an image this size is
     still img_size pixels on its short side."""
-    return math.ceil(img_size / math.sqrt(crop_scale_min * splits.RRC_RATIO[0]))
+    return math.ceil(img_size / math.sqrt(crop_scale_min * sampling.RRC_RATIO[0]))
 
 
 def resized(array, height, width):
@@ -66,7 +66,7 @@ def decode_all(image_root, files, device, workers, use_dali, cap=None, img_size=
     """uint8 HWC arrays of `files`: whole images (shorter side capped at `cap`) for train (img_size=None), or the
     val transform's img_size crops (shorter side to img_size*256/224, centre crop) for val/test."""
     if use_dali:
-        plan = splits.SamplePlan(len(files), 64, train=False)
+        plan = sampling.SamplePlan(len(files), 64, train=False)
         shorter = splits.resize_size(img_size) if img_size else None
         pipe = dali_loader.first_step_pipe(image_root, files, plan, device, max(1, workers), train=False,
                                            shorter=shorter, img_size=img_size)
@@ -84,20 +84,21 @@ def decode_all(image_root, files, device, workers, use_dali, cap=None, img_size=
     return [shrink(a, cap) for a in arrays] if cap else arrays
 
 
-class CacheLoader(splits.PlanPosition):
+class CacheLoader(sampling.PlanPosition):
     """Yields (images, labels) like the other loaders, from pixels decoded once; follows `plan` like them."""
     kind = "cache"
 
-    def __init__(self, image_root, files, labels, plan, img_size, device, dtype=torch.float32, workers=2,
-                 channels_last=True, use_dali=dali_loader.HAVE_DALI, hw_decoder_load=None,  # DALI loader only
+    def __init__(self, image_root, files, labels, plan, device, data=sampling.DataSettings(),
                  max_levels=None,  # train pyramid levels (None: as many as crops need; 1: the originals only)
                  per_image=None):  # train crops one by one (None: on a CPU)
-        self.plan, self.img_size, self.device, self.dtype = plan, img_size, device, dtype
+        img_size, workers = data.size(plan.train), data.workers
+        use_dali = data.loader == "dali" and dali_loader.HAVE_DALI  # the first pass decodes with the run's decoder
+        self.plan, self.img_size, self.device, self.dtype = plan, img_size, device, data.dtype
         # On a CPU there is no kernel launch to save, and torch's vectorised uint8 antialiased resize (PIL's
         # filter) of each crop does a fraction of the batched float sampling's arithmetic; a GPU wants a batch
         # to be a fixed number of kernels.
         self.per_image = device.type == "cpu" if per_image is None else per_image
-        self.layout = model_utils.memory_format(channels_last)
+        self.layout = model_utils.memory_format(data.channels_last)
         n = len(files)
         # The images this rank can be given: its fixed shard for train, its contiguous part for val/test.
         self.mine = np.arange(plan.rank, n, plan.world) if plan.train else np.arange(plan.lo, plan.hi)
@@ -242,5 +243,5 @@ class CacheLoader(splits.PlanPosition):
         size = self.plan.out_size(self.epoch, self.img_size)
         for step in self.plan.epoch(self.epoch, self.batches_done):
             batch = self.train_batch(step, size) if self.plan.train else self.val_batch(step["index"])
-            self.epoch, self.batches_done = splits.next_position(self.epoch, self.batches_done, self.plan.steps)
+            self.epoch, self.batches_done = sampling.next_position(self.epoch, self.batches_done, self.plan.steps)
             yield batch

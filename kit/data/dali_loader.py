@@ -6,7 +6,7 @@ same graph runs on DALI's CPU operators (device_id=None).
     for images, labels in loader: ...      # NCHW (channels_last) in the AMP dtype, on the device; labels int64
 
 The pipeline does not choose images or crops itself: an external source feeds it, step by step, the encoded
-bytes the shared splits.SamplePlan names, with each image's crop box and flip. Train: decode only the crop box
+bytes the shared sampling.SamplePlan names, with each image's crop box and flip. Train: decode only the crop box
 (decoders.image_slice), resize it to img_size or the epoch's size (antialiased), flip, normalise. Val/test:
 decode, resize the shorter side to img_size*256/224, centre crop, normalise. The stream runs on across epochs
 (the next epoch's first batches are decoded while this one ends, at that epoch's size); its position is (epoch,
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from kit.base import errors
-from kit.data import splits
+from kit.data import sampling, splits
 
 try:
     import nvidia.dali
@@ -33,7 +33,6 @@ except ImportError:  # macOS / Windows / no DALI wheel: the torch loader still w
 INSTALL = "pip install nvidia-dali-cuda120: Linux wheels only"
 
 PRELOAD_BYTES = 2 << 30  # keep a split's encoded files in memory up to this size (Caltech-101: 116 MB); else read
-HW_DECODER_LOAD = 0.65  # share of JPEGs for the A100/H100 hardware decoder (DALI's default); others ignore it
 
 
 def dali_device_id(device):
@@ -98,7 +97,7 @@ class PlanSource:
 
 
 if HAVE_DALI:
-    def decode(jpegs, decoder_device, anchor=None, shape=None, hw_decoder_load=HW_DECODER_LOAD):
+    def decode(jpegs, decoder_device, anchor=None, shape=None, hw_decoder_load=sampling.HW_DECODER_LOAD):
         """Decode to uint8 RGB, only the (anchor, shape) box when given. Fancy chroma upsampling on both devices, so
         that the GPU decoder gives the CPU decoder's pixels (its default differs)."""
         common = dict(device=decoder_device, output_type=types.RGB, jpeg_fancy_upsampling=True)
@@ -155,21 +154,20 @@ def decode_error(err, recent_files):
     return errors.DataError(f"the DALI pipeline failed: {text.splitlines()[-1] if text else repr(err)}")
 
 
-class DaliLoader(splits.PlanPosition):
+class DaliLoader(sampling.PlanPosition):
     """Iterates the DALI pipeline as (images, labels) model inputs, `len()` batches per epoch, following `plan`.
 
     state_dict()/load_state_dict() hold the stream position (epoch, batches done) at any step.
     """
     kind = "dali"
 
-    def __init__(self, image_root, files, labels, plan, img_size, device, dtype=torch.float32, workers=2,
-                 channels_last=True, hw_decoder_load=HW_DECODER_LOAD):
+    def __init__(self, image_root, files, labels, plan, device, data=sampling.DataSettings()):
         if not HAVE_DALI:
             raise errors.DataError(f"DALI is not installed ({INSTALL}): use --loader torch or auto")
-        check_workers(workers)
+        check_workers(data.workers)
         self.image_root, self.files, self.labels, self.plan = image_root, files, labels, plan
-        self.img_size, self.device, self.dtype, self.workers = img_size, device, dtype, workers
-        self.channels_last, self.hw_decoder_load = channels_last, hw_decoder_load
+        self.img_size, self.device, self.dtype, self.workers = data.size(plan.train), device, data.dtype, data.workers
+        self.channels_last, self.hw_decoder_load = data.channels_last, data.hw_decoder_load
         self.encoded = EncodedFiles(image_root, files)
         self.num_images = plan.num_local
         self.epoch, self.batches_done = 0, 0
@@ -205,7 +203,7 @@ class DaliLoader(splits.PlanPosition):
             except RuntimeError as e:
                 self.stream_at = None
                 raise self._error(e, source) from None
-            self.epoch, self.batches_done = splits.next_position(self.epoch, self.batches_done, self.plan.steps)
+            self.epoch, self.batches_done = sampling.next_position(self.epoch, self.batches_done, self.plan.steps)
             self.stream_at = (self.epoch, self.batches_done)
             # The labels are host memory DALI reuses; a copy of our own makes the asynchronous transfer safe.
             yield splits.to_model_input(batch["images"], batch["labels"].clone(), self.device, self.dtype,

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import model_utils
-from kit.data import dali_loader, splits
+from kit.data import dali_loader, sampling, splits
 
 
 def sync(device):
@@ -72,7 +72,7 @@ class DecodeOnly:
 
     def __init__(self, data_root, files, batch_size, workers, device):
         root = splits.image_root(data_root)
-        plan = splits.SamplePlan(len(files), batch_size, True, sizes=splits.image_sizes(root, files))
+        plan = sampling.SamplePlan(len(files), batch_size, True, sizes=splits.image_sizes(root, files))
         self.pipe = dali_loader.first_step_pipe(root, files, plan, device, workers, train=True)
         self.root, self.files, self.steps, self.num_images = root, files, plan.steps, len(files)
 

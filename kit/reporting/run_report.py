@@ -1,7 +1,8 @@
 """What a run tells its user: the model printout (--print_model), the derived quantities at start-up, a duration
 estimate, the epoch line with its ETA, and the final train / val / test table of best.pth (summary.json).
 
-    run_report.describe(...)           # world size, batches, steps, every parameter group's peak LR
+    run_report.describe(cfg, rt, parts, val_loader, total_steps, warmup_steps, run_dir, print)   # world size,
+                                       # batches, steps, every parameter group's peak LR
     summary = run_report.summary(...)  # best.pth's figures on train (val transform), val and test -> summary.json
 """
 import copy
@@ -79,17 +80,19 @@ def format_duration(seconds):
     return f"{seconds / 3600:.1f} h"
 
 
-def describe(cfg, log, device, amp_dtype, use_scaler, train_loader, val_loader, model, optimizer, world, batch,
-             steps_per_epoch, total_steps, warmup_steps, ema, run_dir):
-    """The derived quantities of the run, printed once."""
+def describe(cfg, rt, parts, val_loader, total_steps, warmup_steps, run_dir, log):
+    """The derived quantities of the run, printed once: rt is the process's devices.Runtime, parts the run's
+    checkpoint.Parts (model, optimizer, train loader, EMA)."""
+    model, train_loader, ema, world = parts.model, parts.loader, parts.ema, rt.world
+    steps_per_epoch = len(train_loader)
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"run folder {run_dir}")
-    log(f"device {device}, amp {amp_dtype}, grad scaler {use_scaler}, channels_last {cfg['channels_last']}, "
+    log(f"device {rt.device}, amp {rt.amp_dtype}, grad scaler {rt.use_scaler}, channels_last {cfg['channels_last']}, "
         f"loader {train_loader.kind}, torch.compile {cfg['compile']}"
         + (f" ({cfg['compile_mode']}; {len(set(resolution.train_sizes(cfg))) + 1} graphs: one per train size and one "
            f"for evaluation; the short last train step is dropped for static shapes)" if cfg["compile"] else ""))
-    log(f"processes: world size {world}, per-rank batch {batch}, global batch {batch * world}")
+    log(f"processes: world size {world}, per-rank batch {rt.batch}, global batch {rt.batch * world}")
     plain = model_utils.unwrap(model)
     log(f"data: {archs.anatomy_of(plain).head_linear(plain).out_features} classes, "
         f"{train_loader.num_images * world} train ({train_loader.num_images} per rank) / "
@@ -116,7 +119,7 @@ def describe(cfg, log, device, amp_dtype, use_scaler, train_loader, val_loader, 
                                            else "") + ")")
     log(f"schedule: {steps_per_epoch} steps/epoch, {total_steps} steps total, {warmup_steps} warmup steps, "
         f"{cfg['schedule']} decay to {cfg['min_lr_ratio']} x peak")
-    for g in optimizer.param_groups:
+    for g in parts.optimizer.param_groups:
         log(f"  group {g['name']}: {len(g['params'])} tensors, peak lr {g['initial_lr']:.3g}, "
             f"weight decay {g['weight_decay']:.3g}")
     if cfg["warmup_epochs"] > cfg["epochs"]:
@@ -153,11 +156,12 @@ def time_step(probe, images, amp_dtype, device):
     return min(timings[1:])
 
 
-def estimate_duration(cfg, log, model, device, amp_dtype, batch, steps_per_epoch, val_images):
+def estimate_duration(cfg, rt, model, steps_per_epoch, val_images, log):
     """Time training steps on a copy of the model with a synthetic batch (with what trains in each phase: frozen
     epochs, then everything), and print what the run will take. Under progressive resizing, steps are timed at the
     smallest and the final size, and an epoch's step time is the straight line between them at its pixel count."""
     probe = copy.deepcopy(model_utils.unwrap(model)).train()
+    device, batch = rt.device, rt.batch
     sizes = resolution.train_sizes(cfg)
     frozen_epochs = cfg["freeze_epochs"] or (cfg["epochs"] if cfg["trainable"] != "all" else 0)
 
@@ -168,7 +172,7 @@ def estimate_duration(cfg, log, model, device, amp_dtype, batch, steps_per_epoch
         for size in sorted({min(sizes), cfg["img_size"]}):
             images = torch.zeros(batch, 3, size, size, device=device)
             images = images.to(memory_format=model_utils.memory_format(cfg["channels_last"]))
-            times[size] = time_step(probe, images, amp_dtype, device)
+            times[size] = time_step(probe, images, rt.amp_dtype, device)
         return times
 
     def epoch_seconds(times, size):

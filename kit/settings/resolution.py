@@ -5,7 +5,7 @@ printed, and how a preset's schedule follows other img_size / epochs settings.
     print(resolution.describe_sizes(sizes))    # 64 px epochs 1-15, 80 px epochs 16-23, 96 px epochs 24-32
 
 presets.py holds the settings (img_size_start, img_size_ramp, img_size_step) and calls fit_size_schedule while it
-resolves them; every loader takes its epoch's size from splits.SamplePlan.out_size, built from train_sizes.
+resolves them; every loader takes its epoch's size from sampling.SamplePlan.out_size, built from train_sizes.
 """
 import os
 

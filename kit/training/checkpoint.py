@@ -215,8 +215,8 @@ class Parts:
     scaler: object
     mixer: object  # augment.MixupCutmix: its random draws
     loader: object  # the train loader: its stream position
-    ema: object  # engine.ModelEma or None
-    stopper: object  # engine.EarlyStopping: best value, wait count, stop reason
+    ema: object = None  # engine.ModelEma or None
+    stopper: object = None  # engine.EarlyStopping: best value, wait count, stop reason
 
 
 def training_state(parts, cfg, split_id, num_classes, rows, position):

@@ -2,10 +2,10 @@
 early stopping, and the one evaluation loop that training, evaluate.py and bench.py use (its figures: metrics.py).
 
     from kit.training import engine
-    stats = engine.train_one_epoch(model, loader, optimizer, scheduler, scaler, mixer, amp_dtype, cfg, epoch=1)
+    stats = engine.train_one_epoch(parts, amp_dtype, cfg, epoch=1)   # parts: a checkpoint.Parts
     metrics = engine.evaluate(model, val_loader, num_classes, amp_dtype)
 
-Plain functions and two small state holders (ModelEma, EarlyStopping), no trainer object: train_caltech101.py
+Plain functions and two small state holders (ModelEma, EarlyStopping), no trainer object: training.py
 tells the story of a run with them. Under torchrun the same functions run on every rank (distributed.py).
 """
 import copy
@@ -294,14 +294,23 @@ class EpochTally:
         self.seen, self.seconds_before, self.started = state["seen"], state["seconds"], time.perf_counter()
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, scaler, mixer, amp_dtype, cfg, epoch, start_step=0,
-                    stop=None, on_step=None, ema=None, trainable="all", tally=None, guard_bn=True):
-    """One pass over the loader (the rest of it when resuming at start_step, with that epoch's `tally` so far).
+def phase(cfg, epoch):
+    """What trains in an epoch: `trainable`, or everything after freeze_epochs (gradual unfreezing)."""
+    if cfg.get("freeze_epochs", 0) > 0 and epoch > cfg["freeze_epochs"]:
+        return "all"
+    return cfg.get("trainable", "all")
+
+
+def train_one_epoch(parts, amp_dtype, cfg, epoch, step_model=None, start_step=0, tally=None, stop=None,
+                    on_step=None, guard_bn=True):
+    """One pass over parts.loader (the rest of it when resuming at start_step, with that epoch's `tally` so far),
+    stepping parts' optimizer, scheduler, scaler, mixer and EMA (a checkpoint.Parts). step_model: what runs the
+    steps (the DDP or compiled wrapper of parts.model; None: parts.model).
 
     Returns the epoch's statistics (summed over ranks) plus 'steps_done' (in this epoch, counting start_step) and
     'completed' (False when `stop` ended it before its last step). `on_step(steps_done)` runs after every
     optimizer step; `tally` (an EpochTally, updated in place) is what a mid-epoch checkpoint saves.
-    `trainable` (all | layer4+head | head) keeps frozen parts' BatchNorm as cfg["frozen_bn"] says.
+    What is frozen in this epoch (phase()) keeps its BatchNorm as cfg["frozen_bn"] says.
     Nothing here waits on the device except at log points: sums, counts and the non-finite-loss streak live in
     device tensors until then. Under torchrun every rank skips the same non-finite steps and stops at the same
     log point, and a short last step's loss is weighted so the update is the mean over the whole global batch.
@@ -309,9 +318,11 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, mixer, amp_dtyp
     """
     from tqdm import tqdm
 
+    model = parts.model if step_model is None else step_model
+    loader, optimizer, scheduler, ema = parts.loader, parts.optimizer, parts.scheduler, parts.ema
     device = next(model.parameters()).device
     world = distributed.world()
-    model_utils.set_train_mode(model, trainable, cfg.get("frozen_bn", "eval"))
+    model_utils.set_train_mode(model, phase(cfg, epoch), cfg.get("frozen_bn", "eval"))
     bn_stats = batchnorm_stats(model) if guard_bn else []
     tally = EpochTally(device) if tally is None else tally
     tally.started = time.perf_counter()
@@ -329,8 +340,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, mixer, amp_dtyp
         n = labels.shape[0]
         # DDP averages over ranks: a short last step's ranks weight their mean by their share of the global batch.
         weight = 1.0 if world == 1 else n * world / loader.plan.global_images(steps_done)
-        loss_value, finite, logits = train_step(model, images, labels, optimizer, scaler, mixer, amp_dtype,
-                                                cfg["grad_clip"], weight, bn_stats)
+        loss_value, finite, logits = train_step(model, images, labels, optimizer, parts.scaler, parts.mixer,
+                                                amp_dtype, cfg["grad_clip"], weight, bn_stats)
         scheduler.step()
         steps_done += 1
         if ema is not None and steps_done % every_ema == 0:
@@ -418,8 +429,9 @@ def evaluate_weights(path, cfg, split, num_classes, device, amp_dtype, batch_siz
     end-of-run table and evaluate.py both call it; logits and labels come back on the CPU."""
     model = model_utils.load_trained(path, num_classes, cfg["arch"])
     model = model.to(device, memory_format=model_utils.memory_format(cfg["channels_last"]))
-    loader = data_utils.loader_from_settings(cfg, split, batch_size, device, amp_dtype or torch.float32, rank=rank,
-                                             world=world, train=False, cache=False)
+    loader = data_utils.build_loader(cfg["data_root"], split, batch_size, device,
+                                     data_utils.data_settings(cfg, amp_dtype or torch.float32, cache=False), rank,
+                                     world, train=False)
     logits, labels = collect_logits(model, loader, amp_dtype, tta)
     logits, labels = logits.cpu(), labels.cpu()
     return logits, labels, metrics.split_metrics(logits, labels, num_classes)

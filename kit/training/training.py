@@ -83,13 +83,14 @@ def main(cfg, explicit=None, judge=None):
               f"another library, so not bit-identical to a run that kept {ran_with}")
     cfg = {**cfg, "loader": loader}  # config.json and last.pth record the loader that ran
     batch, eval_batch = check_world(cfg, world, device)
+    rt = devices.Runtime(device, amp_dtype, use_scaler, batch, eval_batch, rank, world)
     distributed.init(device)
     try:
         if finished:
-            return finished_run(cfg, ckpt, resume_path, device, amp_dtype, eval_batch)
+            return finished_run(cfg, rt, ckpt, resume_path)
         if judge is not None and world > 1:
             raise errors.ConfigError("a judged run (a sweep's trial) runs in one process, not under torchrun")
-        return train(cfg, device, amp_dtype, use_scaler, batch, eval_batch, resume_path, ckpt, notes, judge)
+        return train(cfg, rt, resume_path, ckpt, notes, judge)
     finally:
         distributed.cleanup()
 
@@ -102,7 +103,7 @@ def end_files(cfg, run_dir):
         + ("summary.json",)
 
 
-def finished_run(cfg, ckpt, resume_path, device, amp_dtype, eval_batch):
+def finished_run(cfg, rt, ckpt, resume_path):
     """A relaunch of a run that is over (a requeued job, --resume auto run again): one line and nothing touched, or,
     when the end-of-run files are missing (the run was killed while writing them), those files and nothing else."""
     run_dir = os.path.dirname(os.path.abspath(resume_path))
@@ -112,7 +113,7 @@ def finished_run(cfg, ckpt, resume_path, device, amp_dtype, eval_batch):
     best = f"best {cfg['monitor']} {stopper.best:.4f} at epoch {stopper.best_epoch}"
     missing = distributed.broadcast_object([name for name in end_files(cfg, run_dir)  # rank 0's view decides
                                             if not os.path.isfile(os.path.join(run_dir, name))])
-    log = print if distributed.is_main() else (lambda *a, **k: None)
+    log = print if rt.main else (lambda *a, **k: None)
     if not missing:
         log(f"{run_dir} has {ended} ({best}): nothing to do")
         return {"exit_code": 0, "out_dir": run_dir, "best_epoch": stopper.best_epoch, "rows": ckpt["rows"]}
@@ -121,12 +122,12 @@ def finished_run(cfg, ckpt, resume_path, device, amp_dtype, eval_batch):
                                   f"the split lists in {cfg['data_root']} are not the ones it was trained on")
     log(f"{run_dir} has {ended} ({best}); writing its missing end-of-run files ({', '.join(missing)})")
     classes = splits.read_class_file(os.path.join(run_dir, "classes.txt"))
-    summary = finish_run(cfg, run_dir, ckpt["rows"], stopper, device, amp_dtype, classes, eval_batch)
+    summary = finish_run(cfg, rt, run_dir, ckpt["rows"], stopper, classes)
     return {"exit_code": 0, "out_dir": run_dir, "best_epoch": stopper.best_epoch, "rows": ckpt["rows"],
             "summary": summary, "best_top1": summary["best"]["val_top1"]}
 
 
-def finish_run(cfg, run_dir, rows, stopper, device, amp_dtype, classes, eval_batch):
+def finish_run(cfg, rt, run_dir, rows, stopper, classes):
     """The end-of-run files: curves.png; report.json (best.pth on val: per class, confusions, mistakes) and
     report.html; then the train / val / test table of best.pth in summary.json (the marker that the run's files are
     complete)."""
@@ -137,16 +138,16 @@ def finish_run(cfg, run_dir, rows, stopper, device, amp_dtype, classes, eval_bat
             if split == "test" and not os.path.isfile(os.path.join(cfg["data_root"], "test.txt")) or \
                     split == "val" and not cfg["report_page"]:
                 continue
-            result = engine.evaluate_weights(best_path, cfg, split, len(classes), device, amp_dtype, eval_batch,
-                                             rank=distributed.rank(), world=distributed.world())
+            result = engine.evaluate_weights(best_path, cfg, split, len(classes), rt.device, rt.amp_dtype,
+                                             rt.eval_batch, rank=rt.rank, world=rt.world)
             if split == "val":  # for the page: the summary's val figures are the best epoch's own evaluation
                 page_eval = result
             else:
                 evaluated[split] = result[2]
     summary = run_report.summary(cfg, rows, stopper, cfg["ema_decay"] > 0, stopper.reason, evaluated)
-    if distributed.is_main():
+    if rt.main:
         curves = plots.plot_curves(run_dir)
-        page = write_report_page(cfg, run_dir, classes, best_path, page_eval, summary, amp_dtype) \
+        page = write_report_page(cfg, run_dir, classes, best_path, page_eval, summary, rt.amp_dtype) \
             if cfg["report_page"] else None
         fileio.write_atomic(json.dumps(summary, indent=1) + "\n", os.path.join(run_dir, "summary.json"))
         reached = summary["time_to_val_top1"]
@@ -189,27 +190,26 @@ def set_determinism(cfg, device):
         torch.backends.cudnn.benchmark = True  # autotuned kernels: fastest, not bit-reproducible
 
 
-def build_parts(cfg, model, optimizer, scheduler, train_loader, num_classes, device, use_scaler, rank,
-                class_weights=None):
+def build_parts(cfg, rt, model, optimizer, scheduler, train_loader, num_classes, class_weights=None):
     """checkpoint.Parts: the model and everything else stateful that last.pth saves."""
     return checkpoint.Parts(
-        model, optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=use_scaler),
+        model, optimizer, scheduler, torch.amp.GradScaler(rt.device.type, enabled=rt.use_scaler),
         augment.MixupCutmix(num_classes, cfg["mixup_alpha"], cfg["cutmix_alpha"], cfg["mix_switch_prob"],
-                            cfg["label_smoothing"], seed=[cfg["seed"], rank],
-                            class_weights=None if class_weights is None else class_weights.to(device)), train_loader,
+                            cfg["label_smoothing"], seed=[cfg["seed"], rt.rank],
+                            class_weights=None if class_weights is None else class_weights.to(rt.device)), train_loader,
         engine.ModelEma(model, cfg["ema_decay"], cfg["ema_every"], cfg["ema_warmup"]) if cfg["ema_decay"] else None,
         engine.EarlyStopping(cfg["monitor"], cfg["early_stop_patience"], cfg["min_delta"]))
 
 
-def prepare_run_dir(cfg, resume_path, split_id, classes, world, main_rank, ran_on):
+def prepare_run_dir(cfg, resume_path, split_id, classes, rt, ran_on):
     """The run's folder (the resumed one, or a new one claimed by rank 0) with config.json, classes.txt and the
     training list written in it."""
     run_dir = os.path.dirname(os.path.abspath(resume_path)) if resume_path else \
         distributed.broadcast_object(runs.new_run_dir(cfg["out_dir"], cfg["name"] or cfg["exp"])
-                                     if main_rank else None)
-    if main_rank:
+                                     if rt.main else None)
+    if rt.main:
         try:
-            fileio.write_atomic(json.dumps(dict(launch_free(cfg), split=split_id, world_size=world, ran_on=ran_on),
+            fileio.write_atomic(json.dumps(dict(launch_free(cfg), split=split_id, world_size=rt.world, ran_on=ran_on),
                                                     indent=2) + "\n", os.path.join(run_dir, "config.json"))
         except OSError as e:
             raise errors.ConfigError(f"cannot write to the output folder {run_dir}: {e.strerror}") from None
@@ -217,11 +217,6 @@ def prepare_run_dir(cfg, resume_path, split_id, classes, world, main_rank, ran_o
         runs.copy_into_run(os.path.join(cfg["data_root"], "train.txt"), run_dir, "train_list.txt")
     distributed.barrier()
     return run_dir
-
-
-def phase(cfg, epoch):
-    """What trains in an epoch: `trainable`, or everything after freeze_epochs (gradual unfreezing)."""
-    return "all" if cfg["freeze_epochs"] > 0 and epoch > cfg["freeze_epochs"] else cfg["trainable"]
 
 
 def epoch_start(state, epoch, device):
@@ -247,121 +242,113 @@ def record_epoch(row, rows, writer, run_dir):
     checkpoint.write_metrics(rows, os.path.join(run_dir, "metrics.csv"))
 
 
-def start_run(cfg, device, amp_dtype, use_scaler, batch, eval_batch, resume_path, ckpt, notes, log):
+def start_run(cfg, rt, resume_path, ckpt, notes, log):
     """Everything a run needs before its first step, checked before its folder is created or touched: split,
     loaders, model, optimizer and schedule, the stateful parts (restored on resume), the run folder, and the
-    start-up lines (settings, derived quantities, duration estimate)."""
-    rank, world = distributed.rank(), distributed.world()
-    main_rank = rank == 0
+    start-up lines (settings, derived quantities, duration estimate). Returns (split_id, classes, parts, val_loader,
+    state, run_dir)."""
     split_id = splits.split_identity(cfg["data_root"])
     if ckpt is not None and ckpt.get("split") != split_id:
         raise errors.ConfigError(f"--resume {resume_path}: the split lists in {cfg['data_root']} are not the ones "
                                   f"this run was trained on (re-split since?); resume needs the same split")
     classes = splits.read_classes(cfg["data_root"])
-    train_loader, val_loader = (data_utils.loader_from_settings(cfg, split, size, device, amp_dtype or torch.float32,
-                                                                rank, world) for split, size in
-                                (("train", batch), ("val", eval_batch)))
+    data = data_utils.data_settings(cfg, rt.dtype)
+    train_loader, val_loader = (data_utils.build_loader(cfg["data_root"], split, size, rt.device, data, rt.rank,
+                                                        rt.world) for split, size in
+                                (("train", rt.batch), ("val", rt.eval_batch)))
     num_classes, steps_per_epoch = len(classes), len(train_loader)
-    model, optimizer, frozen_stages = engine.build_model(cfg, num_classes, device, quiet=not main_rank)
+    model, optimizer, frozen_stages = engine.build_model(cfg, num_classes, rt.device, quiet=not rt.main)
     scheduler, total_steps, warmup_steps = engine.build_schedule(optimizer, cfg, steps_per_epoch, frozen_stages)
     train_labels = splits.read_split(cfg["data_root"], "train")[1]
     class_weights = augment.class_weights(train_labels, num_classes) if cfg["class_balance"] == "loss" else None
-    parts = build_parts(cfg, model, optimizer, scheduler, train_loader, num_classes, device, use_scaler, rank,
-                        class_weights)
-    ema = parts.ema
+    parts = build_parts(cfg, rt, model, optimizer, scheduler, train_loader, num_classes, class_weights)
     state = {"next_epoch": 1, "next_step": 0, "rows": [], "wall_time_s": 0.0, "tally": None}
     if ckpt is not None:
-        state, restore_notes = checkpoint.restore(ckpt, resume_path, parts, rank, world)
+        state, restore_notes = checkpoint.restore(ckpt, resume_path, parts, rt.rank, rt.world)
         notes += restore_notes
-    ran_on = {"device": str(device), "amp": devices.describe_amp(amp_dtype, use_scaler),
+    ran_on = {"device": str(rt.device), "amp": devices.describe_amp(rt.amp_dtype, rt.use_scaler),
               "kit": runs.kit_version()}
-    run_dir = prepare_run_dir(cfg, resume_path, split_id, classes, world, main_rank, ran_on)
+    run_dir = prepare_run_dir(cfg, resume_path, split_id, classes, rt, ran_on)
 
     log("config: " + json.dumps(cfg))
     for note in notes:
         log(f"note (resume): {note}")
     if resume_path:
         log(f"resumed from {resume_path}: continuing at epoch {state['next_epoch']} step {state['next_step']}")
-    run_report.describe(cfg, log, device, amp_dtype, use_scaler, train_loader, val_loader, model, optimizer, world,
-                        batch, steps_per_epoch, total_steps, warmup_steps, ema, run_dir)
+    run_report.describe(cfg, rt, parts, val_loader, total_steps, warmup_steps, run_dir, log)
     run_report.describe_balance(cfg, log, train_labels, classes, class_weights)
-    run_report.estimate_duration(cfg, log, model, device, amp_dtype, batch, steps_per_epoch,
-                                 val_loader.plan.num_images)
-    return split_id, classes, train_loader, val_loader, model, optimizer, scheduler, parts, state, run_dir
+    run_report.estimate_duration(cfg, rt, model, steps_per_epoch, val_loader.plan.num_images, log)
+    return split_id, classes, parts, val_loader, state, run_dir
 
 
-def train(cfg, device, amp_dtype, use_scaler, batch, eval_batch, resume_path, ckpt, notes, judge=None):
+def train(cfg, rt, resume_path, ckpt, notes, judge=None):
     """The run's story: start it, then epochs of training, evaluation and checkpoints, then the end-of-run files."""
-    rank, world = distributed.rank(), distributed.world()
-    main_rank = rank == 0
-    log = print if main_rank else (lambda *a, **k: None)
+    log = print if rt.main else (lambda *a, **k: None)
     engine.seed_everything(cfg["seed"])
-    set_determinism(cfg, device)
-    split_id, classes, train_loader, val_loader, model, optimizer, scheduler, parts, state, run_dir = start_run(
-        cfg, device, amp_dtype, use_scaler, batch, eval_batch, resume_path, ckpt, notes, log)
-    num_classes, steps_per_epoch, ema, stopper = len(classes), len(train_loader), parts.ema, parts.stopper
+    set_determinism(cfg, rt.device)
+    split_id, classes, parts, val_loader, state, run_dir = start_run(cfg, rt, resume_path, ckpt, notes, log)
+    model, num_classes, steps_per_epoch, stopper = parts.model, len(classes), len(parts.loader), parts.stopper
 
     writer = None
-    if main_rank:
+    if rt.main:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(os.path.join(run_dir, "tb"))
     rows = state["rows"]
-    last = checkpoint.LastCheckpoint(parts, cfg, split_id, num_classes, rows, run_dir, main_rank)
+    last = checkpoint.LastCheckpoint(parts, cfg, split_id, num_classes, rows, run_dir, rt.main)
     run_start, last_save = time.perf_counter(), time.perf_counter()
-    stop = checkpoint.GracefulStop(quiet=not main_rank)
+    stop = checkpoint.GracefulStop(quiet=not rt.main)
 
     def wall_time():  # of the whole run, the time before a resume included
         return state["wall_time_s"] + time.perf_counter() - run_start
 
-    trainable = phase(cfg, state["next_epoch"])
+    trainable = engine.phase(cfg, state["next_epoch"])
     model_utils.apply_freeze(model, trainable)
-    step_model = engine.step_model_for(model, cfg, device, world)
-    eval_model = engine.compiled(model, cfg) if cfg["compile"] and world > 1 else (step_model if world == 1 else model)
+    step_model = engine.step_model_for(model, cfg, rt.device, rt.world)
+    eval_model = engine.compiled(model, cfg) if cfg["compile"] and rt.world > 1 else \
+        (step_model if rt.world == 1 else model)
     save_every, stop_reason = cfg["save_every_steps"], None
     try:
         for epoch in range(state["next_epoch"], cfg["epochs"] + 1):
-            if phase(cfg, epoch) != trainable:  # gradual unfreezing: everything trains from here
-                trainable = phase(cfg, epoch)
+            if engine.phase(cfg, epoch) != trainable:  # gradual unfreezing: everything trains from here
+                trainable = engine.phase(cfg, epoch)
                 model_utils.apply_freeze(model, trainable)
-                step_model = engine.step_model_for(model, cfg, device, world)  # DDP must see the new trainable set
-                eval_model = step_model if world == 1 else eval_model
+                step_model = engine.step_model_for(model, cfg, rt.device, rt.world)  # DDP: the new trainable set
+                eval_model = step_model if rt.world == 1 else eval_model
                 log(f"epoch {epoch}: unfreezing every stage (the backbone's LR warms up from here)")
-            tally, start_step = epoch_start(state, epoch, device)
+            tally, start_step = epoch_start(state, epoch, rt.device)
             on_step = (lambda done, e=epoch, t=tally: last.save(e, done, wall_time(), t)
                        if done % save_every == 0 and done < steps_per_epoch else None) if save_every else None
-            stats = engine.train_one_epoch(step_model, train_loader, optimizer, scheduler, parts.scaler, parts.mixer,
-                                           amp_dtype, cfg, epoch, start_step=start_step, stop=stop, on_step=on_step,
-                                           ema=ema, trainable=trainable, tally=tally)
+            stats = engine.train_one_epoch(parts, rt.amp_dtype, cfg, epoch, step_model, start_step, tally, stop,
+                                           on_step)
             if not stats["completed"]:  # stopped by a signal mid-epoch: keep exactly where we are
                 last.save(epoch, stats["steps_done"], wall_time(), tally, wait=True)
                 stopped_run_page(cfg, run_dir, rows, f"stopped by a signal in epoch {epoch} (step "
                                  f"{stats['steps_done']}); --resume continues it")
                 return checkpoint.stopped(stop.signum or signal.SIGTERM, cfg, epoch, stats["steps_done"], last.path,
-                                          main_rank)
+                                          rt.main)
             row = {"epoch": epoch, **{k: v for k, v in stats.items() if k not in ("steps_done", "completed")},
-                   **{f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}}
+                   **{f"lr_{g['name']}": g["lr"] for g in parts.optimizer.param_groups}}
             if epoch % cfg["eval_every"] == 0 or epoch == cfg["epochs"]:
-                stop_reason = evaluate_epoch(cfg, epoch, row, model, eval_model, ema, val_loader, num_classes,
-                                             amp_dtype, stopper, eval_batch if cfg["compile"] else None, run_dir,
-                                             rows, main_rank)
+                stop_reason = evaluate_epoch(cfg, rt, epoch, row, parts, eval_model, val_loader, num_classes,
+                                             run_dir, rows)
                 if stop_reason is None and judge is not None:
                     stop_reason = stopper.reason = judge(epoch, row[cfg["monitor"]])
             row["wall_time_s"] = wall_time()
             record_epoch(row, rows, writer, run_dir)
-            stopping = distributed.any_rank(stop.requested, device)  # the ranks agree once per epoch
+            stopping = distributed.any_rank(stop.requested, rt.device)  # the ranks agree once per epoch
             finished = epoch == cfg["epochs"] or stop_reason is not None
             if finished or stopping or cfg["keep_checkpoints"] or \
                     time.perf_counter() - last_save >= cfg["save_interval_s"]:
                 last.save(epoch + 1, 0, wall_time(), wait=finished or stopping, finished=finished)
                 last_save = time.perf_counter()
-            log(run_report.epoch_line(cfg, epoch, stats, row, stopper, ema, run_start, state), flush=True)
+            log(run_report.epoch_line(cfg, epoch, stats, row, stopper, parts.ema, run_start, state), flush=True)
             if stop_reason is not None:
                 log(f"early stop after epoch {epoch}: {stop_reason}")
                 break
             if stopping and not finished:
                 stopped_run_page(cfg, run_dir, rows, f"stopped by a signal after epoch {epoch}; --resume continues "
                                                      f"it")
-                return checkpoint.stopped(stop.signum or signal.SIGTERM, cfg, epoch + 1, 0, last.path, main_rank)
+                return checkpoint.stopped(stop.signum or signal.SIGTERM, cfg, epoch + 1, 0, last.path, rt.main)
         if writer is not None:
             writer.close()
             writer = None
@@ -369,7 +356,7 @@ def train(cfg, device, amp_dtype, use_scaler, batch, eval_batch, resume_path, ck
         # last.pth says the run is finished: a signal now lets this work complete first, and a kill leaves a run
         # whose --resume writes the missing files (finished_run).
         signalled_before = stop.requested
-        summary = finish_run(cfg, run_dir, rows, stopper, device, amp_dtype, classes, eval_batch)
+        summary = finish_run(cfg, rt, run_dir, rows, stopper, classes)
         if stop.requested:
             log(f"{signal.Signals(stop.signum).name} arrived "
                 + ("during the last epoch" if signalled_before else "during the end-of-run work")
@@ -383,22 +370,23 @@ def train(cfg, device, amp_dtype, use_scaler, batch, eval_batch, resume_path, ck
             "out_dir": run_dir, "exit_code": 0, "summary": summary, "signalled": stop.requested}
 
 
-def evaluate_epoch(cfg, epoch, row, model, eval_model, ema, val_loader, num_classes, amp_dtype, stopper,
-                   static_eval, run_dir, rows, main_rank):
+def evaluate_epoch(cfg, rt, epoch, row, parts, eval_model, val_loader, num_classes, run_dir, rows):
     """Evaluate (the EMA model when there is one, the raw model's top-1 beside it), keep best.pth by the monitor and
     best_loss.pth by val loss; returns the early-stopping reason, or None."""
+    model, ema, stopper = parts.model, parts.ema, parts.stopper
     distributed.broadcast_buffers(model)  # rank 0's BatchNorm statistics: what the checkpoints hold
-    figures = engine.evaluate(eval_model, val_loader, num_classes, amp_dtype, static_batch=static_eval)
+    static_eval = rt.eval_batch if cfg["compile"] else None  # torch.compile: one shape, no recompiling
+    figures = engine.evaluate(eval_model, val_loader, num_classes, rt.amp_dtype, static_batch=static_eval)
     judged = model
     if ema is not None:
         distributed.broadcast_buffers(ema.module)
         row["raw_val_top1"] = figures["val_top1"]
-        figures = engine.evaluate(ema.module, val_loader, num_classes, amp_dtype)
+        figures = engine.evaluate(ema.module, val_loader, num_classes, rt.amp_dtype)
         judged = ema.module
     row.update(figures)
     best_loss_so_far = min((r["val_loss"] for r in rows if r.get("val_loss") is not None), default=math.inf)
     is_best, should_stop = stopper.step(figures[cfg["monitor"]], epoch)
-    if main_rank:
+    if rt.main:
         if is_best:
             checkpoint.save_atomic(model_utils.export_state_dict(judged), os.path.join(run_dir, "best.pth"))
         if math.isfinite(figures["val_loss"]) and figures["val_loss"] < best_loss_so_far:
