@@ -119,8 +119,8 @@ def test_a_nan_on_one_rank_makes_every_rank_skip_and_leaves_no_trace(prepared_ro
 
 
 @pytest.fixture(scope="module")
-def straight_two_ranks(prepared_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp_straight")
+def straight_two_ranks(prepared_root, module_tmp):
+    out = module_tmp / "ddp_straight"
     run([*TORCHRUN, os.path.join(ROOT, "train_caltech101.py"), *settings(prepared_root, out, epochs=3, batch=2)])
     return os.path.join(str(out), "cpu_smoke")
 

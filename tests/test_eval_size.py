@@ -22,9 +22,9 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def run_at_48(prepared_root, tmp_path_factory):
+def run_at_48(prepared_root, module_tmp):
     """Trained on 32 px crops, evaluated on 48 px centre crops."""
-    return training.main(tiny_cfg(prepared_root, tmp_path_factory.mktemp("eval48"), epochs=1, eval_img_size=48))
+    return training.main(tiny_cfg(prepared_root, module_tmp / "eval48", epochs=1, eval_img_size=48))
 
 
 def direct_val_top1(run_dir, data_root, size):

@@ -17,8 +17,8 @@ from kit.training import runs
 
 
 @pytest.fixture(scope="module")
-def exported(trained_run, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("export"))
+def exported(trained_run, module_tmp):
+    out = str(module_tmp / "export")
     report = export.main(export.get_args_parser().parse_args(["--checkpoint", trained_run["out_dir"], "--out", out]))
     return out, report
 

@@ -107,8 +107,8 @@ def test_download_summarises_class_counts_and_warns_when_imbalanced(tmp_path, ca
 
 def minority_recall(root, tmp_path, balance, seed):
     """Train on the 10:1 split and return the recall of the minority class on the balanced val split."""
-    result = training.main(tiny_cfg(root, tmp_path / f"{balance}_{seed}", class_balance=balance, seed=seed, epochs=6,
-                                 img_size=32, batch_size=11, eval_every=6, lr_backbone=2e-3, lr_fc=2e-3,
+    result = training.main(tiny_cfg(root, tmp_path / f"{balance}_{seed}", class_balance=balance, seed=seed, epochs=4,
+                                 img_size=32, batch_size=11, eval_every=4, lr_backbone=2e-3, lr_fc=2e-3,
                                  warmup_epochs=0.5, label_smoothing=0.0))
     import evaluate
 
@@ -138,8 +138,8 @@ def imbalanced_root(tmp_path_factory):
 
 @pytest.mark.slow
 def test_loss_and_sampler_raise_the_minority_recall(imbalanced_root, tmp_path):
-    """Minority recall on the balanced val split after 6 epochs, observed over seeds 0-4: none 0.0-0.1 (everything
-    called majority), loss 0.40-0.47, sampler 0.43-0.47, with majority recall 0.93-1.0 throughout. One seed here."""
+    """Minority recall on the balanced val split after 4 epochs, observed over seeds 0-4: none 0.0 (everything
+    called majority), loss 0.37-0.57, sampler 0.33-0.47, with majority recall 0.7-1.0. One seed here."""
     recall = {balance: minority_recall(imbalanced_root, tmp_path, balance, seed=0)
               for balance in ("none", "loss", "sampler")}
     assert recall["loss"] > recall["none"] + 0.2 and recall["sampler"] > recall["none"] + 0.2, recall

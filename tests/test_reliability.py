@@ -79,8 +79,8 @@ def position(run_dir):
 
 
 @pytest.fixture(scope="module")
-def straight_run(prepared_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("straight")
+def straight_run(prepared_root, module_tmp):
+    out = module_tmp / "straight"
     result = training.main(tiny_cfg(prepared_root, out, epochs=3, deterministic=True, batch_size=1, img_size=64,
                                  **EVERYTHING))
     return result["out_dir"]

@@ -122,9 +122,9 @@ def self_contained(page):
 
 
 @pytest.fixture(scope="module")
-def paged_run(prepared_with_test, tmp_path_factory):
+def paged_run(prepared_with_test, module_tmp):
     """A finished 3-epoch run with its page (torch loader: the by-hand evaluation below preprocesses alike)."""
-    out = tmp_path_factory.mktemp("paged")
+    out = module_tmp / "paged"
     result = training.main(tiny_cfg(prepared_with_test, out, epochs=3, report_page=True, loader="torch", seed=1))
     return result["out_dir"]
 
