@@ -27,6 +27,9 @@ Sections (each prints images/s for the kit and the plain baseline, and their rat
         a recipe's --eval_every sets how finely that is seen), and their ratio.
         python bench.py --only recipes --data_root DATA --target 0.65 \
             --recipes "--exp cpu_smoke --img_size_start 0" "--exp cpu_smoke"
+  serve  (by name) serve.py with dynamic batching against one model call per request, both started here on
+        localhost ports, at 1, 8 and 32 concurrent clients: requests/s, and latency p50/p95/p99 (kit/serving).
+        python bench.py --only serve --data_root DATA --serve_checkpoint checkpoints/cpu_smoke
 --images N uses a fixed random subset of N images of each split (0: all of them); the data section always uses
 the whole train split. Rounds alternate kit and baseline so that machine noise hits both alike; the median round
 is reported. Timing synchronises CUDA before reading the clock.
@@ -58,11 +61,12 @@ from kit.reporting.bench_baselines import (
     sync,
     time_images,
 )
+from kit.serving import loadgen
 from kit.settings import settings_cli
 from kit.training import checkpoint, engine, metrics
 
 SECTIONS = ("data", "step", "e2e", "eval", "infer", "overhead")  # the default: throughput
-BY_NAME = ("recipes",)  # only when asked for: whole training runs
+BY_NAME = ("recipes", "serve")  # only when asked for: whole training runs; the HTTP service under load
 
 
 def split_subset(data_root, split, images):
@@ -390,6 +394,26 @@ def bench_recipes(args, device):
                  ratio=seconds[0] / seconds[1])]
 
 
+def bench_serve(args, device):
+    """serve.py's requests/s with dynamic batching against one model call per request (loadgen.compare_batching), on
+    64 real val images sent one per request, at concurrency 1, 8 and 32; latency percentiles printed below."""
+    if not args.serve_checkpoint:
+        raise errors.ConfigError("--only serve needs --serve_checkpoint (a run folder, a .safetensors file or a "
+                                 "model.onnx)")
+    root = splits.image_root(args.data_root)
+    bodies = [(open(os.path.join(root, f), "rb").read(), "image/jpeg") for f in split_subset(args.data_root, "val",
+                                                                                             64)[0]]
+    table = loadgen.compare_batching(args.serve_checkpoint, bodies, requests=args.serve_requests)
+    for r in table:
+        print(f"serve: {r['service']}, concurrency {r['concurrency']}: {r['requests_per_s']:.1f} requests/s, latency "
+              f"p50 {r['p50_ms']:.0f} / p95 {r['p95_ms']:.0f} / p99 {r['p99_ms']:.0f} ms, {r['errors']} errors",
+              flush=True)
+    by = {(r["service"], r["concurrency"]): r for r in table}
+    return [row("serve", f"dynamic batching, {c} concurrent clients (requests/s)", by["batching", c]["requests_per_s"],
+                "one model call per request", by["no batching", c]["requests_per_s"], batching=by["batching", c],
+                no_batching=by["no batching", c]) for c in sorted({r["concurrency"] for r in table})]
+
+
 def get_args_parser():
     p = argparse.ArgumentParser(description="Side-by-side throughput of the kit against plain baselines.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -416,6 +440,9 @@ def get_args_parser():
                    default=["--exp cpu_smoke --img_size_start 0", "--exp cpu_smoke"],
                    help="recipes: the baseline's and the contender's training flags, each one quoted string")
     p.add_argument("--target", type=float, default=0.65, help="recipes: the val top-1 to reach")
+    p.add_argument("--serve_checkpoint", default=None, help="serve: what serve.py serves (run folder, .safetensors, "
+                                                            "model.onnx)")
+    p.add_argument("--serve_requests", type=int, default=200, help="serve: requests per service and concurrency")
     return p
 
 
@@ -430,7 +457,7 @@ def main(args):
     if unknown:
         raise errors.ConfigError(f"unknown section(s) {', '.join(unknown)}; choose from "
                                   f"{', '.join(SECTIONS + BY_NAME)}")
-    for name in ("img_size", "batch_size", "eval_batch_size", "workers", "steps", "rounds"):
+    for name in ("img_size", "batch_size", "eval_batch_size", "workers", "steps", "rounds", "serve_requests"):
         if getattr(args, name) < 1:
             raise errors.ConfigError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if device.type == "cuda":

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torchvision
 
 from kit.base import errors
-from kit.models import archs
+from kit.models import archs, weights_file
 
 ARCHS = tuple(archs.ANATOMIES)
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP and torch.compile wrappers
@@ -59,7 +59,10 @@ def safe_load(path):
 
 
 def load_state_dict_file(path):
-    """A model state dict from a .pth: a plain state dict, or the 'model' entry of a training checkpoint."""
+    """A model state dict from a .pth (a plain state dict, or the 'model' entry of a training checkpoint) or from a
+    .safetensors file (export.py's: no pickle; load_trained checks its metadata)."""
+    if weights_file.is_safetensors(path):
+        return strip_prefixes(weights_file.read(path)[0])
     obj = safe_load(path)
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
@@ -72,9 +75,17 @@ def load_trained(path, num_classes, arch="resnet18"):
     """A model holding fine-tuned weights (a best.pth or last.pth), for evaluation or prediction.
 
     Unlike `get_model(weights=...)`, which initialises from any ResNet and drops a mismatched head, this
-    requires the checkpoint to be a model of exactly this architecture and class count.
+    requires the checkpoint to be a model of exactly this architecture and class count (a .safetensors file's
+    metadata says both).
     """
-    state = load_state_dict_file(path)
+    if weights_file.is_safetensors(path):
+        state, meta = weights_file.read(path)
+        if (meta["arch"], meta["num_classes"]) != (arch, num_classes):
+            raise errors.ModelError(f"{path} holds a {meta['num_classes']}-class {meta['arch']} (its metadata), not "
+                                    f"the {num_classes}-class {arch} asked for")
+        state = strip_prefixes(state)
+    else:
+        state = load_state_dict_file(path)
     head = state.get(archs.ANATOMIES[arch].classifier + ".weight") if arch in archs.ANATOMIES else None
     if head is not None and head.shape[0] != num_classes:
         raise errors.ModelError(f"{path} has a {head.shape[0]}-class head but this model has {num_classes} classes"

@@ -26,101 +26,11 @@ import os
 import random
 import sys
 
-import torch
-
-import model_utils
 from kit.base import errors
 from kit.data import splits
 from kit.reporting import gradcam, report_page
+from kit.serving.predictor import OnnxPredictor, Predictor
 from kit.training import runs
-
-
-class Predictor:
-    """A trained run ready to predict: model, class names and the run's val preprocessing."""
-
-    def __init__(self, run, device="cpu", data_root=None, arch=None, img_size=None, classes=None):
-        self.run = runs.open_run(run, arch, img_size, classes, data_root)
-        self.classes, self.img_size = self.run.classes, self.run.img_size
-        self.device = torch.device(device)
-        self.model = model_utils.load_trained(self.run.path, len(self.classes), self.run.arch).to(self.device).eval()
-        self.transform = splits.val_transform(self.img_size)
-
-    def load(self, image):
-        """A PIL RGB image from a path or a PIL image; errors.DataError naming the file if it is not an image."""
-        from PIL import Image
-
-        return image.convert("RGB") if isinstance(image, Image.Image) else splits.load_rgb(image)
-
-    def batch(self, pil_images):
-        return torch.stack([self.transform(img) for img in pil_images]).to(self.device)
-
-    @torch.inference_mode()
-    def probabilities(self, images):
-        """(N, num_classes) softmax probabilities for paths and/or PIL images."""
-        if not images:
-            return torch.empty(0, len(self.classes))
-        pil = [self.load(img) for img in images]
-        return self.model(self.batch(pil)).float().softmax(1).cpu()
-
-    def predict(self, images, topk=5):
-        """For each image (a path, a PIL image, or a list of them), the top-k (class name, probability) pairs, most
-        probable first; one image gives a list of one."""
-        if isinstance(images, (str, os.PathLike)) or hasattr(images, "convert"):
-            images = [images]
-        probs = self.probabilities(list(images))
-        top = probs.topk(min(topk, len(self.classes)), dim=1)
-        return [[(self.classes[i], p) for p, i in zip(ps.tolist(), idx.tolist())]
-                for ps, idx in zip(top.values, top.indices)]
-
-    def heatmap(self, image, out_path, target=None, method="gradcam", layer=None):
-        """Save a Grad-CAM overlay for `target` (a class name; default: the predicted class)."""
-        pil = self.load(image)
-        if target is None:
-            with torch.inference_mode():
-                class_idx = int(self.model(self.batch([pil])).argmax(1))
-        elif target in self.classes:
-            class_idx = self.classes.index(target)
-        else:
-            raise errors.ConfigError(f"unknown --target class '{target}'; see classes.txt")
-        try:
-            picture = gradcam.explain(self.model, pil, self.img_size, class_idx, method=method, layer=layer)
-        except ValueError as e:
-            raise errors.ConfigError(str(e)) from None
-        picture.save(out_path, format="PNG")
-        return self.classes[class_idx]
-
-
-class OnnxPredictor(Predictor):
-    """The same predictions from an exported model.onnx through onnxruntime (CPU), with the preprocessing that
-    export.py wrote beside it (preprocess.json): no kit checkpoint or PyTorch model involved."""
-
-    def __init__(self, onnx_path):
-        import onnxruntime
-
-        spec_path = os.path.join(os.path.dirname(os.path.abspath(onnx_path)), "preprocess.json")
-        try:
-            with open(spec_path, encoding="utf-8") as f:
-                spec = json.load(f)
-        except OSError:
-            raise errors.ModelError(f"no preprocess.json beside {onnx_path}: export with export.py") from None
-        try:
-            self.session = onnxruntime.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
-        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own classes for unreadable models
-            raise errors.ModelError(f"cannot load {onnx_path} with onnxruntime: {str(e).splitlines()[0]}") from None
-        self.classes, self.img_size = spec["classes"], spec["input"]["height"]
-        self.input_name = spec["input"]["name"]
-        self.device = torch.device("cpu")
-        self.transform = splits.val_transform(self.img_size)
-
-    def probabilities(self, images):
-        if not images:
-            return torch.empty(0, len(self.classes))
-        batch = self.batch([self.load(img) for img in images]).numpy()
-        logits = torch.from_numpy(self.session.run(None, {self.input_name: batch})[0])
-        return logits.float().softmax(1)
-
-    def heatmap(self, *args, **kwargs):
-        raise errors.ConfigError("Grad-CAM needs the PyTorch model: use --checkpoint instead of --onnx")
 
 
 def expand_inputs(inputs):

@@ -141,6 +141,8 @@ SETTINGS = {
     "log_every": S(MACHINE, 10, "steps between progress refreshes (each reads the loss from the device)"),
     "progress": S(MACHINE, True, "show a progress bar (only when stderr is a terminal: a redirected log keeps one line "
                                  "per epoch)"),
+    "save_safetensors": S(MACHINE, False, "also write best.safetensors (best.pth's weights with their metadata, no "
+                                          "pickle) at the end of the run"),
     "report_page": S(MACHINE, True, "write report.html (one self-contained page of the run) at its end and on a stop"),
     "out_dir": S(OUTPUT, "checkpoints", "runs go to out_dir/<name>/ (a folder holding a run: out_dir/<name>_2, ...)"),
     "name": S(OUTPUT, None, "run folder name (default: the preset name)", expected="a folder name or null"),

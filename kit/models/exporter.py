@@ -20,6 +20,7 @@ import torch
 import model_utils
 from kit.base import errors
 from kit.data import splits
+from kit.models import weights_file
 
 OPSET = 18  # pinned: onnxruntime 1.16+ runs it, and torch's exporter targets it natively
 RTOL, ATOL = 1e-3, 1e-5  # PyTorch's ONNX tutorial's tolerance for exported models against eager
@@ -86,8 +87,9 @@ def write_pt2(model, img_size, path):
     return path
 
 
-def export(run, out_dir, formats=("onnx", "pt2"), data_root=None, check_images=64):
-    """Export and check; returns the report (files, sizes, differences)."""
+def export(run, out_dir, formats=("onnx", "pt2"), data_root=None, check_images=64, kit_version="unknown"):
+    """Export and check; returns the report (files, sizes, differences). kit_version goes into a .safetensors
+    file's metadata."""
     model = model_utils.load_trained(run.path, len(run.classes), run.arch).eval()
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -113,6 +115,12 @@ def export(run, out_dir, formats=("onnx", "pt2"), data_root=None, check_images=6
         program = torch.export.load(path).module()
         with torch.inference_mode():
             report["files"]["model.pt2"] = check(program, reference, images, path, "torch.export program")
+    if "safetensors" in formats:
+        path = weights_file.write(os.path.join(out_dir, "model.safetensors"), model_utils.export_state_dict(model),
+                                  run.arch, run.classes, run.img_size, kit_version)
+        reloaded = model_utils.load_trained(path, len(run.classes), run.arch).eval()  # the file, read back
+        with torch.inference_mode():
+            report["files"]["model.safetensors"] = check(reloaded, reference, images, path, "safetensors weights")
     spec = preprocess_spec(run.img_size, run.classes, run.arch)
     with open(os.path.join(out_dir, "preprocess.json"), "w", encoding="utf-8") as f:
         json.dump(spec, f, indent=1)

@@ -23,6 +23,7 @@ import model_utils
 import presets
 from kit.base import errors
 from kit.data import splits
+from kit.models import weights_file
 
 CLAIM_FILE = "run.claim"  # created exclusively: the one step that makes a folder this run's
 RUN_MARKERS = (CLAIM_FILE, "config.json", "last.pth", "best.pth", "metrics.csv")
@@ -164,6 +165,21 @@ class Run:
         return presets.eval_size(self.cfg)
 
 
+def safetensors_run(path, run_dir, arch, img_size, classes, data_root):
+    """A Run of a .safetensors file with no run folder around it: its metadata gives the architecture, the
+    evaluation size and the class names (flags that disagree with it are refused; --classes may rename them)."""
+    meta = weights_file.read_metadata(path)
+    for flag, given, recorded in (("--arch", arch, meta["arch"]), ("--img_size", img_size, meta["eval_size"])):
+        if given is not None and given != recorded:
+            raise errors.ConfigError(f"{flag} {given}: {path} is {flag[2:]}={recorded} (its metadata)")
+    names = splits.read_class_file(classes) if classes else meta["classes"]
+    if len(names) != meta["num_classes"]:
+        raise errors.ConfigError(f"--classes {classes} names {len(names)} classes; {path} has {meta['num_classes']}")
+    cfg = presets.resolve("r18_pretrain_main", {"arch": meta["arch"], "img_size": meta["eval_size"],
+                                                "pretrained": False, **({"data_root": data_root} if data_root else {})})
+    return Run(path, run_dir, cfg, names)
+
+
 def add_weight_flags(parser, img_size_help="bare weights: the training image size"):
     """--arch, --img_size and --classes: what bare released weights (a state dict with no run folder) need, for
     the scripts that read a run back (evaluate, predict, export)."""
@@ -180,6 +196,8 @@ def open_run(path, arch=None, img_size=None, classes=None, data_root=None, any_s
     them if they are not the ones it was trained on."""
     path, run_dir = resolve_checkpoint(path)
     cfg = read_run_config(run_dir, required=False)
+    if cfg is None and weights_file.is_safetensors(path):
+        return safetensors_run(path, run_dir, arch, img_size, classes, data_root)
     if cfg is None:
         missing = [flag for flag, value in (("--arch", arch), ("--img_size", img_size), ("--classes", classes))
                    if value is None]

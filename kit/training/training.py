@@ -24,6 +24,7 @@ import model_utils
 import presets
 from kit.base import devices, distributed, errors, fileio
 from kit.data import splits
+from kit.models import weights_file
 from kit.reporting import plots, report_page, run_report
 from kit.training import checkpoint, engine, metrics, runs
 
@@ -100,7 +101,8 @@ def end_files(cfg, run_dir):
     from before report pages (its config.json has no report_page) stays finished without them."""
     recorded = (runs.read_run_config(run_dir, required=False) or {}).get("report_page", False)
     return ("curves.png",) + (("report.json", "report.html") if cfg["report_page"] and recorded else ()) \
-        + ("summary.json",)
+        + (("best.safetensors",) if cfg.get("save_safetensors") and os.path.isfile(os.path.join(run_dir, "best.pth"))
+           else ()) + ("summary.json",)
 
 
 def finished_run(cfg, rt, ckpt, resume_path):
@@ -149,6 +151,9 @@ def finish_run(cfg, rt, run_dir, rows, stopper, classes):
         curves = plots.plot_curves(run_dir)
         page = write_report_page(cfg, run_dir, classes, best_path, page_eval, summary, rt.amp_dtype) \
             if cfg["report_page"] else None
+        if cfg.get("save_safetensors") and os.path.isfile(best_path):
+            weights_file.write(os.path.join(run_dir, "best.safetensors"), model_utils.load_state_dict_file(best_path),
+                               cfg["arch"], classes, presets.eval_size(cfg), runs.kit_version())
         fileio.write_atomic(json.dumps(summary, indent=1) + "\n", os.path.join(run_dir, "summary.json"))
         reached = summary["time_to_val_top1"]
         print(f"done: best {cfg['monitor']} {stopper.best:.4f} at epoch {stopper.best_epoch}; weights "
