@@ -82,21 +82,22 @@ class Predictor:
             return torch.empty(0, len(self.classes))
         return self.logits(self.batch([self.load(img) for img in images])).softmax(1)
 
-    def top(self, logits, topk):
-        """Per row of logits, the top-k as [{"class", "probability"}], most probable first (predict.py --json's)."""
-        top = logits.softmax(1).topk(min(topk, len(self.classes)), dim=1)
-        return [[{"class": self.classes[i], "probability": p} for p, i in zip(ps.tolist(), idx.tolist())]
+    def ranked(self, probs, topk):
+        """Per row of probabilities, the top-k (class name, probability) pairs, most probable first."""
+        top = probs.topk(min(topk, len(self.classes)), dim=1)
+        return [[(self.classes[i], p) for p, i in zip(ps.tolist(), idx.tolist())]
                 for ps, idx in zip(top.values, top.indices)]
+
+    def top(self, logits, topk):
+        """Per row of logits, the top-k as [{"class", "probability"}] (predict.py --json's form)."""
+        return [[{"class": c, "probability": p} for c, p in row] for row in self.ranked(logits.softmax(1), topk)]
 
     def predict(self, images, topk=5):
         """For each image (a path, a PIL image, or a list of them), the top-k (class name, probability) pairs, most
         probable first; one image gives a list of one."""
         if isinstance(images, (str, os.PathLike)) or hasattr(images, "convert"):
             images = [images]
-        probs = self.probabilities(list(images))
-        top = probs.topk(min(topk, len(self.classes)), dim=1)
-        return [[(self.classes[i], p) for p, i in zip(ps.tolist(), idx.tolist())]
-                for ps, idx in zip(top.values, top.indices)]
+        return self.ranked(self.probabilities(list(images)), topk)
 
     def heatmap(self, image, out_path, target=None, method="gradcam", layer=None):
         """Save a Grad-CAM overlay for `target` (a class name; default: the predicted class)."""
